@@ -1,0 +1,1 @@
+"""Radix-tree prefix cache of KV blocks."""

@@ -1,0 +1,1 @@
+"""Weight-only and KV-cache quantization."""
