@@ -1,0 +1,90 @@
+"""The one place that knows how to call a Hugging Face causal LM.
+
+The decode loop sees a model as: "run these tokens at these positions over this
+cache under this key mask, give me logits", plus cache crop / row selection. Every
+architecture difference (cache classes, ``logits_to_keep`` support, crop's signature
+across transformers versions) is absorbed here, so the loop has no per-model cases.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+@dataclass
+class ModelRunner:
+    """Wraps an HF causal LM for slot-indexed decoding.
+
+    Slots are cache columns: every row of a batch shares the slot index, rows differ
+    only in which slots their key mask enables (left padding, rejected drafts).
+    """
+
+    model: torch.nn.Module
+    make_cache: object = None  # callable(model) -> Cache; default DynamicCache(config=...)
+    _has_logits_to_keep: bool = field(init=False, default=False)
+
+    def __post_init__(self):
+        config = self.model.config
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"{type(self.model).__name__} is an encoder-decoder model; specdec decodes "
+                             "decoder-only causal LMs (AutoModelForCausalLM)")
+        self._has_logits_to_keep = _accepts(self.model, "logits_to_keep")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def new_cache(self):
+        if self.make_cache is not None:
+            return self.make_cache(self.model)
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older signature
+            return DynamicCache()
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor,
+                cache, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, n, V) for ``tokens`` (B, n) placed in the next n slots of ``cache``.
+
+        key_mask: (B, slots_before + n) 1 where a slot holds a real token of that row.
+        positions: (B, n) each token's position within its own row.
+        """
+        kwargs = {}
+        if last_only and self._has_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=tokens.to(self.device), attention_mask=key_mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=cache,
+                         use_cache=True, **kwargs)
+        logits = out.logits
+        return logits[:, -1:] if last_only else logits
+
+
+def cache_length(cache) -> int:
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def crop(cache, length: int) -> None:
+    """Keep the first ``length`` slots. Negative argument = tokens to drop: the one form
+    every transformers version accepts (5.2x refuses a positive absolute length)."""
+    drop = cache_length(cache) - length
+    if drop > 0:
+        cache.crop(-drop)
+
+
+def select_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only these batch rows (finished rows stop costing work)."""
+    cache.batch_select_indices(rows)

@@ -1,0 +1,172 @@
+"""Drafters: cheap guesses of the target's next k tokens.
+
+All share one small interface::
+
+    propose(batch, k, choose) -> Proposal   # k tokens per row (+ the draft distribution)
+    rollback(num_slots)                     # forget slots the target rejected
+    select_rows(keep)                       # drop finished rows
+
+- ``ModelDrafter``: a small causal LM with the target's tokenizer (or the target's own
+  first layers, see ``early_exit_model``).
+- ``PromptLookupDrafter``: copies what followed the latest earlier occurrence of the
+  row's trailing n-gram (no model at all).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from specdec.adapter import ModelRunner, cache_length, crop, select_rows
+from specdec.state import SlotBatch, positions_from_mask
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor             # (B, k) drafted tokens
+    probs: torch.Tensor | None       # (B, k, V) distribution each was drawn from; None = deterministic
+    num_proposed: torch.Tensor       # (B,) how many of the k are real
+
+
+# choose(logits (B, V), step j) -> (tokens (B,), probs (B, V) or None)
+Chooser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class ModelDrafter:
+    """Draft with a causal LM that shares the target's vocabulary.
+
+    Its cache uses the target's slot layout. It lags the target by at most one slot
+    (after a step that accepted every draft), which the next ``propose`` feeds along
+    with the pending token in the same forward: no extra draft pass per step.
+    """
+
+    name = "model"
+
+    def __init__(self, model: torch.nn.Module, target_vocab: int):
+        self.runner = ModelRunner(model)
+        self.target_vocab = target_vocab
+        self.cache = self.runner.new_cache()
+
+    def propose(self, batch: SlotBatch, k: int, choose: Chooser) -> Proposal:
+        have = cache_length(self.cache)
+        tokens = torch.cat([batch.slot_tokens[:, have:], batch.pending[:, None]], dim=1)
+        mask = batch.key_mask(1)
+        positions = positions_from_mask(mask)[:, have:]
+        drafted, probs = [], []
+        for j in range(k):
+            logits = self.runner.forward(tokens, mask, positions, self.cache, last_only=True)[:, -1]
+            token, prob = choose(self._fit_vocab(logits), j)
+            drafted.append(token)
+            probs.append(prob)
+            tokens, positions = token[:, None], positions[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(batch.size, 1)], dim=1)
+        stacked = torch.stack(probs, 1) if probs and probs[0] is not None else None
+        out = torch.stack(drafted, 1) if drafted else batch.pending.new_zeros(batch.size, 0)
+        return Proposal(out, stacked, torch.full((batch.size,), k, device=out.device))
+
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        # A draft head wider than the target's vocabulary must never propose those ids.
+        return logits[:, : self.target_vocab]
+
+    def rollback(self, num_slots: int) -> None:
+        crop(self.cache, num_slots)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        if cache_length(self.cache):
+            select_rows(self.cache, keep.to(self.runner.device))
+
+
+class PromptLookupDrafter:
+    """Prompt lookup decoding (Saxena 2023; HF ``prompt_lookup_num_tokens``).
+
+    For each row, find the most recent earlier occurrence of its last n tokens
+    (n from ``max_ngram`` down to ``min_ngram``) in prompt + output and propose the
+    tokens that followed it. Deterministic, so its distribution is one-hot.
+    """
+
+    name = "prompt-lookup"
+
+    def __init__(self, histories: list[list[int]], max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.histories = histories  # shared with the loop, which appends emitted tokens
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, batch: SlotBatch, k: int, choose: Chooser) -> Proposal:
+        found = [lookup(np.asarray(self.histories[r], dtype=np.int64), k, self.max_ngram, self.min_ngram)
+                 for r in batch.rows.tolist()]
+        tokens = torch.zeros(batch.size, k, dtype=torch.long)
+        for i, cont in enumerate(found):
+            tokens[i, : len(cont)] = torch.as_tensor(cont, dtype=torch.long)
+        counts = torch.tensor([len(c) for c in found])
+        device = batch.pending.device
+        return Proposal(tokens.to(device), None, counts.to(device))
+
+    def rollback(self, num_slots: int) -> None:
+        pass
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        pass
+
+
+def lookup(history: np.ndarray, k: int, max_ngram: int = 3, min_ngram: int = 1) -> np.ndarray:
+    """Tokens that followed the latest earlier match of ``history``'s last n-gram (longest n first)."""
+    length = len(history)
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(history[: length - 1], n)
+        hits = np.flatnonzero((windows == history[length - n:]).all(axis=1))
+        if len(hits):
+            start = hits[-1] + n
+            return history[start: start + k]
+    return history[:0]
+
+
+def early_exit_model(target: torch.nn.Module, num_layers: int) -> torch.nn.Module:
+    """The target's first ``num_layers`` decoder layers + its final norm and head, as a draft.
+
+    Shares every weight with the target (no extra memory). The module tree is copied
+    shallowly along the path to the decoder-layer list, which is shortened.
+    """
+    path, layers = _find_layer_list(target)
+    if not 1 <= num_layers < len(layers):
+        raise ValueError(f"num_layers must be in 1..{len(layers) - 1} for a {len(layers)}-layer target, "
+                         f"got {num_layers}")
+    config = copy.deepcopy(target.config)
+    _truncate_config(config, num_layers)
+    root = _shallow(target, config)
+    parent = root
+    for name in path[:-1]:
+        child = _shallow(parent._modules[name], config)
+        parent._modules[name] = child
+        parent = child
+    parent._modules[path[-1]] = torch.nn.ModuleList(list(layers)[:num_layers])
+    return root
+
+
+def _shallow(module: torch.nn.Module, config) -> torch.nn.Module:
+    clone = copy.copy(module)
+    clone.__dict__["_modules"] = dict(module._modules)
+    if hasattr(module, "config"):
+        clone.config = config
+    return clone
+
+
+def _find_layer_list(model: torch.nn.Module) -> tuple[list[str], torch.nn.ModuleList]:
+    """The decoder's layer list: the ModuleList with num_hidden_layers entries."""
+    n = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name.split("."), module
+    raise ValueError(f"cannot find the decoder layer list of {type(model).__name__}; "
+                     "pass draft_model= or use prompt_lookup_num_tokens= instead")
+
+
+def _truncate_config(config, num_layers: int) -> None:
+    text = config.get_text_config()
+    text.num_hidden_layers = num_layers
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[:num_layers]

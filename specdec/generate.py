@@ -1,0 +1,364 @@
+"""``specdec.generate``: HF ``generate()``'s contract, decoded speculatively.
+
+One step, for all active rows at once:
+  1. the drafter proposes k tokens per row (with the distribution it drew them from);
+  2. the target scores pending token + k drafts in ONE forward over its cache;
+  3. ``verify`` keeps each row's longest valid prefix and picks the next token;
+  4. caches are cropped to the kept slots (nothing accepted is recomputed);
+  5. the draft-length controller learns from what was accepted and what it cost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from specdec import verify as verify_mod
+from specdec.adapter import ModelRunner, crop, select_rows
+from specdec.config import Settings, resolve
+from specdec.draft_length import AdaptiveDraftLength, FixedDraftLength
+from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal, early_exit_model
+from specdec.sampling import probabilities, sample, suppress_tokens
+from specdec.state import SlotBatch, positions_from_mask
+from specdec.stats import GenerationStats
+from specdec.stopping import StopChecker
+
+
+@dataclass
+class _Run:
+    """Everything one generate() call carries between steps."""
+
+    runner: ModelRunner
+    cache: object
+    settings: Settings
+    batch: SlotBatch
+    histories: list[list[int]]      # per input row: prompt (no padding) + emitted tokens
+    outputs: list[list[int]]        # per input row: emitted tokens
+    stop: StopChecker
+    stats: GenerationStats
+    generator: torch.Generator | None
+    streamer: object = None
+    drafter: object = None
+    controller: object = None
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             draft_model=None, num_draft_tokens: int | str = "auto", prompt_lookup_num_tokens: int | None = None,
+             assistant_model=None, streamer=None, tokenizer=None, generator: torch.Generator | None = None,
+             generation_config=None, prefix_cache=None, cache_namespace: str | None = None,
+             kv_quant: str | None = None, return_stats: bool = False, **hf_kwargs):
+    """Generate like ``model.generate(input_ids, ...)``, with speculative decoding.
+
+    Greedy output is token-identical to the target's own greedy ``generate()`` (up to
+    floating-point rounding of a (k+1)-token forward vs k+1 one-token forwards), and
+    sampled output has the target's distribution.
+
+    Args:
+        model: a decoder-only HF causal LM (the target).
+        input_ids: (B, P) prompt token ids, left-padded when rows differ in length.
+        attention_mask: (B, P), 0 on padding. Defaults to all ones.
+        draft_model: a causal LM sharing the target's vocabulary, or ``"self:N"`` for the
+            target's own first N layers. ``assistant_model`` is HF's name for it.
+        num_draft_tokens: draft length k (int >= 1) or ``"auto"`` (adaptive; see
+            ``specdec.draft_length``).
+        prompt_lookup_num_tokens: use prompt lookup (n-gram) drafting, proposing up to this
+            many tokens per step; no draft model needed.
+        streamer: an HF streamer (batch 1), fed accepted tokens as soon as they are accepted.
+        tokenizer: needed for ``stop_strings``.
+        generator: torch.Generator for reproducible sampling (else the global RNG).
+        generation_config: an HF ``GenerationConfig``; keywords override it.
+        prefix_cache: a ``prefix_cache.PrefixCache`` reused across calls.
+        cache_namespace: tenant key for the prefix cache (no cross-tenant hits).
+        kv_quant: None, ``"int8"`` or ``"int4"`` quantized KV cache for the target.
+        return_stats: also return a ``GenerationStats``.
+        **hf_kwargs: HF generation keywords (max_new_tokens, do_sample, temperature, top_k,
+            top_p, min_p, eos_token_id, pad_token_id, min_new_tokens, stop_strings,
+            return_dict_in_generate, ...). Options we cannot honour exactly raise
+            ``specdec.UnsupportedOption`` (a ValueError).
+
+    Returns:
+        (B, P + N) token ids like HF (finished rows padded with pad_token_id), a
+        ``GenerateDecoderOnlyOutput`` if ``return_dict_in_generate``, and with
+        ``return_stats`` a tuple ``(output, stats)``.
+    """
+    start = time.perf_counter()
+    input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask)
+    draft_model = _pick_draft(draft_model, assistant_model, model)
+    settings = resolve(model, input_ids.shape[1], generation_config, **hf_kwargs)
+    if settings.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer=: pass the tokenizer that made input_ids")
+    run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
+    run.drafter, run.controller = _make_drafter(run, draft_model, num_draft_tokens, prompt_lookup_num_tokens)
+    run.stats.drafter = getattr(run.drafter, "name", "none")
+    _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
+    while run.batch.size:
+        _step(run)
+    if streamer is not None:
+        streamer.end()
+    run.stats.total_s = time.perf_counter() - start
+    return _finish(run, input_ids, return_stats)
+
+
+def _check_inputs(model, input_ids, attention_mask):
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch.LongTensor, got {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got "
+                         f"{tuple(input_ids.shape)} {input_ids.dtype}; tokenize with return_tensors='pt'")
+    if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise ValueError(f"input_ids hold ids outside the model's vocabulary [0, {vocab}): "
+                         f"min {int(input_ids.min())}, max {int(input_ids.max())}; was it tokenized for this model?")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    if bool((attention_mask.sum(-1) == 0).any()):
+        raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one real token")
+    device = model.get_input_embeddings().weight.device
+    return input_ids.long().to(device), attention_mask.long().to(device)
+
+
+def _pick_draft(draft_model, assistant_model, target):
+    if draft_model is not None and assistant_model is not None:
+        raise ValueError("pass draft_model= or assistant_model= (HF's name for it), not both")
+    draft = draft_model if draft_model is not None else assistant_model
+    if isinstance(draft, str):
+        if not draft.startswith("self:"):
+            raise ValueError(f"draft_model={draft!r}: a string must be 'self:N' (the target's first N layers)")
+        return early_exit_model(target, int(draft.split(":", 1)[1]))
+    if draft is not None:
+        target_vocab = target.get_output_embeddings().weight.shape[0]
+        draft_vocab = draft.get_input_embeddings().weight.shape[0]
+        if draft_vocab < target_vocab:
+            raise ValueError(f"the draft's vocabulary ({draft_vocab}) is smaller than the target's ({target_vocab}): "
+                             "draft and target must share a tokenizer; pick a draft of the same model family")
+    return draft
+
+
+def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_quant) -> _Run:
+    runner = ModelRunner(model, make_cache=_kv_cache_factory(kv_quant))
+    B = input_ids.shape[0]
+    if streamer is not None and B > 1:
+        raise ValueError("streamers support batch size 1 (as in HF); stream rows one at a time")
+    histories = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
+    empty = input_ids[:, :0]
+    batch = SlotBatch(empty, mask[:, :0], input_ids[:, -1], torch.arange(B, device=input_ids.device),
+                      torch.zeros(B, dtype=torch.long, device=input_ids.device))
+    return _Run(runner, runner.new_cache(), settings, batch, histories, [[] for _ in range(B)],
+                StopChecker(settings, tokenizer), GenerationStats(B), generator, streamer)
+
+
+def _kv_cache_factory(kv_quant):
+    if kv_quant is None:
+        return None
+    if kv_quant not in ("int8", "int4"):
+        raise ValueError(f"kv_quant must be None, 'int8' or 'int4', got {kv_quant!r}")
+    from quant.kv import QuantizedKVCache
+
+    bits = 8 if kv_quant == "int8" else 4
+    return lambda model: QuantizedKVCache(model.config, bits=bits)
+
+
+def _make_drafter(run: _Run, draft_model, num_draft_tokens, lookup_tokens):
+    k_max = _check_k(num_draft_tokens, lookup_tokens)
+    if draft_model is not None and lookup_tokens:
+        raise ValueError("pass either a draft model or prompt_lookup_num_tokens, not both")
+    if draft_model is not None:
+        drafter = ModelDrafter(draft_model, run.runner.vocab_size)
+    elif lookup_tokens:
+        drafter = PromptLookupDrafter(run.histories)
+    else:
+        return None, None
+    if num_draft_tokens == "auto":
+        return drafter, AdaptiveDraftLength(k_max=k_max, k_init=min(4, k_max))
+    return drafter, FixedDraftLength(int(num_draft_tokens))
+
+
+def _check_k(num_draft_tokens, lookup_tokens) -> int:
+    if lookup_tokens is not None and (not isinstance(lookup_tokens, int) or lookup_tokens < 1):
+        raise ValueError(f"prompt_lookup_num_tokens must be an int >= 1, got {lookup_tokens!r}")
+    if num_draft_tokens == "auto":
+        return lookup_tokens or 8
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens must be an int >= 1 or 'auto', got {num_draft_tokens!r}")
+    return num_draft_tokens
+
+
+def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
+    t0 = time.perf_counter()
+    if prefix_cache is not None:
+        from specdec.prefill import prefill_with_prefix_cache
+
+        logits = prefill_with_prefix_cache(run, input_ids, mask, prefix_cache, namespace)
+    else:
+        logits = run.runner.forward(input_ids, mask, positions_from_mask(mask), run.cache, last_only=True)
+    run.batch.append(input_ids, mask.bool())
+    first = _choose_target(run, logits[:, -1:], torch.zeros_like(run.batch.produced))[:, 0]
+    run.batch.pending = first
+    run.batch.produced += 1
+    if run.streamer is not None:
+        run.streamer.put(input_ids.cpu())
+    _emit(run, first[:, None][:, :0], torch.zeros_like(first), first)
+    run.stats.prefill_s = time.perf_counter() - t0
+
+
+def _step(run: _Run) -> None:
+    batch = run.batch
+    k = run.controller.choose() if run.drafter is not None else 0
+    t0 = time.perf_counter()
+    proposal = _propose(run, k)
+    t1 = _sync_time(batch.pending)
+    k = proposal.tokens.shape[1]
+    tokens = torch.cat([batch.pending[:, None], proposal.tokens], dim=1)
+    positions = batch.next_positions()[:, None] + torch.arange(k + 1, device=tokens.device)
+    logits = run.runner.forward(tokens, batch.key_mask(k + 1), positions, run.cache)
+    verdict = _verify(run, logits, proposal)
+    t2 = _sync_time(batch.pending)
+    _record(run, k, proposal, verdict, t1 - t0, t2 - t1)
+    _advance(run, proposal, verdict)
+    _emit(run, proposal.tokens, verdict.num_accepted, verdict.next_token)
+
+
+def _propose(run: _Run, k: int) -> Proposal:
+    batch = run.batch
+    if k == 0:
+        empty = batch.pending.new_zeros(batch.size, 0)
+        return Proposal(empty, None, torch.zeros_like(batch.produced))
+    produced = batch.produced
+
+    def choose(logits: torch.Tensor, j: int):
+        logits = _suppress_eos(run, logits, (produced.to(logits.device) + j) < run.settings.min_new_tokens)
+        if not run.settings.sampling.do_sample:
+            return logits.argmax(-1), None
+        probs = probabilities(logits, run.settings.sampling)
+        return sample(probs, _uniform(run, probs.shape[:1], probs.device)), probs
+
+    proposal = run.drafter.propose(batch, k, choose)
+    device = batch.pending.device
+    probs = proposal.probs.to(device) if proposal.probs is not None else None
+    return Proposal(proposal.tokens.to(device), probs, proposal.num_proposed.to(device))
+
+
+def _verify(run: _Run, logits: torch.Tensor, proposal: Proposal) -> verify_mod.Verdict:
+    k = proposal.tokens.shape[1]
+    logits = logits[..., : run.runner.vocab_size]
+    if not run.settings.sampling.do_sample:
+        scores = _target_scores(run, logits)
+        return verify_mod.verify_greedy(scores, proposal.tokens, proposal.num_proposed)
+    p = probabilities(_target_scores(run, logits), run.settings.sampling)
+    B = p.shape[0]
+    return verify_mod.verify(p, proposal.probs, proposal.tokens, proposal.num_proposed,
+                             _uniform(run, (B, k), p.device), _uniform(run, (B,), p.device))
+
+
+def _target_scores(run: _Run, logits: torch.Tensor) -> torch.Tensor:
+    """(B, n, V) logits with EOS suppressed where min_new_tokens is not yet reached."""
+    n = logits.shape[1]
+    count = run.batch.produced[:, None] + torch.arange(n, device=logits.device)
+    return _suppress_eos(run, logits, count < run.settings.min_new_tokens)
+
+
+def _choose_target(run: _Run, logits: torch.Tensor, produced: torch.Tensor) -> torch.Tensor:
+    scores = _suppress_eos(run, logits, (produced < run.settings.min_new_tokens)[:, None])
+    if not run.settings.sampling.do_sample:
+        return scores.argmax(-1)
+    probs = probabilities(scores, run.settings.sampling)
+    return sample(probs, _uniform(run, probs.shape[:-1], probs.device))
+
+
+def _suppress_eos(run: _Run, logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    eos = torch.tensor(run.settings.eos_ids, dtype=torch.long, device=logits.device)
+    return suppress_tokens(logits, eos, where.to(logits.device))
+
+
+def _uniform(run: _Run, shape, device) -> torch.Tensor:
+    gen = run.generator
+    if gen is not None and gen.device != torch.device(device):
+        return torch.rand(shape, generator=gen, device=gen.device).to(device)
+    return torch.rand(shape, generator=gen, device=device)
+
+
+def _sync_time(t: torch.Tensor) -> float:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+    return time.perf_counter()
+
+
+def _record(run: _Run, k, proposal: Proposal, verdict, draft_s: float, verify_s: float) -> None:
+    stats, rows = run.stats, run.batch.rows.tolist()
+    accepted, proposed = verdict.num_accepted.tolist(), proposal.num_proposed.tolist()
+    for row, a, p in zip(rows, accepted, proposed):
+        stats.accepted[row] += a
+        stats.proposed[row] += p
+        stats.steps[row] += 1
+    stats.target_forwards += 1
+    stats.k_history.append(k)
+    stats.draft_s += draft_s
+    stats.verify_s += verify_s
+    if run.controller is not None:
+        run.controller.update(k, accepted, proposed, draft_s, verify_s)
+
+
+def _advance(run: _Run, proposal: Proposal, verdict) -> None:
+    """Keep each row's pending token + accepted drafts in the caches; holes elsewhere."""
+    batch, n = run.batch, verdict.num_accepted
+    kept = int(n.max()) + 1
+    slots = batch.num_slots + kept
+    step_tokens = torch.cat([batch.pending[:, None], proposal.tokens], dim=1)[:, :kept]
+    valid = torch.arange(kept, device=n.device)[None] <= n[:, None]
+    crop(run.cache, slots)
+    if run.drafter is not None:
+        run.drafter.rollback(slots)
+    batch.append(step_tokens, valid)
+    batch.pending = verdict.next_token
+    batch.produced = batch.produced + n + 1
+
+
+def _emit(run: _Run, drafts: torch.Tensor, num_accepted: torch.Tensor, next_token: torch.Tensor) -> None:
+    """Hand each row's new tokens (accepted drafts + next token) to the output, stop rows that are done."""
+    finished = []
+    rows, counts, nexts = run.batch.rows.tolist(), num_accepted.tolist(), next_token.tolist()
+    drafts = drafts.tolist()
+    for i, (row, count, nxt) in enumerate(zip(rows, counts, nexts)):
+        tokens, done = run.stop.take(run.outputs[row], drafts[i][:count] + [nxt])
+        run.outputs[row].extend(tokens)
+        run.histories[row].extend(tokens)
+        run.stats.new_tokens[row] = len(run.outputs[row])
+        if run.streamer is not None and tokens:
+            run.streamer.put(torch.tensor(tokens))
+        if done:
+            finished.append(i)
+    if finished:
+        _drop_rows(run, finished)
+
+
+def _drop_rows(run: _Run, finished: list[int]) -> None:
+    keep = [i for i in range(run.batch.size) if i not in set(finished)]
+    keep_t = torch.tensor(keep, dtype=torch.long, device=run.batch.pending.device)
+    run.batch.select(keep_t)
+    if keep:
+        select_rows(run.cache, keep_t)
+        if run.drafter is not None:
+            run.drafter.select_rows(keep_t)
+
+
+def _finish(run: _Run, input_ids: torch.Tensor, return_stats: bool):
+    width = max(len(o) for o in run.outputs)
+    new = torch.full((len(run.outputs), width), run.settings.pad_id, dtype=torch.long)
+    for i, tokens in enumerate(run.outputs):
+        new[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+    output = sequences
+    if run.settings.return_dict:
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        output = GenerateDecoderOnlyOutput(sequences=sequences)
+    return (output, run.stats) if return_stats else output
