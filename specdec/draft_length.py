@@ -56,9 +56,10 @@ class AdaptiveDraftLength:
 
     def update(self, k: int, accepted: list[int], proposed: list[int], draft_s: float, verify_s: float) -> None:
         """Record one step: per-row accepted/proposed counts and its timings."""
-        self._acc, self._rej = self._acc * self.decay, self._rej * self.decay
-        self._acc += sum(accepted)
-        self._rej += sum(1 for a, p in zip(accepted, proposed) if a < p)
+        if sum(proposed):  # a step without proposals says nothing about acceptance
+            self._acc, self._rej = self._acc * self.decay, self._rej * self.decay
+            self._acc += sum(accepted)
+            self._rej += sum(1 for a, p in zip(accepted, proposed) if a < p)
         if k > 0:
             self._draft_time = self._draft_time * self.decay + draft_s
             self._draft_n = self._draft_n * self.decay + k

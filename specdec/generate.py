@@ -38,7 +38,7 @@ class _Run:
     outputs: list[list[int]]        # per input row: emitted tokens
     stop: StopChecker
     stats: GenerationStats
-    generator: torch.Generator | None
+    uniforms: torch.Tensor | None   # (B, max_new_tokens + 1, 3): per (row, position) randomness
     streamer: object = None
     drafter: object = None
     controller: object = None
@@ -67,7 +67,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             many tokens per step; no draft model needed.
         streamer: an HF streamer (batch 1), fed accepted tokens as soon as they are accepted.
         tokenizer: needed for ``stop_strings``.
-        generator: torch.Generator for reproducible sampling (else the global RNG).
+        generator: torch.Generator for reproducible sampling (else the global RNG). Runs
+            repeat exactly with a fixed ``num_draft_tokens``; ``"auto"`` picks k from measured
+            timings, so only the distribution repeats.
         generation_config: an HF ``GenerationConfig``; keywords override it.
         prefix_cache: a ``prefix_cache.PrefixCache`` reused across calls.
         cache_namespace: tenant key for the prefix cache (no cross-tenant hits).
@@ -153,7 +155,23 @@ def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_
     batch = SlotBatch(empty, mask[:, :0], input_ids[:, -1], torch.arange(B, device=input_ids.device),
                       torch.zeros(B, dtype=torch.long, device=input_ids.device))
     return _Run(runner, runner.new_cache(), settings, batch, histories, [[] for _ in range(B)],
-                StopChecker(settings, tokenizer), GenerationStats(B), generator, streamer)
+                StopChecker(settings, tokenizer), GenerationStats(B),
+                _uniform_table(settings, B, generator, input_ids.device), streamer)
+
+
+def _uniform_table(settings: Settings, batch: int, generator, device) -> torch.Tensor | None:
+    """Randomness indexed by (row, output position, use): draft draw, accept test, target draw.
+
+    Indexing by position instead of drawing per step makes a seeded run reproducible
+    whatever draft lengths the adaptive controller picks. It stays lossless: a position's
+    uniforms only matter once every earlier position is final, so they are fresh then.
+    """
+    if not settings.sampling.do_sample:
+        return None
+    shape = (batch, settings.max_new_tokens + 1, 3)
+    if generator is not None:
+        return torch.rand(shape, generator=generator, device=generator.device).to(device)
+    return torch.rand(shape, device=device)
 
 
 def _kv_cache_factory(kv_quant):
@@ -239,7 +257,7 @@ def _propose(run: _Run, k: int) -> Proposal:
         if not run.settings.sampling.do_sample:
             return logits.argmax(-1), None
         probs = probabilities(logits, run.settings.sampling)
-        return sample(probs, _uniform(run, probs.shape[:1], probs.device)), probs
+        return sample(probs, _uniforms_at(run, j, 0).to(probs.device)), probs
 
     proposal = run.drafter.propose(batch, k, choose)
     device = batch.pending.device
@@ -254,9 +272,10 @@ def _verify(run: _Run, logits: torch.Tensor, proposal: Proposal) -> verify_mod.V
         scores = _target_scores(run, logits)
         return verify_mod.verify_greedy(scores, proposal.tokens, proposal.num_proposed)
     p = probabilities(_target_scores(run, logits), run.settings.sampling)
-    B = p.shape[0]
-    return verify_mod.verify(p, proposal.probs, proposal.tokens, proposal.num_proposed,
-                             _uniform(run, (B, k), p.device), _uniform(run, (B,), p.device))
+    accept_u = _uniforms_at(run, torch.arange(k, device=p.device), 1)
+    # the target's draw is for position produced + n: gather after verify knows n, so pass all
+    draw_u = _uniforms_at(run, torch.arange(k + 1, device=p.device), 2)
+    return verify_mod.verify(p, proposal.probs, proposal.tokens, proposal.num_proposed, accept_u, draw_u)
 
 
 def _target_scores(run: _Run, logits: torch.Tensor) -> torch.Tensor:
@@ -271,7 +290,7 @@ def _choose_target(run: _Run, logits: torch.Tensor, produced: torch.Tensor) -> t
     if not run.settings.sampling.do_sample:
         return scores.argmax(-1)
     probs = probabilities(scores, run.settings.sampling)
-    return sample(probs, _uniform(run, probs.shape[:-1], probs.device))
+    return sample(probs, _uniforms_at(run, torch.zeros(1, dtype=torch.long), 2).to(probs.device))
 
 
 def _suppress_eos(run: _Run, logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -279,11 +298,13 @@ def _suppress_eos(run: _Run, logits: torch.Tensor, where: torch.Tensor) -> torch
     return suppress_tokens(logits, eos, where.to(logits.device))
 
 
-def _uniform(run: _Run, shape, device) -> torch.Tensor:
-    gen = run.generator
-    if gen is not None and gen.device != torch.device(device):
-        return torch.rand(shape, generator=gen, device=gen.device).to(device)
-    return torch.rand(shape, generator=gen, device=device)
+def _uniforms_at(run: _Run, offsets, use: int) -> torch.Tensor:
+    """Uniforms of each active row at output positions produced - 1 + offsets: (B,) or (B, n)."""
+    table, batch = run.uniforms, run.batch
+    offsets = torch.as_tensor(offsets, device=table.device)
+    pos = (batch.produced.to(table.device)[:, None] + offsets.view(1, -1)).clamp(max=table.shape[1] - 1)
+    out = table[batch.rows.to(table.device)[:, None], pos, use]
+    return out[:, 0] if offsets.dim() == 0 else out
 
 
 def _sync_time(t: torch.Tensor) -> float:

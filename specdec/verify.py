@@ -60,7 +60,8 @@ def verify(p: torch.Tensor, q: torch.Tensor | None, draft_tokens: torch.Tensor,
 
     q: (B, k, V), or None for a deterministic drafter (prompt lookup), which is the
        same as q one-hot at the drafted token.
-    accept_uniforms: (B, k) in [0, 1); draw_uniforms: (B,) in [0, 1).
+    accept_uniforms: (B, k) in [0, 1); draw_uniforms: (B,) in [0, 1), or (B, k+1) to
+    draw at the first rejected position with that position's uniform.
     """
     k = draft_tokens.shape[1]
     p_draft = p[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # (B, k)
@@ -68,6 +69,8 @@ def verify(p: torch.Tensor, q: torch.Tensor | None, draft_tokens: torch.Tensor,
     ok = (accept_uniforms * q_draft <= p_draft) & (p_draft > 0) & _proposed_mask(num_proposed, k)
     n = _leading_true(ok)
     residual = _residual(p, q, draft_tokens, n, num_proposed)
+    if draw_uniforms.dim() == 2:
+        draw_uniforms = draw_uniforms.gather(1, n.unsqueeze(1)).squeeze(1)
     return Verdict(n, sample(residual, draw_uniforms))
 
 
