@@ -1,1 +1,14 @@
-"""Weight-only and KV-cache quantization."""
+"""Weight-only (int8 per-channel, int4 group-wise) and KV-cache (KIVI int8/int4) quantization.
+
+    import quant
+    quant.quantize(model, bits=4, group_size=64)          # swaps nn.Linear in place
+    cache = quant.QuantizedKVCache(model.config, bits=8)   # past_key_values= for forward/generate
+"""
+
+from quant.int4 import Int4Linear, dequantize_int4, quantize_int4
+from quant.int8 import Int8Linear, dequantize_int8, quantize_int8
+from quant.kv import QuantizedKVCache
+from quant.swap import quantize
+
+__all__ = ["quantize", "Int8Linear", "Int4Linear", "QuantizedKVCache",
+           "quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4"]

@@ -1,0 +1,171 @@
+"""``quantize(model, ...)``: swap a model's linear layers for int8/int4 weight-only ones, in place."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from quant.int4 import GROUP_SIZES, Int4Linear
+from quant.int8 import Int8Linear
+
+logger = logging.getLogger(__name__)
+
+FAST_BACKEND = {8: "torch", 4: "tinygemm"}
+
+
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 64, backend: str = "auto",
+             skip: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """Replace every ``nn.Linear`` (and HF ``Conv1D``) of ``model`` by an int8/int4 one; return ``model``.
+
+    bits: 8 (per-channel symmetric) or 4 (group-wise asymmetric, ``group_size`` in 32/64/128/256).
+    backend: ``"auto"`` (fastest kernel that works on each weight's device/dtype, checked on a tiny
+    input, else ``"reference"``), ``"torch"`` (int8) / ``"tinygemm"`` (int4), ``"reference"``, or
+    ``"bnb"`` (bitsandbytes, CUDA). skip: names (or fnmatch patterns, or last name components)
+    of layers to leave in full precision. All layers are checked before any is replaced.
+    """
+    _check_args(bits, group_size, backend)
+    targets = _find_linears(model, tuple(skip))
+    for name, layer in targets:
+        _check_layer(name, layer, bits, group_size)
+    if backend == "bnb":
+        return _quantize_bnb(model, targets, bits)
+    chosen: dict[tuple, str] = {}
+    for name, layer in targets:
+        new = _make_layer(_as_linear(layer), bits, group_size, backend, chosen)
+        _set_submodule(model, name, new)
+    return model
+
+
+def _check_args(bits: int, group_size: int, backend: str) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if bits == 4 and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} for int4, got {group_size!r}")
+    allowed = ("auto", "reference", "bnb", FAST_BACKEND[bits])
+    if backend not in allowed:
+        raise ValueError(f"backend for bits={bits} must be one of {allowed}, got {backend!r}")
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) or fnmatch.fnmatchcase(name, s) for s in skip)
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # transformers absent: plain nn.Linear only
+        return None
+
+
+def _find_linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every layer to quantize; raises on linear-like layers we cannot handle."""
+    conv1d = _conv1d_type()
+    found = []
+    for name, module in model.named_modules():
+        if not name or _skipped(name, skip) or isinstance(module, (Int8Linear, Int4Linear)):
+            continue
+        if type(module) is nn.Linear or (conv1d is not None and type(module) is conv1d):
+            found.append((name, module))
+        elif isinstance(module, nn.Linear):
+            raise ValueError(f"layer {name!r} is a {type(module).__name__} (a subclass of nn.Linear), which "
+                             f"quantize() does not support; add {name!r} to skip= to keep it in full precision")
+    if not found:
+        kinds = sorted({type(m).__name__ for m in model.modules() if getattr(m, "weight", None) is not None})
+        raise ValueError(f"no nn.Linear layers to quantize (skip={skip}); weighted layer types seen: {kinds}")
+    return found
+
+
+def _check_layer(name: str, layer: nn.Module, bits: int, group_size: int) -> None:
+    in_f = _as_linear_shape(layer)[1]
+    if bits == 4 and in_f % group_size:
+        works = [g for g in GROUP_SIZES if in_f % g == 0]
+        hint = f"group sizes that divide it: {works}" if works else "no supported group size divides it"
+        raise ValueError(f"layer {name!r}: in_features={in_f} is not divisible by group_size={group_size} "
+                         f"({hint}); or add {name!r} to skip=")
+    if bits == 4 and in_f % 2:
+        raise ValueError(f"layer {name!r}: in_features={in_f} must be even for int4 packing")
+
+
+def _as_linear_shape(layer: nn.Module) -> tuple[int, int]:
+    w = layer.weight
+    return tuple(w.shape) if isinstance(layer, nn.Linear) else (w.shape[1], w.shape[0])
+
+
+def _as_linear(layer: nn.Module) -> nn.Linear:
+    """nn.Linear as is; HF Conv1D (weight stored (in, out)) as an equivalent nn.Linear view."""
+    if isinstance(layer, nn.Linear):
+        return layer
+    lin = nn.Linear(layer.weight.shape[0], layer.weight.shape[1], bias=layer.bias is not None, device="meta")
+    lin.weight = nn.Parameter(layer.weight.detach().t(), requires_grad=False)
+    lin.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+    return lin
+
+
+def _build(linear: nn.Linear, bits: int, group_size: int, backend: str) -> nn.Module:
+    if bits == 8:
+        return Int8Linear.from_linear(linear, backend)
+    return Int4Linear.from_linear(linear, group_size, backend)
+
+
+def _make_layer(linear: nn.Linear, bits: int, group_size: int, backend: str, chosen: dict) -> nn.Module:
+    """The quantized layer; with backend="auto" the fast kernel if it works here, else reference."""
+    if backend != "auto":
+        return _build(linear, bits, group_size, backend)
+    w = linear.weight
+    key = (w.device, w.dtype, tuple(w.shape))
+    if key not in chosen:
+        chosen[key] = _probe(linear, bits, group_size)
+        logger.info("quant: %d-bit %s on %s/%s uses backend %r", bits, tuple(w.shape), w.device, w.dtype,
+                    chosen[key])
+    return _build(linear, bits, group_size, chosen[key])
+
+
+def _probe(linear: nn.Linear, bits: int, group_size: int) -> str:
+    """The fast backend if it runs on this layer's device/dtype and agrees with reference, else reference."""
+    fast = FAST_BACKEND[bits]
+    try:
+        x = torch.randn(2, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            got = _build(linear, bits, group_size, fast)(x).float()
+            want = _build(linear, bits, group_size, "reference")(x).float()
+        tol = 0.05 * want.abs().max().item() + 1e-3
+        if (got - want).abs().max().item() <= tol:
+            return fast
+        logger.info("quant: backend %r disagrees with reference on %s; using reference", fast, linear.weight.device)
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError) as err:
+        logger.info("quant: backend %r unavailable (%s: %s); using reference", fast, type(err).__name__,
+                    str(err).splitlines()[0][:200] if str(err) else "")
+    return "reference"
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _quantize_bnb(model: nn.Module, targets: list[tuple[str, nn.Module]], bits: int) -> nn.Module:
+    """bitsandbytes layers (LLM.int8() / NF4), quantized when moved to CUDA."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ImportError("backend='bnb' needs bitsandbytes: pip install .[bnb]  (or pip install bitsandbytes)") from err
+    for name, layer in targets:
+        lin = _as_linear(layer)
+        w, device = lin.weight.detach(), lin.weight.device
+        if bits == 8:
+            new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      has_fp16_weights=False, threshold=6.0)
+            new.weight = bnb.nn.Int8Params(w.to("cpu").to(torch.float16), requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    compute_dtype=w.dtype, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(w.to("cpu"), requires_grad=False, quant_type="nf4")
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.detach().to("cpu"), requires_grad=False)
+        _set_submodule(model, name, new.to(device))
+    return model
