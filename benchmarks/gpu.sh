@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark on a bare GPU machine with no network (see README "GPU results").
+# The default model's GGUF (98 MB) travels in two halves (.gguf1/, .gguf2/, split -b 48M),
+# the gguf wheel in .whl/. Usage, as two calls on one warm machine:
+#   bash benchmarks/gpu.sh stage      # carry .gguf1: keeps the first half in /root/m
+#   bash benchmarks/gpu.sh run [WHAT] # carry .gguf2 .whl: joins the file, runs WHAT, writes JSON to $OUT
+# WHAT: bench (default) | quant | prefix | all
+set -euo pipefail
+cd "$(dirname "$0")/.."
+M=/root/m
+GGUF=$M/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$M"
+case "${1:-run}" in
+stage)
+    cp .gguf1/* "$M/"; ls -la "$M"; exit 0 ;;
+run) ;;
+*) echo "usage: gpu.sh stage | run [bench|quant|prefix|all]"; exit 2 ;;
+esac
+WHAT="${2:-bench}"
+if [ ! -f "$GGUF" ]; then
+    [ -d .gguf2 ] && cp .gguf2/* "$M/"
+    cat "$M"/gguf.part.* > "$GGUF"
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD" SPECDEC_DEFAULT_GGUF="$GGUF" SPECDEC_CACHE=/root/cache
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT="${OUT:-benchmarks/results}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
+    python3 -m specdec.cli bench --device cuda --dtype float32 --workload code --n-prompts 2 \
+        --max-new-tokens 64 --draft self:8 --out "$OUT" --quiet 2>&1 | grep -v "Loading weights" || true
+    python3 -m specdec.cli bench --device cuda --dtype bfloat16 --workload all --n-prompts 4 \
+        --draft self:8 --out "$OUT" --quiet 2>&1 | grep -v "Loading weights" || true
+fi
+if [[ "$WHAT" == quant || "$WHAT" == all ]]; then
+    python3 benchmarks/quant_speed.py --out "$OUT" 2>&1 | tail -40 || true
+fi
+if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
+    [ -f benchmarks/prefix_bench.py ] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
+fi
+ls -la "$OUT"

