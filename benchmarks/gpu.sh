@@ -27,11 +27,13 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+bench() { python3 -m specdec.cli bench --device cuda --out "$OUT" --quiet "$@" 2>&1 | grep -v "Loading weights" || true; }
 if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
-    python3 -m specdec.cli bench --device cuda --dtype float32 --workload code --n-prompts 2 \
-        --max-new-tokens 64 --draft self:8 --out "$OUT" --quiet 2>&1 | grep -v "Loading weights" || true
-    python3 -m specdec.cli bench --device cuda --dtype bfloat16 --workload all --n-prompts 4 \
-        --draft self:8 --out "$OUT" --quiet 2>&1 | grep -v "Loading weights" || true
+    for w in code chat summarize; do bench --dtype bfloat16 --workload $w --n-prompts 3 --draft self:8; done
+fi
+if [[ "$WHAT" == bench2 || "$WHAT" == all ]]; then
+    bench --dtype float32 --workload code --n-prompts 2 --max-new-tokens 64 --draft self:8
+    bench --dtype bfloat16 --workload long --n-prompts 2 --max-new-tokens 64 --no-assisted
 fi
 if [[ "$WHAT" == quant || "$WHAT" == all ]]; then
     python3 benchmarks/quant_speed.py --out "$OUT" 2>&1 | tail -40 || true
