@@ -1,0 +1,257 @@
+"""PrefixCache: reuse the K/V of shared prompt prefixes across generate() calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .keys import TokenIds, as_token_list, block_key, namespace_bytes, root_key, token_blocks
+from .store import KV, Block, SpillStore, block_nbytes, concat_blocks, copy_block, to_home
+from .tree import Node, RadixTree
+
+
+@dataclass
+class CacheStats:
+    """Counters since the cache was built (a snapshot; ``cache.stats`` returns a fresh one)."""
+
+    hits: int = 0              # match() calls that reused at least one block
+    misses: int = 0            # match() calls that reused nothing
+    hit_tokens: int = 0        # prompt tokens whose prefill was skipped
+    inserted_blocks: int = 0   # blocks newly stored by insert()
+    evictions: int = 0         # blocks removed from the device (spilled or dropped)
+    offloads: int = 0          # evicted blocks spilled to CPU
+    reloads: int = 0           # spilled blocks brought back to the device by a hit
+    blocks: int = 0            # blocks held on the device now
+    offloaded_blocks: int = 0  # blocks spilled to CPU now
+    offloaded_bytes: int = 0   # bytes spilled to CPU now
+
+
+@dataclass(eq=False)
+class PrefixMatch:
+    """The cached prefix of a prompt; holds its blocks until released."""
+
+    num_tokens: int                                   # matched tokens, a multiple of block_size
+    nodes: list[Node]                                 # the matched blocks, root side first
+    cache: PrefixCache | None = field(default=None, repr=False)
+    released: bool = False
+
+    def kv(self) -> KV:
+        """Per layer (key, value), each (1, heads, num_tokens, head_dim); [] on a miss."""
+        if self.released and self.nodes:
+            raise RuntimeError("kv() after release(): read the K/V before releasing the match")
+        return concat_blocks([node.handle for node in self.nodes])
+
+    def release(self) -> None:
+        """Let the cache evict these blocks again (idempotent)."""
+        if self.cache is not None:
+            self.cache.release(self)
+
+    def __enter__(self) -> PrefixMatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class PrefixCache:
+    """A byte-bounded radix tree of K/V blocks shared by prompts with a common prefix.
+
+    Args:
+        max_bytes: device bytes the cached K/V may take.
+        block_size: tokens per block; matches and inserts work in whole blocks.
+        offload_bytes: CPU bytes for evicted blocks (0: evicted blocks are dropped).
+    """
+
+    def __init__(self, max_bytes: int, block_size: int = 16, offload_bytes: int = 0) -> None:
+        _check_sizes(max_bytes, block_size, offload_bytes)
+        self.max_bytes = int(max_bytes)
+        self.block_size = int(block_size)
+        self.offload_bytes = int(offload_bytes)
+        self._lock = threading.Lock()
+        self._tree = RadixTree(free=self._free)
+        self._spill = SpillStore(self.offload_bytes)
+        self._spilling = self.offload_bytes > 0     # whether evicted blocks go to the spill store
+        self._stats = CacheStats()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K/V held on the device now (spilled bytes: ``stats.offloaded_bytes``)."""
+        return self._tree.nbytes
+
+    @property
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return dataclasses.replace(self._stats, blocks=self._tree.num_nodes,
+                                       offloaded_blocks=len(self._spill),
+                                       offloaded_bytes=self._spill.nbytes)
+
+    def match(self, token_ids: TokenIds, namespace: str | None = None) -> PrefixMatch:
+        """The longest cached prefix of ``token_ids`` in whole blocks, leaving >= 1 token to run.
+
+        The returned match locks its blocks: call ``release`` (or use it as a context manager).
+        """
+        ids = as_token_list(token_ids)
+        usable = max(len(ids) - 1, 0) // self.block_size
+        keys, blocks = self._chain(ids[:usable * self.block_size], namespace)
+        with self._lock:
+            path = self._tree.match(keys, blocks)
+            self._tree.lock(path)
+            self._reload(path, keys, blocks)
+            self._count_match(path)
+        return PrefixMatch(num_tokens=len(path) * self.block_size, nodes=path, cache=self)
+
+    def release(self, match: PrefixMatch) -> None:
+        """Unlock a match's blocks (a second release of the same match does nothing)."""
+        with self._lock:
+            if not match.released:
+                match.released = True
+                self._tree.release(match.nodes)
+
+    def insert(self, token_ids: TokenIds, kv_layers: KV, namespace: str | None = None) -> int:
+        """Store the full blocks of ``token_ids`` from their K/V; returns how many tokens were new.
+
+        ``kv_layers``: per layer (k, v), each (1, heads, T, head_dim) with T >= len(token_ids),
+        position t holding the K/V of ``token_ids[t]``. Slices are copied, so the caller's cache
+        may be freed. Present blocks are only touched. Evicts least-recently-used unreferenced
+        blocks to stay within ``max_bytes``; if the new blocks still don't fit, stores the prefix
+        that does.
+        """
+        ids = as_token_list(token_ids)
+        _check_kv(kv_layers, len(ids))
+        n = len(ids) // self.block_size
+        keys, blocks = self._chain(ids[:n * self.block_size], namespace)
+        with self._lock:
+            path = self._tree.match(keys, blocks)
+            self._tree.lock(path)
+            try:
+                return self._store_new(path, keys, blocks, kv_layers) * self.block_size
+            finally:
+                self._tree.release(path)
+
+    def evict(self, nbytes: int) -> int:
+        """Free at least ``nbytes`` of device memory if unreferenced blocks allow; returns bytes freed."""
+        with self._lock:
+            return sum(node.nbytes for node in self._tree.evict(nbytes))
+
+    def clear(self) -> None:
+        """Drop every block not held by an unreleased match, spilled ones included (stats are kept)."""
+        with self._lock:
+            evictions, self._spilling = self._stats.evictions, False   # dropped, not spilled or counted
+            try:
+                self._tree.clear()
+            finally:
+                self._spilling, self._stats.evictions = self.offload_bytes > 0, evictions
+            self._spill.clear()
+
+    # -- internals (called with the lock held) ------------------------------------------------
+
+    def _chain(self, ids: Sequence[int], namespace: str | None) -> tuple[list[int], list[tuple[int, ...]]]:
+        """Block keys and block tokens of ``ids`` (whose length is a multiple of block_size)."""
+        ns, key = namespace_bytes(namespace), root_key(namespace)
+        blocks = token_blocks(ids, self.block_size)
+        keys = []
+        for tokens in blocks:
+            key = block_key(key, tokens, ns)
+            keys.append(key)
+        return keys, blocks
+
+    def _store_new(self, path: list[Node], keys: list[int], blocks: list[tuple[int, ...]], kv_layers: KV) -> int:
+        """Append new blocks after ``path`` (locked, extended in place); returns how many."""
+        start, per_block = len(path), block_nbytes(kv_layers, self.block_size)
+        self._make_room((len(keys) - start) * per_block)
+        for i in range(start, len(keys)):
+            parent = path[-1] if path else self._tree.root
+            if keys[i] in parent.children or self._tree.nbytes + per_block > self.max_bytes:
+                break                                       # a key collision, or out of budget
+            self._spill.discard(keys[i])
+            lo = i * self.block_size
+            block = copy_block(kv_layers, lo, lo + self.block_size)
+            self._add(parent, keys[i], blocks[i], block, path)
+            self._stats.inserted_blocks += 1
+        return len(path) - start
+
+    def _reload(self, path: list[Node], keys: list[int], blocks: list[tuple[int, ...]]) -> None:
+        """Extend a locked match ``path`` with spilled blocks brought back to the device."""
+        while len(path) < len(keys) and self._spill.contains(keys[len(path)], blocks[len(path)]):
+            i, parent = len(path), (path[-1] if path else self._tree.root)
+            if keys[i] in parent.children:
+                break                                       # a key collision
+            block = self._spill.pop(keys[i])                # popped first: making room may spill more
+            if not self._make_room(block.nbytes):
+                self._spill.restore(keys[i], blocks[i], block)
+                break
+            self._add(parent, keys[i], blocks[i], to_home(block), path)
+            self._stats.reloads += 1
+
+    def _add(self, parent: Node, key: int, tokens: tuple[int, ...], block: Block, path: list[Node]) -> None:
+        node = self._tree.insert(parent, key, tokens, block, block.nbytes)
+        self._tree.lock([node])
+        path.append(node)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict until ``nbytes`` more fit in the budget; whether they do."""
+        excess = self._tree.nbytes + nbytes - self.max_bytes
+        if excess > 0:
+            self._tree.evict(excess)
+        return self._tree.nbytes + nbytes <= self.max_bytes
+
+    def _free(self, node: Node) -> None:
+        """Tree callback for an evicted node: spill its block to CPU when there is a budget."""
+        self._stats.evictions += 1
+        if self._spilling and self._spill.spill(node.key, node.tokens, node.handle):
+            self._stats.offloads += 1
+        node.handle = None
+
+    def _count_match(self, path: list[Node]) -> None:
+        for node in path:
+            node.hit_count += 1
+        if path:
+            self._stats.hits += 1
+            self._stats.hit_tokens += len(path) * self.block_size
+        else:
+            self._stats.misses += 1
+
+
+def _check_sizes(max_bytes: int, block_size: int, offload_bytes: int) -> None:
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be > 0 (device bytes for cached K/V), got {max_bytes}; "
+                         "e.g. PrefixCache(max_bytes=2 << 30) for 2 GiB")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1 token, got {block_size}; 16 is a good default")
+    if offload_bytes < 0:
+        raise ValueError(f"offload_bytes must be >= 0 (0 disables CPU offload), got {offload_bytes}")
+
+
+def _check_kv(kv_layers: KV, num_ids: int) -> None:
+    """ValueError unless kv_layers is a list of (k, v) shaped (1, heads, T, head_dim), T >= num_ids."""
+    if not isinstance(kv_layers, (list, tuple)) or not kv_layers:
+        raise ValueError("kv_layers must be a non-empty list over layers of (key, value) tensors; "
+                         "read them from a DynamicCache with prefix_cache.hf_cache.kv_from_cache(cache)")
+    lengths = set()
+    for i, pair in enumerate(kv_layers):
+        k, v = _layer_pair(pair, i)
+        if k.shape[0] != 1 or v.shape[0] != 1:
+            raise ValueError(f"layer {i}: batch size is {k.shape[0]}, must be 1; select one row "
+                             "(kv_from_cache(cache, row=r)) and insert rows one by one")
+        if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+            raise ValueError(f"layer {i}: key {tuple(k.shape)} and value {tuple(v.shape)} disagree "
+                             "on heads or sequence length")
+        lengths.add(k.shape[2])
+    if len(lengths) > 1:
+        raise ValueError(f"layers hold different sequence lengths {sorted(lengths)}; pass K/V of one "
+                         "full-attention cache (sliding-window caches are not supported)")
+    if lengths.pop() < num_ids:
+        raise ValueError(f"kv_layers hold {k.shape[2]} positions but {num_ids} token ids were given; "
+                         f"pass only the ids the K/V belongs to, e.g. token_ids[:{k.shape[2]}]")
+
+
+def _layer_pair(pair: object, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+            and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in pair)):
+        raise ValueError(f"layer {i}: expected a (key, value) pair of 4-D tensors shaped "
+                         "(1, heads, T, head_dim)")
+    return pair[0], pair[1]

@@ -1,0 +1,369 @@
+"""Prefix cache units: keys, tree, cache, offload, threads, and a stateful property test.
+
+K/V here are small fake tensors from a simulated allocator: position t of a sequence holds
+a value derived from ids[:t+1] and the namespace, as a real model's K/V would be.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from prefix_cache import CacheStats, PrefixCache, PrefixMatch
+from prefix_cache.keys import block_key, block_keys, namespace_bytes, root_key
+from prefix_cache.store import kv_nbytes
+from prefix_cache.tree import RadixTree
+
+BLOCK_SIZES = [1, 4, 16]
+LAYERS, HEADS, DIM = 2, 2, 3
+NAMESPACES = [None, "tenant-a", "tenant-b"]
+
+
+def fake_kv(ids: list[int], namespace: str | None = None, extra: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (k, v) of shape (1, HEADS, len(ids) + extra, DIM); each position depends on its whole prefix."""
+    salt = NAMESPACES.index(namespace) * 7919 if namespace in NAMESPACES else 17
+    acc, vals = salt, []
+    for i, t in enumerate(list(ids) + [0] * extra):
+        acc = (acc * 31 + t + 1) % 100003
+        vals.append(float(acc))
+    base = torch.tensor(vals).view(1, 1, -1, 1).expand(1, HEADS, -1, DIM)       # (1, H, T, D)
+    offs = torch.arange(HEADS * DIM, dtype=torch.float32).view(1, HEADS, 1, DIM)
+    return [((base + offs + 1000 * layer).contiguous(), (-base - offs - layer).contiguous())
+            for layer in range(LAYERS)]
+
+
+def block_bytes(block_size: int) -> int:
+    return LAYERS * 2 * HEADS * block_size * DIM * 4
+
+
+def assert_kv_equal(got, want) -> None:
+    assert len(got) == len(want)
+    for (k1, v1), (k2, v2) in zip(got, want):
+        assert k1.shape == k2.shape and torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def check_invariants(cache: PrefixCache, namespaces=NAMESPACES, outstanding: list[PrefixMatch] = ()) -> None:
+    """Keys chain correctly, ref counts match live matches, bytes add up and stay in budget."""
+    tree, total, refs = cache._tree, 0, {}
+    for m in outstanding:
+        if not m.released:
+            for n in m.nodes:
+                refs[id(n)] = refs.get(id(n), 0) + 1
+    for child in tree.root.children.values():
+        ns = next(ns for ns in namespaces
+                  if block_key(root_key(ns), child.tokens, namespace_bytes(ns)) == child.key)
+        stack = [child]
+        while stack:
+            node = stack.pop()
+            parent_key = root_key(ns) if node.parent is tree.root else node.parent.key
+            assert node.key == block_key(parent_key, node.tokens, namespace_bytes(ns))
+            assert len(node.tokens) == cache.block_size
+            assert node.lock_ref == refs.pop(id(node), 0) >= 0
+            assert node.handle is not None and node.nbytes == kv_nbytes(node.handle.kv)
+            total += node.nbytes
+            stack.extend(node.children.values())
+    assert not refs, "a locked node was evicted"
+    assert total == tree.nbytes == cache.nbytes <= cache.max_bytes
+    assert cache._spill.nbytes <= cache.offload_bytes
+
+
+# ---------------------------------------------------------------- keys
+
+def test_keys_equal_prefixes_equal_chains():
+    a = block_keys(list(range(40)), 8)
+    b = block_keys(list(range(32)) + [99] * 9, 8)
+    assert len(a) == 5 and len(b) == 5
+    assert a[:4] == b[:4] and a[4] != b[4]
+    assert block_keys(torch.arange(40), 8) == a                 # tensors and lists agree
+    assert block_keys(list(range(7)), 8) == []                  # full blocks only
+
+
+def test_keys_namespace_changes_every_key():
+    ids = list(range(64))
+    plain, a, b, empty = (block_keys(ids, 4, ns) for ns in (None, "a", "b", ""))
+    for other in (a, b, empty):
+        assert all(x != y for x, y in zip(plain, other))
+    assert all(x != y for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("pos", [0, 5, 17, 31])
+def test_keys_changed_token_changes_its_block_and_later(pos):
+    ids = list(range(100, 132))
+    changed = ids.copy()
+    changed[pos] += 1
+    a, b = block_keys(ids, 4), block_keys(changed, 4)
+    blk = pos // 4
+    assert a[:blk] == b[:blk]
+    assert all(x != y for x, y in zip(a[blk:], b[blk:]))
+
+
+def test_keys_reject_non_integer_ids():
+    for bad in ([1.5, 2], ["a"], torch.ones(4), torch.ones(2, 3, dtype=torch.long), [True]):
+        with pytest.raises(ValueError, match="token"):
+            block_keys(bad, 2)
+
+
+# ---------------------------------------------------------------- tree
+
+def _chain_tree(tree: RadixTree, ids: list[int], bs: int, parent=None):
+    keys, toks = block_keys(ids, bs), [tuple(ids[i:i + bs]) for i in range(0, len(ids) // bs * bs, bs)]
+    nodes = []
+    for key, t in zip(keys, toks):
+        parent = tree.insert(parent, key, t, handle=t, nbytes=1)
+        nodes.append(parent)
+    return keys, toks, nodes
+
+
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+def test_tree_match_insert_and_collision_guard(bs):
+    tree = RadixTree()
+    ids = list(range(3 * bs))
+    keys, toks, nodes = _chain_tree(tree, ids, bs)
+    assert tree.match(keys, toks) == nodes and tree.nbytes == 3
+    assert tree.match(keys[:2], toks[:2]) == nodes[:2]
+    bad = [toks[0], tuple(t + 1 for t in toks[1]), toks[2]]       # same keys, different tokens
+    assert tree.match(keys, bad) == nodes[:1]
+    with pytest.raises(KeyError):
+        tree.insert(None, keys[0], toks[0], None, 1)
+
+
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+def test_tree_evicts_lru_leaves_first_then_parents(bs):
+    freed = []
+    tree = RadixTree(free=freed.append)
+    _, _, a = _chain_tree(tree, [1] * (2 * bs), bs)                     # a0 -> a1
+    b = tree.insert(a[0], 12345, (2,) * bs, None, 1)                    # a0 -> b (newer than a1)
+    keys_c, toks_c, c = _chain_tree(tree, [3] * (2 * bs), bs)           # c0 -> c1
+    tree.match(keys_c[:1], toks_c[:1])                                  # touch c0 only
+    tree.lock([c[1]])
+    assert tree.evict(2) == [a[1], b]
+    assert tree.evict(1) == [a[0]]                                      # a0 became a leaf
+    assert tree.evict(10) == []                                         # c1 locked, c0 its parent
+    tree.release([c[1]])
+    assert tree.evict(10) == [c[1], c[0]] and freed == [a[1], b, a[0], c[1], c[0]]
+    assert tree.nbytes == 0 and tree.num_nodes == 0
+    with pytest.raises(RuntimeError):
+        tree.release([c[1]])
+
+
+# ---------------------------------------------------------------- cache
+
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+def test_cache_insert_match_roundtrip(bs):
+    cache = PrefixCache(max_bytes=1 << 20, block_size=bs)
+    rng = random.Random(bs)
+    ids = [rng.randrange(50) for _ in range(3 * bs)]
+    assert cache.insert(ids, fake_kv(ids)) == 3 * bs
+    assert cache.insert(ids, fake_kv(ids)) == 0                           # present: touched only
+    assert cache.nbytes == 3 * block_bytes(bs) and cache.stats.inserted_blocks == 3
+    with cache.match(ids + [7]) as hit:
+        assert hit.num_tokens == 3 * bs
+        assert_kv_equal(hit.kv(), fake_kv(ids[:3 * bs]))
+        assert all(n.lock_ref == 1 for n in hit.nodes)
+    assert all(n.lock_ref == 0 for n in hit.nodes)
+    hit = cache.match(ids)                                                # keeps one token to run
+    assert hit.num_tokens == 2 * bs
+    cache.release(hit)
+    cache.release(hit)                                                    # idempotent
+    miss = cache.match([999] * (2 * bs))
+    assert miss.num_tokens == 0 and miss.kv() == []
+    s = cache.stats
+    assert (s.hits, s.misses, s.hit_tokens) == (2, 1, 5 * bs)
+    check_invariants(cache)
+
+
+def test_cache_insert_copies_and_accepts_longer_kv():
+    cache = PrefixCache(max_bytes=1 << 20, block_size=4)
+    ids = list(range(10))
+    kv = fake_kv(ids, extra=3)                                            # T = 13 >= 10 ids
+    assert cache.insert(torch.tensor(ids), kv) == 8
+    for k, v in kv:
+        k.zero_(), v.zero_()                                              # caller frees/reuses its cache
+    with cache.match(ids) as hit:
+        assert_kv_equal(hit.kv(), fake_kv(ids[:8]))
+
+
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+def test_cache_namespace_isolation(bs):
+    cache = PrefixCache(max_bytes=1 << 20, block_size=bs)
+    ids = list(range(2 * bs + 1))
+    cache.insert(ids, fake_kv(ids, "tenant-a"), namespace="tenant-a")
+    for ns in (None, "tenant-b", ""):
+        with cache.match(ids, namespace=ns) as hit:
+            assert hit.num_tokens == 0
+    with cache.match(ids, namespace="tenant-a") as hit:
+        assert hit.num_tokens == 2 * bs
+        assert_kv_equal(hit.kv(), fake_kv(ids[:2 * bs], "tenant-a"))
+    cache.insert(ids, fake_kv(ids), namespace=None)                       # same ids, own blocks
+    assert cache.stats.inserted_blocks == 2 * (len(ids) // bs)
+    check_invariants(cache, NAMESPACES + [""])
+
+
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+def test_cache_eviction_lru_and_budget(bs):
+    cache = PrefixCache(max_bytes=4 * block_bytes(bs), block_size=bs)
+    seqs = [[s] * (2 * bs) for s in (1, 2)]
+    for ids in seqs:
+        cache.insert(ids, fake_kv(ids))
+    with cache.match(seqs[0] + [0]):                                       # seq 0 most recent
+        pass
+    third = [3] * (2 * bs)
+    assert cache.insert(third, fake_kv(third)) == 2 * bs                   # evicts seq 1 (LRU)
+    assert cache.stats.evictions == 2
+    assert cache.match(seqs[1] + [0]).num_tokens == 0
+    with cache.match(seqs[0] + [0]) as hit:
+        assert hit.num_tokens == 2 * bs
+        big = [4] * (5 * bs)
+        assert cache.insert(big, fake_kv(big)) == 2 * bs                   # only what fits next to the lock
+        assert cache.nbytes == cache.max_bytes
+        check_invariants(cache, outstanding=[hit])
+    assert cache.evict(1) == block_bytes(bs)
+    cache.clear()
+    assert cache.nbytes == 0 and cache.stats.blocks == 0
+
+
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+def test_cache_offload_spills_and_reloads(bs):
+    cache = PrefixCache(max_bytes=2 * block_bytes(bs), block_size=bs, offload_bytes=2 * block_bytes(bs))
+    a, b, c = ([s] * (2 * bs) for s in (1, 2, 3))
+    cache.insert(a, fake_kv(a))
+    cache.insert(b, fake_kv(b))                                           # a spills to CPU
+    s = cache.stats
+    assert (s.evictions, s.offloads, s.offloaded_blocks) == (2, 2, 2)
+    assert s.offloaded_bytes == 2 * block_bytes(bs) and cache.nbytes == 2 * block_bytes(bs)
+    with cache.match(a + [0]) as hit:                                     # a comes back, b spills
+        assert hit.num_tokens == 2 * bs
+        assert_kv_equal(hit.kv(), fake_kv(a))
+        assert all(k.device.type == "cpu" for k, _ in hit.kv())
+    assert cache.stats.reloads == 2 and cache.stats.offloads == 4
+    cache.insert(c, fake_kv(c))                                           # a spills, b is dropped (LRU)
+    assert cache.match(b + [0]).num_tokens == 0
+    with cache.match(a + [0]) as hit:
+        assert_kv_equal(hit.kv(), fake_kv(a))
+    check_invariants(cache)
+    cache.clear()
+    assert cache.stats.offloaded_bytes == 0 and cache.nbytes == 0
+
+
+def test_cache_validation_messages():
+    for kwargs, msg in [(dict(max_bytes=0), "max_bytes"), (dict(max_bytes=1, block_size=0), "block_size"),
+                        (dict(max_bytes=1, offload_bytes=-1), "offload_bytes")]:
+        with pytest.raises(ValueError, match=msg):
+            PrefixCache(**kwargs)
+    cache = PrefixCache(max_bytes=1 << 20, block_size=4)
+    ids = list(range(8))
+    kv = fake_kv(ids)
+    with pytest.raises(ValueError, match="integers"):
+        cache.insert([0.5] * 8, kv)
+    with pytest.raises(ValueError, match="1-D"):
+        cache.match(torch.tensor([ids]))
+    with pytest.raises(ValueError, match="token_ids\\[:6\\]"):
+        cache.insert(ids, fake_kv(ids[:6]))
+    with pytest.raises(ValueError, match="batch size"):
+        cache.insert(ids, [(k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)) for k, v in kv])
+    with pytest.raises(ValueError, match="different sequence lengths"):
+        cache.insert(ids, [kv[0], fake_kv(ids, extra=1)[1]])
+    with pytest.raises(ValueError, match="disagree"):
+        cache.insert(ids, [(kv[0][0], kv[0][1][:, :, :5])])
+    with pytest.raises(ValueError, match="non-empty list"):
+        cache.insert(ids, [])
+    with pytest.raises(ValueError, match="4-D"):
+        cache.insert(ids, [(kv[0][0][0], kv[0][1][0])])
+    assert cache.nbytes == 0 and isinstance(cache.stats, CacheStats)
+
+
+def test_cache_thread_safety():
+    bs = 4
+    cache = PrefixCache(max_bytes=12 * block_bytes(bs), block_size=bs, offload_bytes=6 * block_bytes(bs))
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(150):
+                ids = [rng.randrange(3) for _ in range(rng.randrange(1, 6 * bs))]
+                ns = rng.choice(NAMESPACES)
+                if rng.random() < 0.5:
+                    cache.insert(ids, fake_kv(ids, ns), namespace=ns)
+                else:
+                    with cache.match(ids, namespace=ns) as hit:
+                        assert_kv_equal(hit.kv(), fake_kv(ids[:hit.num_tokens], ns) if hit.num_tokens else [])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "threads did not finish in time (deadlock?)"
+    assert not errors, errors[0]
+    check_invariants(cache)
+    assert all(n.lock_ref == 0 for n in cache._tree.nodes())
+
+
+# ---------------------------------------------------------------- property test
+
+class CacheMachine(RuleBasedStateMachine):
+    """Random insert / match / release / evict / clear; invariants after every step."""
+
+    @initialize(bs=st.sampled_from([1, 2, 4]), budget=st.integers(1, 12), offload=st.integers(0, 6))
+    def setup(self, bs, budget, offload):
+        self.bs = bs
+        self.cache = PrefixCache(max_bytes=budget * block_bytes(bs), block_size=bs,
+                                 offload_bytes=offload * block_bytes(bs))
+        self.held: list[PrefixMatch] = []
+
+    ids = st.lists(st.integers(0, 2), max_size=14)
+    ns = st.sampled_from(NAMESPACES)
+
+    @rule(ids=ids, ns=ns)
+    def insert(self, ids, ns):
+        stored = self.cache.insert(ids, fake_kv(ids, ns), namespace=ns)
+        assert stored % self.bs == 0 and 0 <= stored <= len(ids)
+        if stored:
+            with self.cache.match(ids + [0], namespace=ns) as hit:       # what was stored is a hit now
+                assert hit.num_tokens >= stored
+
+    @rule(ids=ids, ns=ns, keep=st.booleans())
+    def match(self, ids, ns, keep):
+        hit = self.cache.match(ids, namespace=ns)
+        n = hit.num_tokens
+        assert n % self.bs == 0 and n <= max(len(ids) - 1, 0)
+        assert_kv_equal(hit.kv(), fake_kv(ids[:n], ns) if n else [])
+        if keep:
+            self.held.append(hit)
+        else:
+            hit.release()
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 100))
+    def release(self, i):
+        self.held.pop(i % len(self.held)).release()
+
+    @rule(n=st.integers(0, 4))
+    def evict(self, n):
+        before = self.cache.nbytes
+        freed = self.cache.evict(n * block_bytes(self.bs))
+        assert self.cache.nbytes == before - freed
+
+    @rule()
+    def clear(self):
+        self.cache.clear()
+        assert self.cache.stats.offloaded_bytes == 0
+        assert self.cache.nbytes == sum(n.nbytes for n in self.cache._tree.nodes())
+
+    @invariant()
+    def consistent(self):
+        if hasattr(self, "cache"):
+            check_invariants(self.cache, outstanding=self.held)
+
+
+TestCacheMachine = CacheMachine.TestCase
+TestCacheMachine.settings = settings(max_examples=160, stateful_step_count=100, deadline=None)  # ~12k steps
