@@ -37,7 +37,7 @@ class Int8Linear(nn.Module):
     """``y = x @ (q * scales).T + bias`` with an int8 weight held in memory.
 
     backend: ``"torch"`` calls ``torch._weight_int8pack_mm`` (CPU, MPS, recent CUDA);
-    ``"reference"`` dequantizes then matmuls (any device). ``quant.quantize`` picks one.
+    ``"reference"`` casts the codes, matmuls, then scales each output channel (any device).
     """
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -62,7 +62,8 @@ class Int8Linear(nn.Module):
             y = _torch_int8_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, dequantize_int8(self.weight, self.scales, x.dtype), self.bias)
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # per-channel scale on the output
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"

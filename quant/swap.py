@@ -65,8 +65,10 @@ def _conv1d_type():
 def _find_linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every layer to quantize; raises on linear-like layers we cannot handle."""
     conv1d = _conv1d_type()
-    found = []
+    found, already = [], 0
     for name, module in model.named_modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            already += 1
         if not name or _skipped(name, skip) or isinstance(module, (Int8Linear, Int4Linear)):
             continue
         if type(module) is nn.Linear or (conv1d is not None and type(module) is conv1d):
@@ -74,7 +76,7 @@ def _find_linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[str, nn
         elif isinstance(module, nn.Linear):
             raise ValueError(f"layer {name!r} is a {type(module).__name__} (a subclass of nn.Linear), which "
                              f"quantize() does not support; add {name!r} to skip= to keep it in full precision")
-    if not found:
+    if not found and not already:
         kinds = sorted({type(m).__name__ for m in model.modules() if getattr(m, "weight", None) is not None})
         raise ValueError(f"no nn.Linear layers to quantize (skip={skip}); weighted layer types seen: {kinds}")
     return found
