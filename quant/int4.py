@@ -55,7 +55,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 
 def _inner_k_tiles(in_features: int) -> int:
-    return next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
+    return next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), 2)
 
 
 def to_tinygemm(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 from typing import Iterable
 
 import torch
@@ -22,8 +23,8 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 64, backend: str
     """Replace every ``nn.Linear`` (and HF ``Conv1D``) of ``model`` by an int8/int4 one; return ``model``.
 
     bits: 8 (per-channel symmetric) or 4 (group-wise asymmetric, ``group_size`` in 32/64/128/256).
-    backend: ``"auto"`` (fastest kernel that works on each weight's device/dtype, checked on a tiny
-    input, else ``"reference"``), ``"torch"`` (int8) / ``"tinygemm"`` (int4), ``"reference"``, or
+    backend: ``"auto"`` (per weight device/dtype/shape: the fused kernel if it runs, agrees with
+    ``"reference"`` and is not slower on a batch-1 input, else ``"reference"``), ``"torch"`` (int8) / ``"tinygemm"`` (int4), ``"reference"``, or
     ``"bnb"`` (bitsandbytes, CUDA). skip: names (or fnmatch patterns, or last name components)
     of layers to leave in full precision. All layers are checked before any is replaced.
     """
@@ -128,21 +129,39 @@ def _make_layer(linear: nn.Linear, bits: int, group_size: int, backend: str, cho
 
 
 def _probe(linear: nn.Linear, bits: int, group_size: int) -> str:
-    """The fast backend if it runs on this layer's device/dtype and agrees with reference, else reference."""
+    """The fast backend if it runs here, agrees with reference and is not slower at batch-1 decode."""
     fast = FAST_BACKEND[bits]
     try:
         x = torch.randn(2, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
+        layers = {name: _build(linear, bits, group_size, name) for name in (fast, "reference")}
         with torch.no_grad():
-            got = _build(linear, bits, group_size, fast)(x).float()
-            want = _build(linear, bits, group_size, "reference")(x).float()
-        tol = 0.05 * want.abs().max().item() + 1e-3
-        if (got - want).abs().max().item() <= tol:
-            return fast
-        logger.info("quant: backend %r disagrees with reference on %s; using reference", fast, linear.weight.device)
+            got, want = (layers[n](x).float() for n in (fast, "reference"))
+        if (got - want).abs().max().item() > 0.05 * want.abs().max().item() + 1e-3:
+            logger.info("quant: backend %r disagrees with reference on %s; using reference", fast, x.device)
+            return "reference"
+        times = {n: _seconds(layer, x[:1]) for n, layer in layers.items()}
+        logger.info("quant: %s %.1f us vs reference %.1f us per batch-1 call", fast, 1e6 * times[fast],
+                    1e6 * times["reference"])
+        return fast if times[fast] <= 1.1 * times["reference"] else "reference"
     except (RuntimeError, NotImplementedError, AttributeError, TypeError) as err:
         logger.info("quant: backend %r unavailable (%s: %s); using reference", fast, type(err).__name__,
                     str(err).splitlines()[0][:200] if str(err) else "")
     return "reference"
+
+
+@torch.no_grad()
+def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    """Median wall time of ``layer(x)``, synchronized on CUDA."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    layer(x)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        layer(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -123,3 +123,11 @@ def test_memory_shrinks(base):
     full = weight_bytes(base)
     assert weight_bytes(quantize(copy.deepcopy(base), bits=8, backend="reference")) < 0.3 * full
     assert weight_bytes(quantize(copy.deepcopy(base), bits=4, backend="reference")) < 0.2 * full
+
+
+def test_auto_prefers_reference_when_kernel_is_slower(base, monkeypatch):
+    import quant.swap
+
+    monkeypatch.setattr(quant.swap, "_seconds", lambda layer, x: 1.0 if layer.backend != "reference" else 0.1)
+    q = quantize(copy.deepcopy(base), bits=4)
+    assert {m.backend for m in q.modules() if isinstance(m, Int4Linear)} == {"reference"}
