@@ -42,6 +42,8 @@ class _Run:
     streamer: object = None
     drafter: object = None
     controller: object = None
+    prefix_cache: object = None     # rows store prompt + output KV here when they finish
+    namespace: str | None = None
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -94,6 +96,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
     run.drafter, run.controller = _make_drafter(run, draft_model, num_draft_tokens, prompt_lookup_num_tokens)
     run.stats.drafter = getattr(run.drafter, "name", "none")
+    run.prefix_cache, run.namespace = prefix_cache, cache_namespace
     _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
     while run.batch.size:
         _step(run)
@@ -362,6 +365,10 @@ def _emit(run: _Run, drafts: torch.Tensor, num_accepted: torch.Tensor, next_toke
 
 
 def _drop_rows(run: _Run, finished: list[int]) -> None:
+    if run.prefix_cache is not None:
+        from specdec.prefill import store_rows
+
+        store_rows(run, finished, run.prefix_cache, run.namespace)
     keep = [i for i in range(run.batch.size) if i not in set(finished)]
     keep_t = torch.tensor(keep, dtype=torch.long, device=run.batch.pending.device)
     run.batch.select(keep_t)
