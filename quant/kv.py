@@ -138,14 +138,15 @@ class QuantizedKVLayer(DynamicLayer):
         if keep >= qlen:  # inside the residual window: exact
             self.keys, self.values = self.keys[..., : keep - qlen, :], self.values[..., : keep - qlen, :]
             return
-        # into the quantized past: keep whole groups, the partial group comes back dequantized
-        k, v = self.dequantized()
-        whole, groups = keep // self.group_size * self.group_size, keep // self.group_size
-        qk, qv = self.qkeys, self.qvalues
+        # into the quantized past: keep whole groups; the kept part of a cut group comes back dequantized
+        G, qk, qv = self.group_size, self.qkeys, self.qvalues
+        whole, groups = keep // G * G, keep // G
+        cut_k = QTensor(qk.data[:, :, whole:whole + G], qk.scale[:, :, groups:groups + 1], qk.zero[:, :, groups:groups + 1])
+        self.keys = dequantize_per_channel(cut_k, self.bits, G, self.dtype)[..., : keep - whole, :].clone()
+        self.values = dequantize_per_token(_map(qv, lambda t: t[:, :, whole:keep]), self.bits, self.dtype).clone()
         self.qkeys = None if whole == 0 else QTensor(qk.data[:, :, :whole].clone(), qk.scale[:, :, :groups].clone(),
                                                      qk.zero[:, :, :groups].clone())
         self.qvalues = None if whole == 0 else _map(qv, lambda t: t[:, :, :whole].clone())
-        self.keys, self.values = k[..., whole:keep, :].clone(), v[..., whole:keep, :].clone()
 
     def _map_batch(self, fn) -> None:
         if self.is_initialized:

@@ -84,10 +84,10 @@ def test_crop_then_continue_equals_fresh_run(model, drop):
     for residual, exact in ((64, True), (8, False)):
         cache = QuantizedKVCache(model.config, bits=8, residual_length=residual, group_size=8)
         _feed(model, seq, cache)
-        before = cache.layers[0].dequantized()
+        before, qlen = cache.layers[0].dequantized(), cache.layers[0].quantized_length
         cache.crop(-drop)
         assert cache.get_seq_length() == kept
-        if drop <= cache.layers[0].keys.shape[-2] + drop - 8 or exact:  # rolled back inside the residual
+        if kept >= qlen:  # rolled back inside the full-precision residual: bit-exact
             torch.testing.assert_close(cache.layers[0].dequantized(), tuple(t[..., :kept, :] for t in before),
                                        rtol=0, atol=0)
         got = _feed(model, extra, cache)
@@ -155,3 +155,20 @@ def test_rejects_bad_config(model):
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     with pytest.raises(ValueError, match="full-attention"):
         QuantizedKVCache(cfg)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 16, 21, 37])
+def test_crop_into_quantized_past_keeps_dequantized_prefix(keep):
+    """State after crop == the first `keep` tokens of what the cache returned before (any cut point)."""
+    config = transformers.LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      hidden_size=16)
+    cache = QuantizedKVCache(config, bits=4, residual_length=4, group_size=8)
+    k, v = torch.randn(2, 2, 45, 8), torch.randn(2, 2, 45, 8)
+    cache.update(k[:, :, :30], v[:, :, :30], 0)
+    cache.update(k[:, :, 30:], v[:, :, 30:], 0)
+    before = cache.layers[0].dequantized()
+    cache.crop(keep - 45)
+    after = cache.layers[0].dequantized()
+    assert cache.get_seq_length() == keep
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b[..., :keep, :], rtol=0, atol=0)
