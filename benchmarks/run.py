@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  specdec bench --workload all --device cuda --dtype bfloat16 --plot\n"
                "  specdec bench --workload code --draft self:8 --sweep-k",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="summarize", choices=list(workloads.WORKLOADS) + ["all"],
-                   help="which prompts (default: summarize, prompt lookup's home ground)")
+    p.add_argument("--workload", default="code", choices=list(workloads.WORKLOADS) + ["all"],
+                   help="which prompts (default: code: short prompts, quick on a CPU)")
     p.add_argument("--target", default=None, help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
     p.add_argument("--draft", default="self:4",
                    help="draft for hf-assisted and ours-draft: a model path, 'self:N' (target's first N layers), "
@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.n_prompts = args.n_prompts or 2
         args.max_new_tokens = args.max_new_tokens or 32
         args.max_prompt_tokens = args.max_prompt_tokens or 768
+    elif args.device == "cpu":  # the README's first command: minutes on a 2-core CPU
+        args.n_prompts = args.n_prompts or 3
+        args.max_new_tokens = args.max_new_tokens or 64
     model, tok, draft = load(args)
     names = workloads.WORKLOADS if args.workload == "all" else (args.workload,)
     rows, fingerprints = [], {}
