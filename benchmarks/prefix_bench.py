@@ -1,0 +1,112 @@
+"""Prefix-cache numbers: TTFT on a hit vs a miss, the overhead of a full miss, match time.
+
+For each shared-prefix length L: prompt = L tokens of real text + a 16-token question.
+  miss:   specdec.generate without a cache
+  cold:   with an empty PrefixCache (a full miss: lookup + insert overhead)
+  hit:    with the cache holding an earlier prompt of the same L-token prefix
+TTFT = time to the first new token (max_new_tokens=1), median of --repeats.
+
+    python -m benchmarks.prefix_bench --device cuda --model 1b --out DIR
+    python -m benchmarks.prefix_bench                      # CPU, bundled default model
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import specdec
+from benchmarks import report, workloads
+from prefix_cache import PrefixCache
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ttft(model, ids, device, cache=None) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    specdec.generate(model, ids, max_new_tokens=1, prefix_cache=cache)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _text_ids(tok, n_tokens: int, vocab: int) -> list[int]:
+    if tok is None:  # random-weight model: token ids of no language
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(10, vocab, (n_tokens,), generator=g).tolist()
+    text = " ".join(p.messages[-1]["content"] for p in workloads.get_workload("long").prompts)
+    ids = tok(text, add_special_tokens=False).input_ids
+    while len(ids) < n_tokens:
+        ids = ids + ids
+    return ids[:n_tokens]
+
+
+def measure_length(model, tok, length: int, device, repeats: int) -> dict:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prefix = _text_ids(tok, length, vocab)
+    questions = [_text_ids(None, 16 + i, vocab)[-16:] for i in range(repeats + 1)]
+    make = lambda q: torch.tensor([prefix + q], device=device)  # noqa: E731
+    miss = [ttft(model, make(q), device) for q in questions[1:]]
+    cold = [ttft(model, make(q), device, PrefixCache(max_bytes=8 << 30)) for q in questions[1:]]
+    cache = PrefixCache(max_bytes=8 << 30)
+    ttft(model, make(questions[0]), device, cache)
+    hit = [ttft(model, make(q), device, cache) for q in questions[1:]]
+    start = time.perf_counter()
+    with cache.match(prefix + questions[1]) as m:
+        matched = m.num_tokens
+    match_ms = 1e3 * (time.perf_counter() - start)
+    med = statistics.median
+    return dict(shared_tokens=length, prompt_tokens=length + 16, ttft_miss_ms=1e3 * med(miss),
+                ttft_cold_ms=1e3 * med(cold), ttft_hit_ms=1e3 * med(hit), matched_tokens=matched,
+                hit_speedup=med(miss) / med(hit), miss_overhead=med(cold) / med(miss) - 1,
+                match_ms=match_ms, cache_bytes=cache.nbytes)
+
+
+def load(name: str, device: str, dtype: str):
+    if name == "default":
+        from integrations.models import load_default
+
+        return load_default(dtype=dtype, device=device)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shapes = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256)}
+    config = LlamaConfig(**shapes[name], max_position_embeddings=16384)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model, None
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default' (bundled SmolLM2-135M) or '1b' (random 1B Llama)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--lengths", default="512,2048,8192", help="shared prefix lengths in tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    model, tok = load(args.model, args.device, dtype)
+    ttft(model, torch.tensor([[5, 6, 7, 8]], device=args.device), args.device)  # warm-up
+    rows = [measure_length(model, tok, int(n), args.device, args.repeats) for n in args.lengths.split(",")]
+    result = dict(environment=report.environment(), model=args.model, dtype=dtype, device=args.device,
+                  command="python -m benchmarks.prefix_bench " + " ".join(argv or []), rows=rows)
+    name = f"prefix-{report.device_slug(result['environment'])}-{args.model}.json"
+    report.write_json(result, Path(args.out) / name)
+    for r in rows:
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
+    return result
+
+
+if __name__ == "__main__":
+    main()
