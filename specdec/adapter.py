@@ -69,8 +69,8 @@ class ModelRunner:
         out = self.model(input_ids=tokens.to(self.device), attention_mask=key_mask.to(self.device),
                          position_ids=positions.to(self.device), past_key_values=cache,
                          use_cache=True, **kwargs)
-        logits = out.logits
-        return logits[:, -1:] if last_only else logits
+        logits = out.logits[:, -1:] if last_only else out.logits
+        return logits.to(self.device)  # a model split over devices (device_map) ends elsewhere
 
 
 def cache_length(cache) -> int:
