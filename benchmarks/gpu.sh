@@ -4,7 +4,7 @@
 # the gguf wheel in .whl/. Usage, as two calls on one warm machine:
 #   bash benchmarks/gpu.sh stage      # carry .gguf1: keeps the first half in /root/m
 #   bash benchmarks/gpu.sh run [WHAT] # carry .gguf2 .whl: joins the file, runs WHAT, writes JSON to $OUT
-# WHAT: bench (default) | quant | prefix | all
+# WHAT: bench (default) | bench2 | sweep | batch | quant | prefix | all
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=/root/m
@@ -34,6 +34,12 @@ fi
 if [[ "$WHAT" == bench2 || "$WHAT" == all ]]; then
     bench --dtype float32 --workload code --n-prompts 2 --max-new-tokens 64 --draft self:8
     bench --dtype bfloat16 --workload long --n-prompts 2 --max-new-tokens 64 --no-assisted
+fi
+if [[ "$WHAT" == sweep || "$WHAT" == all ]]; then
+    for w in code summarize; do bench --dtype bfloat16 --workload $w --n-prompts 2 --sweep-k --no-assisted; done
+fi
+if [[ "$WHAT" == batch || "$WHAT" == all ]]; then
+    python3 -m benchmarks.batch_bench --device cuda --batch-size 8 --out "$OUT" 2>&1 | grep -v "Loading weights" || true
 fi
 if [[ "$WHAT" == quant || "$WHAT" == all ]]; then
     python3 benchmarks/quant_speed.py --out "$OUT" 2>&1 | tail -40 || true
