@@ -1,0 +1,298 @@
+"""The fast path: a static KV cache and CUDA graphs for decode-sized forwards.
+
+An eager HF forward of a small model is launch bound (tens of ms for a step the GPU
+does in well under one), and speculative decoding multiplies what a step costs. So:
+
+- ``StaticRunner`` has ``ModelRunner``'s interface but runs over an HF ``StaticCache``
+  preallocated to ``max_len`` slots for a fixed batch size. Its cache object for the
+  loop, ``StaticSlots``, is just that cache plus an int ``length``: cropping lowers
+  ``length`` and the rejected slots are overwritten by the next step (as in gpt-fast),
+  never copied. Keys past ``length`` are masked, so stale KV is harmless.
+- Each forward writes its n tokens at slots ``length .. length+n-1`` (our own index,
+  not the cache's internal counter, which cannot go backwards) under a ready 4D mask
+  (B, 1, n, max_len) built from the loop's key mask: HF passes a 4D mask through as is.
+- On CUDA, every decode-sized n (<= ``graph_max_tokens``) gets one ``CUDAGraph``,
+  captured on first use into a memory pool shared by the runner's graphs; a replay
+  copies the inputs into static buffers and returns a clone of the static logits.
+  Larger n (the prefill) runs eagerly through the same cache. Without CUDA the same
+  runner runs eagerly (what CI tests).
+- Runners are kept per (model, role, batch, dtype, device, max_len bucket) while the
+  model lives, so a second ``generate()`` captures nothing.
+
+Where the static path does not fit (sliding-window or other non-plain cache layers, an
+attention implementation that cannot take a 4D mask, encoder-decoders), ``static_runner``
+warns once and returns the eager ``ModelRunner``; a failed graph capture warns once and
+leaves that runner eager over its static cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from specdec.adapter import ModelRunner
+
+captures = 0                      # CUDA graphs captured so far in this process
+_RUNNERS: dict[tuple, "StaticRunner"] = {}
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class StaticSlots:
+    """The loop's view of a static cache: the HF StaticCache's first ``length`` slots."""
+
+    def __init__(self, runner: "StaticRunner"):
+        self.runner = runner
+        self.length = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """HF semantics: negative = drop that many slots, else keep the first ``max_length``."""
+        new = self.length + max_length if max_length < 0 else min(max_length, self.length)
+        self.length = max(0, new)
+
+    def batch_select_indices(self, rows) -> None:
+        raise NotImplementedError("a static KV cache has a fixed batch size: rows cannot be dropped "
+                                  "(specdec.generate(compile=True) decodes batch size 1)")
+
+
+@dataclass
+class _Graph:
+    graph: object
+    ids: torch.Tensor         # (B, n) static inputs
+    positions: torch.Tensor   # (B, n)
+    slots: torch.Tensor       # (n,) cache slots written
+    logits: torch.Tensor      # (B, n, V) static output
+
+
+def _bucket(n: int) -> int:
+    """Round a slot count up: a power of two (at least 256) up to 4096, then a multiple of 4096."""
+    if n <= 4096:
+        return max(256, 1 << (max(n, 1) - 1).bit_length())
+    return -(-n // 4096) * 4096
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return name in params
+
+
+class StaticRunner:
+    """``ModelRunner``'s interface over a preallocated HF ``StaticCache`` (+ CUDA graphs)."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int, use_graphs: bool | None = None,
+                 graph_max_tokens: int = 17):
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(reason)
+        self._model_ref = weakref.ref(model)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.graph_max_tokens = graph_max_tokens
+        emb = model.get_input_embeddings().weight
+        self._device, self._dtype = emb.device, emb.dtype
+        self._vocab = model.get_output_embeddings().weight.shape[0]
+        self._hf_cache = StaticCache(config=model.config, max_cache_len=max_len)
+        odd = sorted({type(layer).__name__ for layer in self._hf_cache.layers if type(layer) is not StaticLayer})
+        if odd:
+            raise ValueError(f"{type(model).__name__}'s static cache has {', '.join(odd)} layers (sliding window "
+                             "or other): only plain full-attention layers are supported")
+        for layer in self._hf_cache.layers:
+            layer.update = self._layer_update(layer)
+        self._write_slots: torch.Tensor | None = None
+        self._additive = model.config._attn_implementation == "eager"
+        self._cache_position = _accepts(model, "cache_position")
+        self._arange = torch.arange(max_len, device=self._device)
+        self._key_slots = torch.zeros(batch_size, max_len, dtype=torch.bool, device=self._device)
+        if use_graphs is None:
+            use_graphs = self._device.type == "cuda"
+        self.use_graphs = use_graphs
+        self._graphs: dict[int, _Graph] = {}
+        self._pool = None
+
+    # -- ModelRunner interface -------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("the model of this StaticRunner was freed")
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def new_cache(self) -> StaticSlots:
+        """An empty cache (length 0) over this runner's storage: one live cache per runner."""
+        return StaticSlots(self)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor,
+                cache: StaticSlots, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, n, V) for ``tokens`` (B, n) written at slots ``cache.length ..``; see ModelRunner."""
+        if not isinstance(cache, StaticSlots) or cache.runner is not self:
+            raise ValueError("StaticRunner.forward needs a cache from this runner's new_cache()")
+        B, n = tokens.shape
+        start = cache.length
+        if B != self.batch_size:
+            raise ValueError(f"this static cache holds batch size {self.batch_size}, got {B} rows")
+        if tuple(key_mask.shape) != (B, start + n):
+            raise ValueError(f"key_mask shape {tuple(key_mask.shape)} != {(B, start + n)}")
+        if start + n > self.max_len:
+            raise ValueError(f"static cache full: {start} + {n} slots > max_len {self.max_len}")
+        dev = self._device
+        tokens, positions = tokens.to(dev), positions.to(dev)
+        self._key_slots[:, : start + n].copy_(key_mask.to(dev))
+        self._key_slots[:, start + n:].zero_()
+        slots = self._arange[start: start + n]
+        if self.use_graphs and n <= self.graph_max_tokens and self._initialized():
+            logits = self._replay(tokens, positions, slots)
+        else:
+            logits = self._run(tokens, positions, slots)
+        cache.length = start + n
+        return logits[:, -1:] if last_only else logits
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _layer_update(self, layer):
+        runner = self
+
+        def update(key_states, value_states, *args, **kwargs):
+            if not layer.is_initialized:
+                layer.lazy_initialization(key_states, value_states)
+            slots = runner._write_slots
+            layer.keys.index_copy_(2, slots, key_states.to(layer.keys.dtype))
+            layer.values.index_copy_(2, slots, value_states.to(layer.values.dtype))
+            return layer.keys, layer.values
+
+        return update
+
+    def _initialized(self) -> bool:
+        return all(layer.is_initialized for layer in self._hf_cache.layers)
+
+    def _mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """(B, 1, n, max_len): key slot enabled for the row and not after the query's own slot."""
+        allowed = self._key_slots[:, None, :] & (self._arange[None, None, :] <= slots[None, :, None])
+        # a query with no key at all (a left-padding slot) would give NaN; its output is never used
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        allowed = allowed[:, None]
+        if not self._additive:
+            return allowed
+        zero = torch.zeros((), dtype=self._dtype, device=self._device)
+        return torch.where(allowed, zero, torch.finfo(self._dtype).min)
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        self._write_slots = slots
+        kwargs = {"cache_position": slots} if self._cache_position else {}
+        out = self.model(input_ids=tokens, attention_mask=self._mask(slots), position_ids=positions,
+                         past_key_values=self._hf_cache, use_cache=True, **kwargs)
+        return out.logits
+
+    def _replay(self, tokens, positions, slots) -> torch.Tensor:
+        n = tokens.shape[1]
+        entry = self._graphs.get(n)
+        if entry is None:
+            try:
+                entry = self._capture(tokens, positions, slots)
+            except Exception as exc:  # noqa: BLE001 - any capture failure: stay correct, go eager
+                _warn_once(f"CUDA graph capture failed for {type(self.model).__name__} ({type(exc).__name__}: "
+                           f"{exc}); running it eagerly over the static cache")
+                self.use_graphs = False
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize(self._device)
+                return self._run(tokens, positions, slots)
+            self._graphs[n] = entry
+        entry.ids.copy_(tokens)
+        entry.positions.copy_(positions)
+        entry.slots.copy_(slots)
+        entry.graph.replay()
+        return entry.logits.clone()  # the next replay overwrites the static output
+
+    def _capture(self, tokens, positions, slots) -> _Graph:
+        """Warm up on a side stream (these runs write this step's KV, as the replay will), then capture."""
+        global captures
+        ids, pos, sl = tokens.clone(), positions.clone(), slots.clone()
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(ids, pos, sl)
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._run(ids, pos, sl)
+        captures += 1
+        return _Graph(graph, ids, pos, sl, logits)
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the static path cannot run this model (None if it can)."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{type(model).__name__} is an encoder-decoder model"
+    for name in ("past_key_values", "position_ids", "attention_mask"):
+        if not _accepts(model, name):
+            return f"{type(model).__name__}.forward takes no {name}"
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return f"attention implementation {impl!r} cannot take a ready 4D mask (use 'sdpa' or 'eager')"
+    return None
+
+
+def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: str = "target",
+                  graph_max_tokens: int = 17):
+    """A (cached) ``StaticRunner`` with at least ``max_len`` slots, or the eager ``ModelRunner``
+    with a warning (once) where the static path does not fit this model."""
+    emb = model.get_input_embeddings().weight
+    key = (id(model), role, batch_size, emb.dtype, emb.device, _bucket(max_len))
+    runner = _RUNNERS.get(key)
+    if runner is None or runner._model_ref() is not model:
+        try:
+            runner = StaticRunner(model, batch_size, key[-1], graph_max_tokens=graph_max_tokens)
+        except Exception as exc:  # noqa: BLE001 - unsupported architecture / cache: eager fallback
+            _warn_once(f"compile=True: {type(model).__name__} falls back to the eager runner: {exc}")
+            return ModelRunner(model)
+        _RUNNERS[key] = runner
+        weakref.finalize(model, _RUNNERS.pop, key, None)
+    runner.graph_max_tokens = graph_max_tokens
+    return runner
+
+
+def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=None) -> None:
+    """Switch a generate() run (before its prefill) to static runners for target and draft model."""
+    from specdec.drafters import ModelDrafter
+
+    if run.batch.size != 1:
+        raise ValueError(f"compile=True supports batch size 1 for now (got {run.batch.size} rows): a static "
+                         "cache cannot drop finished rows yet; decode rows one at a time or pass compile=False")
+    if kv_quant is not None:
+        raise ValueError("compile=True cannot be combined with kv_quant yet: pass one of them")
+    if prefix_cache is not None:
+        raise ValueError("compile=True cannot be combined with prefix_cache yet: pass one of them")
+    max_len = prompt_len + run.settings.max_new_tokens + k_max + 2
+    run.runner = static_runner(run.runner.model, 1, max_len, "target", graph_max_tokens=k_max + 1)
+    run.cache = run.runner.new_cache()
+    if isinstance(run.drafter, ModelDrafter):
+        # the draft feeds 1 token per forward, 2 after a step that accepted every draft
+        run.drafter.runner = static_runner(run.drafter.runner.model, 1, max_len, "draft", graph_max_tokens=2)
+        run.drafter.cache = run.drafter.runner.new_cache()

@@ -1,0 +1,161 @@
+"""The fast path (specdec.static): static KV cache (+ CUDA graphs on a GPU) vs the eager loop."""
+
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import specdec
+from conftest import VOCAB, hf_greedy, prompts, tiny_model
+from specdec import static
+from specdec.adapter import ModelRunner, crop
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {arch: tiny_model(arch) for arch in ("llama", "qwen2", "gpt2")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_compile_greedy_identical_to_hf_and_eager(models, arch):
+    target = models[arch]
+    ids, mask = prompts(1, [11], seed=4)
+    ref = hf_greedy(target, ids, mask, 20)
+    cases = [dict(draft_model="self:1", num_draft_tokens=k) for k in (1, 4, "auto")]
+    cases += [dict(prompt_lookup_num_tokens=4, num_draft_tokens=k) for k in (1, 4, "auto")] + [{}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback for these architectures
+        for kw in cases:
+            fast = specdec.generate(target, ids, mask, max_new_tokens=20, compile=True, **kw)
+            assert torch.equal(fast, ref), (arch, kw)
+            if kw.get("num_draft_tokens") in (4, None):
+                assert torch.equal(fast, specdec.generate(target, ids, mask, max_new_tokens=20, **kw)), (arch, kw)
+
+
+def test_rejected_slots_are_overwritten(models):
+    """A partial draft (the target's first 2 of 3 layers) gets some drafts rejected: each crop only
+    lowers the length, and the next step overwrites the rejected slots."""
+    target = models["llama"]
+    draft = "self:2"
+    ids, mask = prompts(1, [6], seed=9)
+    ref = hf_greedy(target, ids, mask, 30)
+    for k in (3, 6):
+        out, stats = specdec.generate(target, ids, mask, draft_model=draft, num_draft_tokens=k, max_new_tokens=30,
+                                      compile=True, return_stats=True)
+        assert torch.equal(out, ref), k
+        assert 0 < stats.acceptance_rate < 1  # there were rejected (then overwritten) slots
+
+
+def test_crop_then_overwrite_matches_a_fresh_cache(models):
+    model = models["llama"]
+    runner = static.StaticRunner(model, 1, 64)
+    cache = runner.new_cache()
+    seq = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    ones = lambda n: torch.ones(1, n, dtype=torch.long)  # noqa: E731
+    pos = lambda a, b: torch.arange(a, b)[None]  # noqa: E731
+    runner.forward(seq[:, :6], ones(6), pos(0, 6), cache)
+    wrong = (seq[:, 6:11] + 1) % VOCAB
+    runner.forward(wrong, ones(11), pos(6, 11), cache)           # 5 slots, then 4 of them rejected
+    crop(cache, 7)
+    assert cache.get_seq_length() == 7
+    got = runner.forward(seq[:, 7:12], ones(12), pos(7, 12), cache)
+    # reference: the eager runner over the sequence with slot 6 = wrong[0], 7.. = seq[7:]
+    eager = ModelRunner(model)
+    ref_cache = eager.new_cache()
+    prefix = torch.cat([seq[:, :6], wrong[:, :1]], dim=1)
+    eager.forward(prefix, ones(7), pos(0, 7), ref_cache)
+    want = eager.forward(seq[:, 7:12], ones(12), pos(7, 12), ref_cache)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length() == 12
+    with pytest.raises(NotImplementedError, match="fixed batch size"):
+        cache.batch_select_indices(torch.tensor([0]))
+
+
+def test_left_padding_and_holes_in_the_key_mask(models):
+    """Batch 2 straight through StaticRunner: padding and a masked hole match the eager runner."""
+    model = models["qwen2"]
+    ids, mask = prompts(2, [3, 8], seed=5)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    fast, slow = static.StaticRunner(model, 2, 32), ModelRunner(model)
+    fc, sc = fast.new_cache(), slow.new_cache()
+    a = fast.forward(ids, mask, positions, fc, last_only=True)
+    b = slow.forward(ids, mask, positions, sc, last_only=True)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    step = torch.tensor([[5, 6], [7, 8]])
+    key = torch.cat([mask, torch.tensor([[0, 1], [1, 1]])], dim=1)  # row 0: first new slot is a hole
+    pos = torch.stack([positions[:, -1] + 1, positions[:, -1] + 2], dim=1)
+    a = fast.forward(step, key, pos, fc)
+    b = slow.forward(step, key, pos, sc)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a[0, 1], b[0, 1], rtol=1e-4, atol=1e-4)  # the hole's own output is unused
+
+
+def test_eager_attention_uses_an_additive_mask():
+    model = tiny_model("llama")
+    model.config._attn_implementation = "eager"
+    ids, mask = prompts(1, [9], seed=2)
+    out = specdec.generate(model, ids, mask, draft_model="self:1", num_draft_tokens=3, max_new_tokens=16,
+                           compile=True)
+    assert torch.equal(out, hf_greedy(model, ids, mask, 16))
+
+
+def test_second_call_reuses_the_runner(models):
+    model = models["llama"]
+    ids, mask = prompts(1, [5], seed=3)
+    first = specdec.generate(model, ids, mask, max_new_tokens=10, compile=True)
+    runner = next(r for key, r in static._RUNNERS.items() if key[0] == id(model) and key[1] == "target")
+    second = specdec.generate(model, ids, mask, max_new_tokens=12, compile=True)  # same 256-slot bucket
+    again = next(r for key, r in static._RUNNERS.items() if key[0] == id(model) and key[1] == "target")
+    assert again is runner and torch.equal(first, second[:, :first.shape[1]])
+
+
+def test_runner_cache_is_dropped_with_the_model():
+    model = tiny_model("llama", layers=1)
+    static.static_runner(model, 1, 40)
+    key = next(key for key in static._RUNNERS if key[0] == id(model))
+    del model
+    import gc
+
+    gc.collect()
+    assert key not in static._RUNNERS
+
+
+def test_unsupported_falls_back_with_a_warning():
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    ids, mask = prompts(1, [7], seed=1)
+    static._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="falls back to the eager runner"):
+        fast = specdec.generate(model, ids, mask, max_new_tokens=12, compile=True)
+    assert torch.equal(fast, specdec.generate(model, ids, mask, max_new_tokens=12))
+
+
+def test_compile_rejects_what_it_cannot_do_yet(models):
+    ids, mask = prompts(2, [4, 6])
+    with pytest.raises(ValueError, match="batch size 1"):
+        specdec.generate(models["llama"], ids, mask, max_new_tokens=4, compile=True)
+    ids, mask = prompts(1, [4])
+    with pytest.raises(ValueError, match="kv_quant"):
+        specdec.generate(models["llama"], ids, mask, max_new_tokens=4, compile=True, kv_quant="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphs_identical_fp32_and_captured_once():
+    model = tiny_model("llama").cuda()
+    ids, mask = (t.cuda() for t in prompts(1, [13], seed=6))
+    # fixed k: "auto" picks k from timings, and a k not seen before captures its graph then
+    same_shapes = ({}, dict(draft_model=model, num_draft_tokens=4), dict(prompt_lookup_num_tokens=4, num_draft_tokens=4))
+    for kw in same_shapes + (dict(draft_model="self:1", num_draft_tokens=4), dict(prompt_lookup_num_tokens=4)):
+        slow = specdec.generate(model, ids, mask, max_new_tokens=40, **kw)
+        fast = specdec.generate(model, ids, mask, max_new_tokens=40, compile=True, **kw)
+        assert torch.equal(fast, slow), kw
+    before = static.captures
+    assert before > 0
+    for kw in same_shapes:
+        specdec.generate(model, ids, mask, max_new_tokens=40, compile=True, **kw)
+    assert static.captures == before  # the second call of each kind captured nothing
