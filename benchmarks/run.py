@@ -69,8 +69,13 @@ class Tally:
     error: str | None = None
 
 
-def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, max_new: int) -> list[Variant]:
-    """The side-by-side set. ``draft``: a model (or None) used by hf-assisted and ours-draft alike."""
+def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, max_new: int,
+                  graphs: bool = False) -> list[Variant]:
+    """The side-by-side set. ``draft``: a model (or None) used by hf-assisted and ours-draft alike.
+
+    ``graphs`` adds each of our variants again with ``compile=True`` (static cache + CUDA
+    graphs), named with a ``+graphs`` suffix.
+    """
     common = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
 
     def hf(**kw):
@@ -80,19 +85,23 @@ def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, ma
         return lambda ids, mask, s: specdec.generate(model, ids, mask, streamer=s, return_stats=True,
                                                      **common, **kw)
 
-    variants = [Variant("hf", hf()), Variant("ours-plain", ours(), ours=True)]
+    hf_rows, our_rows = [("hf", {})], [("ours-plain", {}, None)]
     if lookup:
-        variants.append(Variant("hf-lookup", hf(prompt_lookup_num_tokens=LOOKUP_TOKENS)))
-        for k in k_values:
-            variants.append(Variant(f"ours-lookup-k{k}" if k != "auto" else "ours-lookup",
-                                    ours(prompt_lookup_num_tokens=LOOKUP_TOKENS if k == "auto" else k,
-                                         num_draft_tokens=k), ours=True, k=k))
+        hf_rows.append(("hf-lookup", dict(prompt_lookup_num_tokens=LOOKUP_TOKENS)))
+        our_rows += [(_named("ours-lookup", k), dict(prompt_lookup_num_tokens=LOOKUP_TOKENS if k == "auto" else k,
+                                                      num_draft_tokens=k), k) for k in k_values]
     if assisted and draft is not None:
-        variants.append(Variant("hf-assisted", hf(assistant_model=draft)))
-        for k in k_values:
-            variants.append(Variant(f"ours-draft-k{k}" if k != "auto" else "ours-draft",
-                                    ours(draft_model=draft, num_draft_tokens=k), ours=True, k=k))
+        hf_rows.append(("hf-assisted", dict(assistant_model=draft)))
+        our_rows += [(_named("ours-draft", k), dict(draft_model=draft, num_draft_tokens=k), k) for k in k_values]
+    variants = [Variant(name, hf(**kw)) for name, kw in hf_rows]
+    variants += [Variant(name, ours(**kw), ours=True, k=k) for name, kw, k in our_rows]
+    if graphs:
+        variants += [Variant(name + "+graphs", ours(compile=True, **kw), ours=True, k=k) for name, kw, k in our_rows]
     return variants
+
+
+def _named(base: str, k) -> str:
+    return base if k == "auto" else f"{base}-k{k}"
 
 
 def measure(variant: Variant, ids: torch.Tensor, device: torch.device) -> Sample:
@@ -164,10 +173,11 @@ def _add_speculation(row: dict, samples: list[Sample]) -> None:
 def add_relative(rows: list[dict]) -> None:
     """Speedups vs hf and hf-assisted, and efficiency vs the theoretical speedup."""
     by = {r["variant"]: r for r in rows if r.get("decode_tok_s")}
-    hf, assisted, plain = by.get("hf"), by.get("hf-assisted"), by.get("ours-plain")
+    hf, assisted = by.get("hf"), by.get("hf-assisted")
     for r in rows:
         if not r.get("decode_tok_s"):
             continue
+        plain = by.get("ours-plain+graphs" if r["variant"].endswith("+graphs") else "ours-plain")
         r["speedup_vs_hf"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None
         r["speedup_vs_assisted"] = r["decode_tok_s"] / assisted["decode_tok_s"] if assisted else None
         a, c, k = r.get("acceptance_rate"), r.get("draft_cost_ratio"), r.get("mean_k")
@@ -179,7 +189,7 @@ def add_relative(rows: list[dict]) -> None:
 def run_workload(model, tokenizer, draft, wl: workloads.Workload, args, device) -> list[dict]:
     k_values = ["auto"] + (list(range(1, 9)) if args.sweep_k else [])
     variants = make_variants(model, draft, k_values, lookup=True, assisted=not args.no_assisted,
-                             max_new=args.max_new_tokens or wl.max_new_tokens)
+                             max_new=args.max_new_tokens or wl.max_new_tokens, graphs=args.graphs)
     tallies = {v.name: Tally() for v in variants}
     encoded = [torch.tensor([workloads.encode(p, tokenizer, args.max_prompt_tokens)], device=device)
                for p in wl.prompts]
@@ -251,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small run for CI/smoke tests (2 prompts, 32 tokens)")
     p.add_argument("--sweep-k", action="store_true", help="also run fixed k = 1..8 (for the speedup-vs-k plot)")
     p.add_argument("--no-assisted", action="store_true", help="skip hf-assisted and ours-draft rows")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run our variants with compile=True (static cache + CUDA graphs); default: on CUDA")
     p.add_argument("--plot", action="store_true", help="write PNG plots next to the JSON")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON (and PNG) results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -261,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    if args.graphs is None:
+        args.graphs = args.device.startswith("cuda")
     if args.quick:
         args.n_prompts = args.n_prompts or 2
         args.max_new_tokens = args.max_new_tokens or 32

@@ -35,6 +35,7 @@ class Settings:
     pad_id: int
     stop_strings: tuple[str, ...]
     return_dict: bool
+    prompt_lookup_num_tokens: int | None = None  # from a generation_config (the keyword wins)
 
 
 def resolve(model, prompt_len: int, generation_config=None, **kwargs) -> Settings:
@@ -55,7 +56,8 @@ def resolve(model, prompt_len: int, generation_config=None, **kwargs) -> Setting
         top_k=gc.top_k, top_p=gc.top_p, min_p=getattr(gc, "min_p", None))
     stops = gc.stop_strings
     stops = (stops,) if isinstance(stops, str) else tuple(stops or ())
-    return Settings(max_new, int(min_new), sampling, eos, int(pad), stops, bool(gc.return_dict_in_generate))
+    return Settings(max_new, int(min_new), sampling, eos, int(pad), stops, bool(gc.return_dict_in_generate),
+                    getattr(gc, "prompt_lookup_num_tokens", None))
 
 
 def _max_new_tokens(gc, prompt_len: int) -> int:
@@ -95,7 +97,8 @@ def _refuse_unsupported(gc) -> None:
                  "force_words_ids", "sequence_bias", "guidance_scale", "constraints", "forced_bos_token_id",
                  "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "watermarking_config",
                  "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty", "dola_layers",
-                 "diversity_penalty", "renormalize_logits", "low_memory", "token_healing"):
+                 "diversity_penalty", "renormalize_logits", "low_memory", "token_healing", "max_time",
+                 "encoder_repetition_penalty", "remove_invalid_values", "assistant_ensemble_weight"):
         value = getattr(gc, name, None)
         if value not in (None, False, 0, 0.0, 1.0, []):
             problems.append(f"{name}={value!r}")

@@ -97,6 +97,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if settings.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=: pass the tokenizer that made input_ids")
     run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
+    if prompt_lookup_num_tokens is None and draft_model is None:
+        prompt_lookup_num_tokens = settings.prompt_lookup_num_tokens
     run.drafter, run.controller = _make_drafter(run, draft_model, num_draft_tokens, prompt_lookup_num_tokens)
     run.stats.drafter = getattr(run.drafter, "name", "none")
     if compile:
