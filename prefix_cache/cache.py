@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .keys import TokenIds, as_token_list, block_key, namespace_bytes, root_key, token_blocks
-from .store import KV, Block, SpillStore, block_nbytes, concat_blocks, copy_block, to_home
+from .keys import TokenIds, as_token_list, chain_keys
+from .store import KV, Block, Layout, SpillStore, block_nbytes, concat_parts, cut_blocks, layout_of, stack_kv, to_home
 from .tree import Node, RadixTree
 
 
@@ -39,11 +39,37 @@ class PrefixMatch:
     cache: PrefixCache | None = field(default=None, repr=False)
     released: bool = False
 
+    @property
+    def layout(self) -> Layout | None:
+        """Where each layer's K/V lives in ``kv_parts()`` (None on a miss)."""
+        return self.nodes[0].handle.layout if self.nodes else None
+
     def kv(self) -> KV:
-        """Per layer (key, value), each (1, heads, num_tokens, head_dim); [] on a miss."""
+        """Per layer (key, value), each (1, heads, num_tokens, head_dim); [] on a miss.
+
+        The tensors are views of one fresh tensor (``kv_parts()``), not of the cache's blocks.
+        """
+        parts = self.kv_parts()
+        return self.layout.split([p.unsqueeze(1) for p in parts]) if parts else []
+
+    def kv_parts(self) -> list[torch.Tensor]:
+        """The matched K/V as the layout's parts, each (members, heads, num_tokens, head_dim): one
+        ``torch.cat`` per part over the matched blocks (one part unless K and V or layers differ in
+        shape); ``layout.split`` turns batched parts into per-layer views. [] on a miss."""
         if self.released and self.nodes:
             raise RuntimeError("kv() after release(): read the K/V before releasing the match")
-        return concat_blocks([node.handle for node in self.nodes])
+        return concat_parts([node.handle for node in self.nodes])
+
+    def kv_tensor(self) -> torch.Tensor:
+        """The matched K/V as one tensor (layers, 2, heads, num_tokens, head_dim); layer i's key is
+        ``[i, 0]``, its value ``[i, 1]``. ValueError on a miss, or when K and V (or layers) differ
+        in shape (then use ``kv()``)."""
+        if not self.nodes:
+            raise ValueError("kv_tensor() of a miss: check num_tokens first")
+        if not self.layout.fused:
+            raise ValueError("this model's layers differ in K/V shape (e.g. MLA); use kv() or kv_parts()")
+        (part,) = self.kv_parts()                          # (2 * layers, heads, T, head_dim)
+        return part.view(self.layout.num_layers, 2, *part.shape[1:])
 
     def release(self) -> None:
         """Let the cache evict these blocks again (idempotent)."""
@@ -151,28 +177,29 @@ class PrefixCache:
 
     def _chain(self, ids: Sequence[int], namespace: str | None) -> tuple[list[int], list[tuple[int, ...]]]:
         """Block keys and block tokens of ``ids`` (whose length is a multiple of block_size)."""
-        ns, key = namespace_bytes(namespace), root_key(namespace)
-        blocks = token_blocks(ids, self.block_size)
-        keys = []
-        for tokens in blocks:
-            key = block_key(key, tokens, ns)
-            keys.append(key)
-        return keys, blocks
+        return chain_keys(ids, self.block_size, namespace)
 
     def _store_new(self, path: list[Node], keys: list[int], blocks: list[tuple[int, ...]], kv_layers: KV) -> int:
-        """Append new blocks after ``path`` (locked, extended in place); returns how many."""
-        start, per_block = len(path), block_nbytes(kv_layers, self.block_size)
+        """Append new blocks after ``path`` (locked, extended in place); returns how many.
+
+        All new blocks are cut from one stack of the row's K/V: O(blocks) tensor ops, not
+        O(blocks * layers).
+        """
+        start, bs = len(path), self.block_size
+        if start == len(keys) or keys[start] in (path[-1] if path else self._tree.root).children:
+            return 0                                        # nothing new, or a key collision
+        per_block = block_nbytes(kv_layers, bs)
         self._make_room((len(keys) - start) * per_block)
-        for i in range(start, len(keys)):
-            parent = path[-1] if path else self._tree.root
-            if keys[i] in parent.children or self._tree.nbytes + per_block > self.max_bytes:
-                break                                       # a key collision, or out of budget
+        count = min(len(keys) - start, max(self.max_bytes - self._tree.nbytes, 0) // per_block)
+        if count == 0:
+            return 0                                        # out of budget
+        layout = layout_of(kv_layers)
+        parts = stack_kv(kv_layers, start * bs, (start + count) * bs, layout)
+        for i, block in enumerate(cut_blocks(parts, bs, layout), start):
             self._spill.discard(keys[i])
-            lo = i * self.block_size
-            block = copy_block(kv_layers, lo, lo + self.block_size)
-            self._add(parent, keys[i], blocks[i], block, path)
+            self._add(path[-1] if path else self._tree.root, keys[i], blocks[i], block, path)
             self._stats.inserted_blocks += 1
-        return len(path) - start
+        return count
 
     def _reload(self, path: list[Node], keys: list[int], blocks: list[tuple[int, ...]]) -> None:
         """Extend a locked match ``path`` with spilled blocks brought back to the device."""

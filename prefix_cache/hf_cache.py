@@ -66,7 +66,10 @@ def kv_from_cache(cache: Any, row: int = 0) -> KV:
                              "full-attention DynamicLayer K/V (no sliding-window, quantized or recurrent layers)")
         if not 0 <= row < layer.keys.shape[0]:
             raise ValueError(f"row {row} out of range for a cache of batch size {layer.keys.shape[0]}")
-        kv.append((layer.keys[row:row + 1], layer.values[row:row + 1]))   # (1, heads, T, head_dim)
+        if layer.keys.shape[0] == 1:                                       # batch 1: the tensors themselves
+            kv.append((layer.keys, layer.values))
+        else:
+            kv.append((layer.keys[row:row + 1], layer.values[row:row + 1]))   # (1, heads, T, head_dim)
     return kv
 
 
@@ -84,6 +87,27 @@ def cache_from_kv(kv_layers: KV, config: Any) -> DynamicCache:
     return cache
 
 
+def cache_with_kv(kv_layers: KV, config: Any) -> DynamicCache:
+    """A ``DynamicCache`` that takes ``kv_layers`` as they are (no copy): the caller hands over
+    tensors it will not touch again, e.g. the views ``PrefixMatch.kv()`` returns. Later updates
+    concatenate, so the cache never writes into them."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text, "num_hidden_layers", len(kv_layers))
+    if kv_layers and len(kv_layers) != num_layers:
+        raise ValueError(f"got K/V for {len(kv_layers)} layers but the model has {num_layers}; "
+                         "was the prefix cached from another model? Use one namespace per model")
+    cache = _new_dynamic_cache(config)
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) != len(kv_layers) or any(type(x) is not DynamicLayer for x in layers):
+        for i, (k, v) in enumerate(kv_layers):
+            cache.update(k, v, i)      # unusual cache structure: the copying path
+        return cache
+    for layer, (k, v) in zip(layers, kv_layers):
+        layer.dtype, layer.device = k.dtype, k.device    # what DynamicLayer.lazy_initialization sets
+        layer.keys, layer.values, layer.is_initialized = k, v, True
+    return cache
+
+
 def _new_dynamic_cache(config: Any) -> DynamicCache:
     """An empty DynamicCache; passes ``config`` where the constructor accepts it."""
     try:
@@ -97,4 +121,4 @@ def _refuse(model_type: str, why: str) -> None:
                      "Run this model without a prefix cache (prefix_cache=None).")
 
 
-__all__ = ["cache_from_kv", "check_supported", "kv_from_cache"]
+__all__ = ["cache_from_kv", "cache_with_kv", "check_supported", "kv_from_cache"]

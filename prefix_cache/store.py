@@ -1,4 +1,14 @@
-"""Storage of one block's K/V for every layer, and a CPU spill area for evicted blocks."""
+"""Storage of one block's K/V for every layer, and a CPU spill area for evicted blocks.
+
+A block is stored as one tensor holding every layer's K and V, so inserting or matching
+n blocks costs O(n) tensor ops, not O(n * layers). The per-layer tensors of a row,
+``k0, v0, k1, v1, ...`` (each (1, heads, T, head_dim)), are grouped by (heads, head_dim,
+dtype) into "parts"; each part stacks its members along a new first dim:
+``(members, heads, T, head_dim)``. In the usual case every layer has the same heads and
+head_dim for K and V, there is one part ``(2 * layers, heads, T, head_dim)``, a view of
+``(layers, 2, heads, T, head_dim)``. Models whose K and V differ (MLA) or whose layers
+differ in heads get one part per shape. A ``Layout`` records where each layer's K and V live.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +21,69 @@ import torch
 KV = list[tuple[torch.Tensor, torch.Tensor]]   # per layer: (key, value), each (1, heads, T, head_dim)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each layer's K and V live in a block's parts, and the device each layer wants them on."""
+
+    slots: tuple[tuple[int, int], ...]     # for tensor j of (k0, v0, k1, v1, ...): (part, index in part)
+    members: tuple[tuple[int, ...], ...]   # for each part: the tensors j it stacks, in order
+    devices: tuple[torch.device, ...]      # home device of each layer's K/V
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.devices)
+
+    @property
+    def fused(self) -> bool:
+        """One part (2 * layers, heads, T, head_dim): every K and V has the same shape and dtype."""
+        return len(self.members) == 1
+
+    def split(self, parts: Sequence[torch.Tensor]) -> KV:
+        """Per layer (k, v) views of ``parts``, each part (members, *rest); layer tensors are ``rest``."""
+        flat = [None] * len(self.slots)
+        pieces = [p.unbind(0) for p in parts]
+        for j, (g, i) in enumerate(self.slots):
+            flat[j] = pieces[g][i]
+        if len(set(self.devices)) > 1:                     # a model spread over devices (device_map)
+            flat = [t.to(self.devices[j // 2]) for j, t in enumerate(flat)]
+        return [(flat[2 * i], flat[2 * i + 1]) for i in range(self.num_layers)]
+
+
+def layout_of(kv_layers: KV) -> Layout:
+    """The layout of a row's per-layer (k, v), each (1, heads, T, head_dim)."""
+    groups: dict[tuple, int] = {}
+    members: list[list[int]] = []
+    slots = []
+    for j, t in enumerate(t for pair in kv_layers for t in pair):
+        g = groups.setdefault((t.shape[1], t.shape[3], t.dtype), len(groups))
+        if g == len(members):
+            members.append([])
+        slots.append((g, len(members[g])))
+        members[g].append(j)
+    return Layout(slots=tuple(slots), members=tuple(tuple(m) for m in members),
+                  devices=tuple(k.device for k, _ in kv_layers))
+
+
 @dataclass(eq=False)
 class Block:
-    """One block's K/V for every layer, and the devices it lives on when in use."""
+    """One block's K/V for every layer: each part (members, heads, block_size, head_dim), owning its storage."""
 
-    kv: KV                                 # per layer (k, v), each (1, heads, block_size, head_dim)
-    home: tuple[torch.device, ...]         # device of each layer's tensors when on device
-    nbytes: int                            # bytes of all tensors of the block
+    parts: tuple[torch.Tensor, ...]
+    layout: Layout
+    nbytes: int                            # bytes of all parts
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def kv(self) -> KV:
+        """Per layer (k, v), each (1, heads, block_size, head_dim) (views)."""
+        return self.layout.split([p.unsqueeze(1) for p in self.parts])
+
+
+def parts_nbytes(parts: Sequence[torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in parts)
 
 
 def kv_nbytes(kv: KV) -> int:
@@ -33,21 +99,56 @@ def block_nbytes(kv_layers: KV, block_size: int) -> int:
     return sum(one(k) + one(v) for k, v in kv_layers)
 
 
-def copy_block(kv_layers: KV, start: int, stop: int) -> Block:
-    """A block holding its own copy of positions ``start:stop`` of every layer."""
+def stack_kv(kv_layers: KV, start: int, stop: int, layout: Layout) -> list[torch.Tensor]:
+    """Positions ``start:stop`` of every layer stacked into the layout's parts, each
+    (members, heads, stop - start, head_dim): one ``torch.cat`` of the (1, heads, T, head_dim)
+    tensors along their batch dim per part (one part in the usual case)."""
+    flat = [t for pair in kv_layers for t in pair]
+    home = flat[0].device
+    whole = start == 0 and 2 * stop >= flat[0].shape[2]  # cat whole tensors (at most 2x the bytes), narrow once
+
+    def piece(t: torch.Tensor) -> torch.Tensor:          # (1, heads, T or stop - start, head_dim), a view
+        t = t if whole else t[:, :, start:stop]
+        return t if t.device == home else t.to(home)
+
+    parts = [torch.cat([piece(flat[j]) for j in group]) for group in layout.members]
+    if whole and stop != flat[0].shape[2]:
+        parts = [p[:, :, :stop] for p in parts]
+    return parts
+
+
+def cut_blocks(parts: Sequence[torch.Tensor], block_size: int, layout: Layout) -> list[Block]:
+    """Cut stacked parts (members, heads, n * block_size, head_dim) into n blocks, each owning a copy."""
+    n = parts[0].shape[2] // block_size
     fmt = torch.contiguous_format
-    kv = [(k[:, :, start:stop].clone(memory_format=fmt), v[:, :, start:stop].clone(memory_format=fmt))
-          for k, v in kv_layers]  # (1, heads, block_size, head_dim)
-    return Block(kv=kv, home=tuple(k.device for k, _ in kv), nbytes=kv_nbytes(kv))
+    pieces = [p.unflatten(2, (n, block_size)).unbind(2) for p in parts]      # per part: n views
+    blocks = []
+    for i in range(n):
+        own = tuple(piece[i].clone(memory_format=fmt) for piece in pieces)  # (members, heads, bs, dim)
+        blocks.append(Block(parts=own, layout=layout, nbytes=parts_nbytes(own)))
+    return blocks
+
+
+def concat_parts(blocks: Sequence[Block]) -> list[torch.Tensor]:
+    """The blocks' parts concatenated along the token dim: per part (members, heads, n*bs, head_dim).
+
+    One ``torch.cat`` per part (one in the usual case); the result is a fresh tensor.
+    """
+    if not blocks:
+        return []
+    if any(b.layout != blocks[0].layout for b in blocks[1:]):
+        raise RuntimeError("matched blocks come from models of different shapes; "
+                           "use one cache namespace per model")
+    home = blocks[0].device
+    return [torch.cat([b.parts[g] if b.device == home else b.parts[g].to(home) for b in blocks], dim=2)
+            for g in range(len(blocks[0].parts))]
 
 
 def concat_blocks(blocks: Sequence[Block]) -> KV:
-    """Per layer, the blocks' K and V concatenated along the sequence: (1, heads, n*bs, head_dim)."""
+    """Per layer, the blocks' K and V concatenated along the sequence: (1, heads, n*bs, head_dim) views."""
     if not blocks:
         return []
-    layers = range(len(blocks[0].kv))
-    return [(torch.cat([b.kv[i][0] for b in blocks], dim=2),
-             torch.cat([b.kv[i][1] for b in blocks], dim=2)) for i in layers]
+    return blocks[0].layout.split([p.unsqueeze(1) for p in concat_parts(blocks)])
 
 
 def to_cpu(block: Block) -> Block:
@@ -57,14 +158,13 @@ def to_cpu(block: Block) -> Block:
     def host(t: torch.Tensor) -> torch.Tensor:
         return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin).copy_(t)
 
-    kv = [(host(k), host(v)) for k, v in block.kv]
-    return Block(kv=kv, home=block.home, nbytes=block.nbytes)
+    return Block(parts=tuple(host(p) for p in block.parts), layout=block.layout, nbytes=block.nbytes)
 
 
 def to_home(block: Block) -> Block:
-    """The block moved back to the devices it came from."""
-    kv = [(k.to(dev), v.to(dev)) for (k, v), dev in zip(block.kv, block.home)]
-    return Block(kv=kv, home=block.home, nbytes=block.nbytes)
+    """The block moved back to the device it came from (that of the first layer)."""
+    home = block.layout.devices[0]
+    return Block(parts=tuple(p.to(home) for p in block.parts), layout=block.layout, nbytes=block.nbytes)
 
 
 class SpillStore:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prefix_cache.hf_cache import cache_from_kv, check_supported, kv_from_cache
+from prefix_cache.hf_cache import cache_with_kv, check_supported, kv_from_cache
 from specdec.state import positions_from_mask
 
 
@@ -38,20 +38,24 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
 
 
 def _cache_from_hits(hits, pads: list[int], start: int, config, device):
-    """A DynamicCache of ``start`` slots: each row's cached KV placed after its padding."""
+    """A DynamicCache of ``start`` slots: each row's cached KV placed after its padding.
+
+    One ``torch.cat`` per hit builds its K/V for all layers at once (``kv_parts``); a single
+    unpadded row is used as is (layers are views of it), a batch gets one copy per row.
+    """
+    parts = [h.kv_parts() if h.num_tokens else None for h in hits]
     reference = next(h for h in hits if h.num_tokens)
-    layers = []
-    kvs = [h.kv() if h.num_tokens else None for h in hits]
-    for layer, (k0, v0) in enumerate(reference.kv()):
-        keys = k0.new_zeros(len(hits), k0.shape[1], start, k0.shape[3])
-        values = v0.new_zeros(len(hits), v0.shape[1], start, v0.shape[3])
-        for b, (kv, pad) in enumerate(zip(kvs, pads)):
+    if len(hits) == 1 and pads[0] == 0 and hits[0].num_tokens == start:
+        batched = [p.to(device).unsqueeze(1) for p in parts[0]]       # (members, 1, heads, start, dim)
+    else:
+        batched = [p.new_zeros(p.shape[0], len(hits), p.shape[1], start, p.shape[3], device=device)
+                   for p in next(x for x in parts if x is not None)]
+        for b, (row, pad) in enumerate(zip(parts, pads)):
             take = start - pad
-            if kv is not None and take > 0:
-                keys[b, :, pad:start] = kv[layer][0][0, :, :take]
-                values[b, :, pad:start] = kv[layer][1][0, :, :take]
-        layers.append((keys.to(device), values.to(device)))
-    return cache_from_kv(layers, config)
+            if row is not None and take > 0:
+                for out, p in zip(batched, row):
+                    out[:, b, :, pad:start] = p[:, :, :take]
+    return cache_with_kv(reference.layout.split(batched), config)
 
 
 def store_rows(run, rows: list[int], prefix_cache, namespace) -> None:
@@ -59,7 +63,15 @@ def store_rows(run, rows: list[int], prefix_cache, namespace) -> None:
     batch = run.batch
     for i in rows:
         valid = batch.slot_mask[i].bool().nonzero().flatten()
-        ids = batch.slot_tokens[i, valid].tolist()
+        if not valid.numel():
+            continue
+        lo, hi = valid[[0, -1]].tolist()
         row_kv = kv_from_cache(run.cache, row=i)
-        kv = [(k[:, :, valid], v[:, :, valid]) for k, v in row_kv]
+        if hi - lo + 1 == valid.numel():               # one run of slots (always for batch 1): views
+            ids = batch.slot_tokens[i, lo:hi + 1].tolist()
+            whole = lo == 0 and hi + 1 == row_kv[0][0].shape[2]
+            kv = row_kv if whole else [(k[:, :, lo:hi + 1], v[:, :, lo:hi + 1]) for k, v in row_kv]
+        else:                                          # padding holes inside the row: gather
+            ids = batch.slot_tokens[i, valid].tolist()
+            kv = [(k[:, :, valid], v[:, :, valid]) for k, v in row_kv]
         prefix_cache.insert(ids, kv, namespace)

@@ -14,6 +14,7 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from prefix_cache import CacheStats, PrefixCache, PrefixMatch
 from prefix_cache.keys import block_key, block_keys, namespace_bytes, root_key
@@ -66,6 +67,8 @@ def check_invariants(cache: PrefixCache, namespaces=NAMESPACES, outstanding: lis
             assert len(node.tokens) == cache.block_size
             assert node.lock_ref == refs.pop(id(node), 0) >= 0
             assert node.handle is not None and node.nbytes == kv_nbytes(node.handle.kv)
+            for part in node.handle.parts:                   # each block owns exactly its storage
+                assert part.is_contiguous() and part.untyped_storage().nbytes() == part.numel() * part.element_size()
             total += node.nbytes
             stack.extend(node.children.values())
     assert not refs, "a locked node was evicted"
@@ -306,6 +309,103 @@ def test_cache_thread_safety():
     assert not errors, errors[0]
     check_invariants(cache)
     assert all(n.lock_ref == 0 for n in cache._tree.nodes())
+
+
+# ---------------------------------------------------------------- block layout and op counts
+
+def _random_kv(shapes, T, seed=0):
+    """Per layer (k, v) with given (heads_k, dim_k, heads_v, dim_v) shapes, (1, heads, T, dim)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, hk, T, dk, generator=g), torch.randn(1, hv, T, dv, generator=g))
+            for hk, dk, hv, dv in shapes]
+
+
+@pytest.mark.parametrize("bs", [1, 4])
+def test_block_is_one_tensor_and_kv_tensor_views_it(bs):
+    cache = PrefixCache(max_bytes=1 << 20, block_size=bs)
+    ids = list(range(3 * bs + 1))
+    cache.insert(ids, fake_kv(ids))
+    for node in cache._tree.nodes():                                       # (2 * layers, heads, bs, dim)
+        (part,) = node.handle.parts
+        assert part.shape == (2 * LAYERS, HEADS, bs, DIM)
+    with cache.match(ids) as hit:
+        t = hit.kv_tensor()
+        assert t.shape == (LAYERS, 2, HEADS, 3 * bs, DIM)
+        want = fake_kv(ids[:3 * bs])
+        for i, (k, v) in enumerate(want):
+            assert torch.equal(t[i, 0], k[0]) and torch.equal(t[i, 1], v[0])
+        kv = hit.kv()
+        assert_kv_equal(kv, want)
+        base = kv[0][0].untyped_storage().data_ptr()                      # all layers: views of one cat
+        assert all(x.untyped_storage().data_ptr() == base for pair in kv for x in pair)
+    with pytest.raises(ValueError, match="miss"):
+        cache.match([99, 98] * bs).kv_tensor()
+
+
+def test_mixed_kv_shapes_roundtrip_with_offload():
+    """K and V of different head_dim (MLA) and layers of different heads: one part per shape."""
+    shapes = [(2, 3, 2, 5), (4, 3, 4, 5), (2, 3, 2, 5)]
+    bs, T = 4, 13
+    per_block = sum(hk * dk + hv * dv for hk, dk, hv, dv in shapes) * bs * 4
+    cache = PrefixCache(max_bytes=3 * per_block, block_size=bs, offload_bytes=3 * per_block)
+    ids, other = list(range(T)), list(range(100, 100 + T))
+    kv = _random_kv(shapes, T)
+    assert cache.insert(ids, kv) == 12
+    assert len(next(cache._tree.nodes()).handle.parts) == 4            # (heads, dim) in {2, 4} x {3, 5}
+    assert cache.nbytes == 3 * per_block
+    cache.insert(other, _random_kv(shapes, T, seed=1))                    # spills ids' blocks
+    with cache.match(ids) as hit:                                          # reloaded
+        assert hit.num_tokens == 12 and cache.stats.reloads == 3
+        assert_kv_equal(hit.kv(), [(k[:, :, :12], v[:, :, :12]) for k, v in kv])
+        with pytest.raises(ValueError, match="kv\\(\\)"):
+            hit.kv_tensor()
+    check_invariants_bytes(cache)
+
+
+def check_invariants_bytes(cache):
+    total = sum(sum(p.numel() * p.element_size() for p in n.handle.parts) for n in cache._tree.nodes())
+    assert total == cache.nbytes <= cache.max_bytes
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn) -> int:
+    with _CountOps() as c:
+        fn()
+    return c.n
+
+
+@pytest.mark.parametrize("layers", [2, 12])
+def test_op_count_does_not_scale_with_blocks_times_layers(layers):
+    """Insert: O(layers + blocks) tensor ops; a hit: O(layers), whatever the number of blocks."""
+    shapes, bs = [(2, 3, 2, 3)] * layers, 4
+
+    def insert_ops(blocks):
+        kv = _random_kv(shapes, blocks * bs)
+        return _ops(lambda: PrefixCache(max_bytes=1 << 24, block_size=bs).insert(list(range(blocks * bs)), kv))
+
+    def hit_ops(blocks):
+        cache = PrefixCache(max_bytes=1 << 24, block_size=bs)
+        cache.insert(list(range(blocks * bs)), _random_kv(shapes, blocks * bs))
+
+        def hit():
+            with cache.match(list(range(blocks * bs)) + [0]) as m:
+                assert m.num_tokens == blocks * bs
+                m.kv()
+        return _ops(hit)
+
+    per_block = (insert_ops(40) - insert_ops(8)) / 32
+    assert per_block <= 3, per_block                                      # a view and a clone per block
+    assert insert_ops(8) <= 4 * layers + 40
+    assert hit_ops(40) == hit_ops(8) <= 4 * layers + 8                    # one cat, then per-layer views
 
 
 # ---------------------------------------------------------------- property test
