@@ -29,14 +29,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 bench() { python3 -m specdec.cli bench --device cuda --out "$OUT" --quiet "$@" 2>&1 | grep -v "Loading weights" || true; }
 if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
-    for w in code chat summarize; do bench --dtype bfloat16 --workload $w --n-prompts 3 --draft self:8; done
+    for w in code chat summarize; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft self:8; done
 fi
 if [[ "$WHAT" == bench2 || "$WHAT" == all ]]; then
     bench --dtype float32 --workload code --n-prompts 2 --max-new-tokens 64 --draft self:8
     bench --dtype bfloat16 --workload long --n-prompts 2 --max-new-tokens 64 --no-assisted
 fi
 if [[ "$WHAT" == sweep || "$WHAT" == all ]]; then
-    for w in code summarize; do bench --dtype bfloat16 --workload $w --n-prompts 2 --sweep-k --no-assisted; done
+    for w in code summarize; do bench --dtype bfloat16 --workload $w --n-prompts 2 --sweep-k --no-assisted --no-eager --plot; done
 fi
 if [[ "$WHAT" == batch || "$WHAT" == all ]]; then
     python3 -m benchmarks.batch_bench --device cuda --batch-size 8 --out "$OUT" 2>&1 | grep -v "Loading weights" || true

@@ -70,7 +70,7 @@ class Tally:
 
 
 def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, max_new: int,
-                  graphs: bool = False) -> list[Variant]:
+                  graphs: bool = False, eager: bool = True) -> list[Variant]:
     """The side-by-side set. ``draft``: a model (or None) used by hf-assisted and ours-draft alike.
 
     ``graphs`` adds each of our variants again with ``compile=True`` (static cache + CUDA
@@ -97,6 +97,8 @@ def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, ma
     variants += [Variant(name, ours(**kw), ours=True, k=k) for name, kw, k in our_rows]
     if graphs:
         variants += [Variant(name + "+graphs", ours(compile=True, **kw), ours=True, k=k) for name, kw, k in our_rows]
+    if graphs and not eager:
+        variants = [v for v in variants if not v.ours or v.name.endswith("+graphs")]
     return variants
 
 
@@ -178,6 +180,8 @@ def add_relative(rows: list[dict]) -> None:
         if not r.get("decode_tok_s"):
             continue
         plain = by.get("ours-plain+graphs" if r["variant"].endswith("+graphs") else "ours-plain")
+        if r["variant"].startswith("ours-plain"):
+            continue
         r["speedup_vs_hf"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None
         r["speedup_vs_assisted"] = r["decode_tok_s"] / assisted["decode_tok_s"] if assisted else None
         a, c, k = r.get("acceptance_rate"), r.get("draft_cost_ratio"), r.get("mean_k")
@@ -189,7 +193,8 @@ def add_relative(rows: list[dict]) -> None:
 def run_workload(model, tokenizer, draft, wl: workloads.Workload, args, device) -> list[dict]:
     k_values = ["auto"] + (list(range(1, 9)) if args.sweep_k else [])
     variants = make_variants(model, draft, k_values, lookup=True, assisted=not args.no_assisted,
-                             max_new=args.max_new_tokens or wl.max_new_tokens, graphs=args.graphs)
+                             max_new=args.max_new_tokens or wl.max_new_tokens, graphs=args.graphs,
+                             eager=not args.no_eager)
     tallies = {v.name: Tally() for v in variants}
     encoded = [torch.tensor([workloads.encode(p, tokenizer, args.max_prompt_tokens)], device=device)
                for p in wl.prompts]
@@ -217,10 +222,11 @@ def _run_one(v: Variant, ids, device, tally: Tally) -> None:
 
 
 def _warm_up(variants, ids, device) -> None:
-    short = ids[:, -64:]
     for v in variants:
+        # graph variants warm up on a real prompt: their static cache is sized by prompt + output
+        warm = ids if v.name.endswith("+graphs") else ids[:, -64:]
         try:
-            v.call(short, torch.ones_like(short), None)
+            v.call(warm, torch.ones_like(warm), None)
         except Exception:  # reported by the timed run
             pass
 
@@ -263,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-assisted", action="store_true", help="skip hf-assisted and ours-draft rows")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="also run our variants with compile=True (static cache + CUDA graphs); default: on CUDA")
+    p.add_argument("--no-eager", action="store_true", help="with --graphs: skip our eager (compile=False) rows")
     p.add_argument("--plot", action="store_true", help="write PNG plots next to the JSON")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON (and PNG) results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -2,19 +2,18 @@
 
 With per-token acceptance a, a step that drafts k tokens yields on average
 E(k) = (1 - a^(k+1)) / (1 - a) tokens per row (Leviathan et al. 2023) and costs
-k * t_draft + t_verify(k). We estimate the three quantities online and pick
-argmax_k E(k) / cost(k):
+T(k). We estimate both online and pick argmax_k E(k) / T(k):
 
 - a: maximum-likelihood estimate for i.i.d. acceptances truncated at k:
   accepted / (accepted + rejections), where a step that kept all its drafts counts
   no rejection. Exponential forgetting follows drift (code vs prose).
-- t_draft: mean seconds per drafted token (forgetting average).
-- t_verify(k) = alpha + beta * (k + 1): a weighted least-squares line through the
-  verify times seen, since verifying more tokens costs more on CPUs and small GPUs.
+- T(k) = alpha + beta * k: a weighted least-squares line through the measured wall
+  time of whole steps (drafting, verifying, bookkeeping), since verifying more tokens
+  costs more on CPUs and in eager GPU mode, and a draft model costs per token.
 
 One k per batch: rows share a verify pass, so the batch pools its acceptance
-counts. k = 0 (plain decoding) is allowed when drafting does not pay, with a
-probe of k = 1 every ``probe_every`` steps so a recovering draft is noticed.
+counts. k = 0 (plain decoding) is allowed when drafting does not pay; exploration
+probes k = 1 regularly so a recovering draft is noticed.
 """
 
 from __future__ import annotations
@@ -22,20 +21,46 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class _LineFit:
+    """Exponentially weighted least-squares line y = alpha + beta * x (beta >= 0)."""
+
+    def __init__(self, decay: float):
+        self.decay, self.sums = decay, [0.0] * 5  # sw, sx, sy, sxx, sxy
+
+    def add(self, x: float, y: float) -> None:
+        sw, sx, sy, sxx, sxy = (v * self.decay for v in self.sums)
+        self.sums = [sw + 1, sx + x, sy + y, sxx + x * x, sxy + x * y]
+
+    def predict(self, x: float) -> float:
+        sw, sx, sy, sxx, sxy = self.sums
+        if sw == 0:
+            return 1.0
+        denom = sw * sxx - sx * sx
+        if denom <= 1e-9 * sw * sw:  # one x seen so far: assume +5% per unit of x
+            return (sy / sw) * (1 + 0.05 * (x - sx / sw))
+        beta = max((sw * sxy - sx * sy) / denom, 0.0)
+        return max((sy - beta * sx) / sw + beta * x, 1e-9)
+
+
 @dataclass
 class AdaptiveDraftLength:
-    """Online controller for ``num_draft_tokens="auto"``."""
+    """Online controller for ``num_draft_tokens="auto"``.
+
+    Step cost is fitted as one line over k from the measured wall time of whole steps
+    (draft + verify + bookkeeping), so a drafter whose cost is per step (prompt lookup)
+    and one whose cost is per token (a draft model) are both modelled right. Every
+    ``explore_every`` steps it tries a neighbour of the best k, so the line has slope
+    information; at k = 0 that probe is k = 1.
+    """
 
     k_max: int = 8
     k_init: int = 4
     decay: float = 0.95          # forgetting factor per step for all running sums
-    probe_every: int = 16        # when at k = 0, try k = 1 this often
+    explore_every: int = 8
     allow_zero: bool = True
     _acc: float = field(default=3.0, init=False)    # prior: a = 0.75 until data arrive
     _rej: float = field(default=1.0, init=False)
-    _draft_time: float = field(default=0.0, init=False)
-    _draft_n: float = field(default=0.0, init=False)
-    _fit: list = field(default_factory=lambda: [0.0] * 5, init=False)  # sw, sx, sy, sxx, sxy
+    _cost: _LineFit = field(default=None, init=False)
     _steps: int = field(default=0, init=False)
     _k: int = field(default=0, init=False)
 
@@ -43,6 +68,7 @@ class AdaptiveDraftLength:
         if self.k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {self.k_max}")
         self._k = min(self.k_init, self.k_max)
+        self._cost = _LineFit(self.decay)
 
     @property
     def acceptance(self) -> float:
@@ -50,43 +76,27 @@ class AdaptiveDraftLength:
 
     def choose(self) -> int:
         self._steps += 1
-        if self._k == 0 and self._steps % self.probe_every == 0:
-            return 1
+        if self._steps % self.explore_every == 0:
+            up = (self._steps // self.explore_every) % 2 == 1 or self._k == 0
+            return min(self._k + 1, self.k_max) if up else max(self._k - 1, 0 if self.allow_zero else 1)
         return self._k
 
-    def update(self, k: int, accepted: list[int], proposed: list[int], draft_s: float, verify_s: float) -> None:
-        """Record one step: per-row accepted/proposed counts and its timings."""
+    def update(self, k: int, accepted: list[int], proposed: list[int], draft_s: float, verify_s: float,
+               step_s: float | None = None) -> None:
+        """Record one step: per-row accepted/proposed counts and its timings (step_s: whole step)."""
         if sum(proposed):  # a step without proposals says nothing about acceptance
             self._acc, self._rej = self._acc * self.decay, self._rej * self.decay
             self._acc += sum(accepted)
             self._rej += sum(1 for a, p in zip(accepted, proposed) if a < p)
-        if k > 0:
-            self._draft_time = self._draft_time * self.decay + draft_s
-            self._draft_n = self._draft_n * self.decay + k
-        self._add_verify_point(k + 1, verify_s)
+        self._cost.add(k, step_s if step_s is not None else draft_s + verify_s)
         self._k = self._best_k()
 
-    def _add_verify_point(self, x: float, y: float) -> None:
-        f = [v * self.decay for v in self._fit]
-        self._fit = [f[0] + 1, f[1] + x, f[2] + y, f[3] + x * x, f[4] + x * y]
-
-    def verify_time(self, k: int) -> float:
-        sw, sx, sy, sxx, sxy = self._fit
-        if sw == 0:
-            return 1.0
-        denom = sw * sxx - sx * sx
-        if denom <= 1e-12 * sw * sw:  # one k seen so far: assume cost grows 5% per extra token
-            mean_x, mean_y = sx / sw, sy / sw
-            return mean_y * (1 + 0.05 * (k + 1 - mean_x))
-        beta = max((sw * sxy - sx * sy) / denom, 0.0)
-        alpha = (sy - beta * sx) / sw
-        return max(alpha + beta * (k + 1), 1e-9)
+    def step_time(self, k: int) -> float:
+        return self._cost.predict(k)
 
     def expected_rate(self, k: int) -> float:
         a = min(self.acceptance, 1 - 1e-6)
-        tokens = (1 - a ** (k + 1)) / (1 - a)
-        per_token = self._draft_time / self._draft_n if self._draft_n else 0.0
-        return tokens / (k * per_token + self.verify_time(k))
+        return (1 - a ** (k + 1)) / (1 - a) / self.step_time(k)
 
     def _best_k(self) -> int:
         lowest = 0 if self.allow_zero else 1

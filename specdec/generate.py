@@ -253,8 +253,8 @@ def _step(run: _Run) -> None:
     logits = run.runner.forward(tokens, batch.key_mask(k + 1), positions, run.cache)
     verdict = _verify(run, logits, proposal)
     t2 = _sync_time(batch.pending)
-    _record(run, k, proposal, verdict, t1 - t0, t2 - t1)
     _advance(run, proposal, verdict)
+    _record(run, k, proposal, verdict, t1 - t0, t2 - t1, time.perf_counter() - t0)
     _emit(run, proposal.tokens, verdict.num_accepted, verdict.next_token)
 
 
@@ -326,7 +326,7 @@ def _sync_time(t: torch.Tensor) -> float:
     return time.perf_counter()
 
 
-def _record(run: _Run, k, proposal: Proposal, verdict, draft_s: float, verify_s: float) -> None:
+def _record(run: _Run, k, proposal: Proposal, verdict, draft_s: float, verify_s: float, step_s: float) -> None:
     stats, rows = run.stats, run.batch.rows.tolist()
     accepted, proposed = verdict.num_accepted.tolist(), proposal.num_proposed.tolist()
     for row, a, p in zip(rows, accepted, proposed):
@@ -338,7 +338,7 @@ def _record(run: _Run, k, proposal: Proposal, verdict, draft_s: float, verify_s:
     stats.draft_s += draft_s
     stats.verify_s += verify_s
     if run.controller is not None:
-        run.controller.update(k, accepted, proposed, draft_s, verify_s)
+        run.controller.update(k, accepted, proposed, draft_s, verify_s, step_s)
 
 
 def _advance(run: _Run, proposal: Proposal, verdict) -> None:

@@ -226,6 +226,25 @@ class StaticRunner:
         entry.graph.replay()
         return entry.logits.clone()  # the next replay overwrites the static output
 
+    def capture_all(self) -> None:
+        """Capture every decode size 1..graph_max_tokens now (before a prefill: it writes
+        throwaway KV at slots 0..n-1, which the prefill overwrites), so no capture ever lands
+        inside a timed decode loop, whatever k the adaptive controller picks later."""
+        if not (self.use_graphs and torch.cuda.is_available() and self._device.type == "cuda"):
+            return
+        with torch.inference_mode():
+            for n in range(1, self.graph_max_tokens + 1):
+                if n in self._graphs or not self.use_graphs:
+                    continue
+                tokens = torch.zeros(self.batch_size, n, dtype=torch.long, device=self._device)
+                positions = self._arange[:n].expand(self.batch_size, n)
+                self._key_slots.zero_()
+                self._key_slots[:, :n] = True
+                if not self._initialized():
+                    self._run(tokens, positions, self._arange[:n])  # lazy cache-layer allocation
+                self._replay(tokens, positions, self._arange[:n])
+            self._key_slots.zero_()
+
     def _capture(self, tokens, positions, slots) -> _Graph:
         """Warm up on a side stream (these runs write this step's KV, as the replay will), then capture."""
         global captures
@@ -291,8 +310,15 @@ def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=
         raise ValueError("compile=True cannot be combined with prefix_cache yet: pass one of them")
     max_len = prompt_len + run.settings.max_new_tokens + k_max + 2
     run.runner = static_runner(run.runner.model, 1, max_len, "target", graph_max_tokens=k_max + 1)
+    _capture_all(run.runner)
     run.cache = run.runner.new_cache()
     if isinstance(run.drafter, ModelDrafter):
         # the draft feeds 1 token per forward, 2 after a step that accepted every draft
         run.drafter.runner = static_runner(run.drafter.runner.model, 1, max_len, "draft", graph_max_tokens=2)
+        _capture_all(run.drafter.runner)
         run.drafter.cache = run.drafter.runner.new_cache()
+
+
+def _capture_all(runner) -> None:
+    if isinstance(runner, StaticRunner):
+        runner.capture_all()

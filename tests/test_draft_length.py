@@ -30,8 +30,22 @@ def _true_best(a, draft_cost, verify_base, verify_per_token):
 def test_controller_finds_a_near_optimal_k(a, c, base, per):
     ctl = _simulate(a, c, base, per)
     best, rate = _true_best(a, c, base, per)
-    assert abs(ctl.acceptance - a) < 0.12
-    assert rate(ctl.choose()) >= 0.95 * rate(best)
+    if best > 0:  # at k = 0 only the occasional probe measures acceptance
+        assert abs(ctl.acceptance - a) < 0.12
+    assert rate(ctl._k) >= 0.95 * rate(best)
+
+
+def test_per_step_draft_cost_favours_long_drafts():
+    # prompt lookup: drafting costs the same whatever k, so a decent acceptance should push k up
+    ctl = AdaptiveDraftLength(k_max=8)
+    rng = random.Random(1)
+    for _ in range(300):
+        k = ctl.choose()
+        accepted = 0
+        while accepted < k and rng.random() < 0.7:
+            accepted += 1
+        ctl.update(k, [accepted], [k], 0.1, 1.0 + 0.01 * k, step_s=1.1 + 0.01 * k)
+    assert ctl._k >= 6
 
 
 def test_useless_draft_turns_drafting_off():
