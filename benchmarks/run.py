@@ -180,10 +180,10 @@ def add_relative(rows: list[dict]) -> None:
         if not r.get("decode_tok_s"):
             continue
         plain = by.get("ours-plain+graphs" if r["variant"].endswith("+graphs") else "ours-plain")
-        if r["variant"].startswith("ours-plain"):
-            continue
         r["speedup_vs_hf"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None
         r["speedup_vs_assisted"] = r["decode_tok_s"] / assisted["decode_tok_s"] if assisted else None
+        if r["variant"].startswith("ours-plain"):
+            continue
         a, c, k = r.get("acceptance_rate"), r.get("draft_cost_ratio"), r.get("mean_k")
         if a is not None and c is not None and plain and k:
             r["theoretical_speedup"] = report.theoretical_speedup(a, k, c)

@@ -77,9 +77,10 @@ class _Graph:
 
 
 def _bucket(n: int) -> int:
-    """Round a slot count up: a power of two (at least 256) up to 4096, then a multiple of 4096."""
+    """Round a slot count up: 2048 or 4096, then a multiple of 4096 (few buckets: few captures;
+    attention over unused masked slots costs little at decode sizes)."""
     if n <= 4096:
-        return max(256, 1 << (max(n, 1) - 1).bit_length())
+        return 2048 if n <= 2048 else 4096
     return -(-n // 4096) * 4096
 
 
@@ -165,6 +166,8 @@ class StaticRunner:
         slots = self._arange[start: start + n]
         if self.use_graphs and n <= self.graph_max_tokens and self._initialized():
             logits = self._replay(tokens, positions, slots)
+        elif start == 0 and n > self.graph_max_tokens:
+            logits = self._prefill(tokens, key_mask.to(dev), positions, last_only)
         else:
             logits = self._run(tokens, positions, slots)
         cache.length = start + n
@@ -184,6 +187,24 @@ class StaticRunner:
             return layer.keys, layer.values
 
         return update
+
+    def _prefill(self, tokens, key_mask, positions, last_only: bool) -> torch.Tensor:
+        """A prompt from slot 0: the ordinary HF path (2D mask, flash/causal SDPA) over a
+        DynamicCache, then one copy per layer into the static cache. A 4D mask over all
+        max_len slots would force a slower attention kernel for the long prefill."""
+        from transformers import DynamicCache
+
+        n = tokens.shape[1]
+        scratch = DynamicCache()
+        kwargs = {"logits_to_keep": 1} if last_only and _accepts(self.model, "logits_to_keep") else {}
+        out = self.model(input_ids=tokens, attention_mask=key_mask, position_ids=positions,
+                         past_key_values=scratch, use_cache=True, **kwargs)
+        for layer, source in zip(self._hf_cache.layers, scratch.layers):
+            if not layer.is_initialized:
+                layer.lazy_initialization(source.keys, source.values)
+            layer.keys[:, :, :n].copy_(source.keys)
+            layer.values[:, :, :n].copy_(source.values)
+        return out.logits
 
     def _initialized(self) -> bool:
         return all(layer.is_initialized for layer in self._hf_cache.layers)
