@@ -150,6 +150,10 @@ def early_exit_model(target: torch.nn.Module, num_layers: int) -> torch.nn.Modul
 def _shallow(module: torch.nn.Module, config) -> torch.nn.Module:
     clone = copy.copy(module)
     clone.__dict__["_modules"] = dict(module._modules)
+    # accelerate (device_map) hooks bind `forward` to the ORIGINAL instance, which would run
+    # all of its layers: the clone uses its class's forward; the layers keep their own hooks
+    for name in ("forward", "_old_forward", "_hf_hook"):
+        clone.__dict__.pop(name, None)
     if hasattr(module, "config"):
         clone.config = config
     return clone

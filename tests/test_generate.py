@@ -209,3 +209,18 @@ def test_draft_vocabulary_smaller_than_target_is_refused(llama):
         num_attention_heads=2, num_key_value_heads=1)).eval()
     with pytest.raises(ValueError, match="vocabulary"):
         specdec.generate(llama, torch.ones(1, 3, dtype=torch.long), draft_model=small)
+
+
+def test_self_draft_of_an_accelerate_dispatched_model():
+    """device_map models carry accelerate hooks bound to the original modules: the early-exit
+    copy must run its own (shorter) layer list, not the original's."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_model("llama")
+    add_hook_to_module(model, AlignDevicesHook(io_same_device=True))
+    add_hook_to_module(model.model, AlignDevicesHook(io_same_device=True))
+    for layer in model.model.layers:
+        add_hook_to_module(layer, AlignDevicesHook())
+    ids, mask = prompts(1, [9])
+    out = specdec.generate(model, ids, mask, draft_model="self:1", num_draft_tokens=2, max_new_tokens=12)
+    assert torch.equal(out, hf_greedy(model, ids, mask, 12))
