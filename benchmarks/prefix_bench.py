@@ -106,10 +106,12 @@ def load(name: str, device: str, dtype: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shapes = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256),
+              "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256)}
     config = LlamaConfig(**shapes[name], max_position_embeddings=16384)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
+        model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model, None
@@ -117,7 +119,8 @@ def load(name: str, device: str, dtype: str):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="'default' (bundled SmolLM2-135M) or '1b' (random 1B Llama)")
+    p.add_argument("--model", default="default",
+                   help="'default' (bundled SmolLM2-135M), '1b' or '8b' (random Llama of that shape)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--lengths", default="512,2048,8192", help="shared prefix lengths in tokens")
