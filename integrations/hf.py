@@ -122,7 +122,9 @@ def patch(obj, draft_model=None, *, num_draft_tokens="auto", prompt_lookup_num_t
             A call's ``prompt_lookup_num_tokens=`` overrides it.
         prefix_cache: a ``prefix_cache.PrefixCache`` reused by every call.
         cache_namespace: prefix-cache tenant key: a string, or a callable
-            ``(input_ids, call_kwargs) -> str`` evaluated per call.
+            ``(input_ids, call_kwargs) -> str`` evaluated per call (e.g. ``lambda ids, kw:
+            tenant.get()`` with a ``contextvars.ContextVar`` set per request). Tenants never
+            share cached blocks, so no tenant can time another's prompts (README: isolation).
         kv_quant: None, ``"int8"`` or ``"int4"`` quantized KV cache.
         tokenizer: for ``stop_strings`` (defaults to a pipeline's tokenizer).
 
@@ -217,6 +219,11 @@ def _check_settings(model, s: PatchSettings) -> None:
         raise ValueError(f"num_draft_tokens must be an int >= 1 or 'auto', got {s.num_draft_tokens!r}")
     if s.cache_namespace is not None and not isinstance(s.cache_namespace, str) and not callable(s.cache_namespace):
         raise TypeError("cache_namespace must be a string or a callable (input_ids, kwargs) -> str")
+    if s.draft_model is not None and not isinstance(s.draft_model, (str, torch.nn.Module)):
+        raise TypeError(f"draft_model must be a causal LM or 'self:N', got {type(s.draft_model).__name__}")
+    if s.prompt_lookup_num_tokens is not None and (isinstance(s.prompt_lookup_num_tokens, bool) or not isinstance(
+            s.prompt_lookup_num_tokens, int) or s.prompt_lookup_num_tokens < 1):
+        raise ValueError(f"prompt_lookup_num_tokens must be an int >= 1, got {s.prompt_lookup_num_tokens!r}")
 
 
 # ---------------------------------------------------------------- translating one call
@@ -268,6 +275,8 @@ def _translate(model, settings: PatchSettings, args, kwargs) -> _Call | str:
     mask = extra.get("attention_mask")
     if mask is None:
         mask = _infer_mask(model, ids, generation_config, gen_kwargs)
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape and bool((mask[:, -1] == 0).any()):
+        return "right-padded inputs (padding_side='right'; decoder-only models want tokenizer.padding_side='left')"
     call_kwargs = dict(generation_config=generation_config, streamer=params.get("streamer"),
                        tokenizer=_first(extra.get("tokenizer"), settings.tokenizer), **gen_kwargs)
     call_kwargs.update(_drafting(settings, params, extra, generation_config))
@@ -358,6 +367,9 @@ def _caching(settings: PatchSettings, ids: torch.Tensor, extra: dict, call_kwarg
     namespace = extra.get("cache_namespace", settings.cache_namespace)
     if callable(namespace):
         namespace = namespace(ids, dict(call_kwargs))
+        if namespace is not None and not isinstance(namespace, str):
+            raise TypeError(f"the cache_namespace callable returned {type(namespace).__name__}; it must return "
+                            "a str (the tenant key) or None")
     return dict(prefix_cache=extra.get("prefix_cache", settings.prefix_cache), cache_namespace=namespace,
                 kv_quant=extra.get("kv_quant", settings.kv_quant))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -126,7 +127,11 @@ class PrefixCache:
         with self._lock:
             path = self._tree.match(keys, blocks)
             self._tree.lock(path)
-            self._reload(path, keys, blocks)
+            try:
+                self._reload(path, keys, blocks)
+            except BaseException:                          # OOM bringing a block back, Ctrl-C: no lock leaks
+                self._tree.release(path)
+                raise
             self._count_match(path)
         return PrefixMatch(num_tokens=len(path) * self.block_size, nodes=path, cache=self)
 
@@ -208,10 +213,15 @@ class PrefixCache:
             if keys[i] in parent.children:
                 break                                       # a key collision
             block = self._spill.pop(keys[i])                # popped first: making room may spill more
-            if not self._make_room(block.nbytes):
+            try:
+                home = to_home(block) if self._make_room(block.nbytes) else None
+            except BaseException:
+                self._spill.restore(keys[i], blocks[i], block)
+                raise
+            if home is None:
                 self._spill.restore(keys[i], blocks[i], block)
                 break
-            self._add(parent, keys[i], blocks[i], to_home(block), path)
+            self._add(parent, keys[i], blocks[i], home, path)
             self._stats.reloads += 1
 
     def _add(self, parent: Node, key: int, tokens: tuple[int, ...], block: Block, path: list[Node]) -> None:
@@ -244,6 +254,10 @@ class PrefixCache:
 
 
 def _check_sizes(max_bytes: int, block_size: int, offload_bytes: int) -> None:
+    for name, value in (("max_bytes", max_bytes), ("block_size", block_size), ("offload_bytes", offload_bytes)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+            raise TypeError(f"{name} must be a number, got {value!r}; e.g. PrefixCache(max_bytes=2 << 30) "
+                            "for 2 GiB of K/V")
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be > 0 (device bytes for cached K/V), got {max_bytes}; "
                          "e.g. PrefixCache(max_bytes=2 << 30) for 2 GiB")

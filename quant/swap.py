@@ -26,10 +26,14 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 64, backend: str
     backend: ``"auto"`` (per weight device/dtype/shape: the fused kernel if it runs, agrees with
     ``"reference"`` and is not slower on a batch-1 input, else ``"reference"``), ``"torch"`` (int8) / ``"tinygemm"`` (int4), ``"reference"``, or
     ``"bnb"`` (bitsandbytes, CUDA). skip: names (or fnmatch patterns, or last name components)
-    of layers to leave in full precision. All layers are checked before any is replaced.
+    of layers to leave in full precision (a single string is one pattern). All layers are checked
+    before any is replaced.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. AutoModelForCausalLM.from_pretrained(...)), "
+                        f"got {type(model).__name__}")
     _check_args(bits, group_size, backend)
-    targets = _find_linears(model, tuple(skip))
+    targets = _find_linears(model, (skip,) if isinstance(skip, str) else tuple(skip))
     for name, layer in targets:
         _check_layer(name, layer, bits, group_size)
     if backend == "bnb":

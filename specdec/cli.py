@@ -27,21 +27,66 @@ def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="specdec generate",
         description="Stream a completion with speculative decoding, then print acceptance and speed.")
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("prompt", type=_non_empty, help="the prompt text")
     p.add_argument("--target", default=None, help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
     p.add_argument("--draft", default=None,
                    help="draft model path, or 'self:N' for the target's first N layers "
                         "(default: prompt lookup, no draft model)")
-    p.add_argument("--k", default="auto", help="draft length: an int >= 1 or 'auto' (default)")
+    p.add_argument("--k", default="auto", type=_draft_length, help="draft length: an int >= 1 or 'auto' (default)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive(int), default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    p.add_argument("--temperature", type=_positive(float), default=None)
+    p.add_argument("--top-p", type=_probability, default=None, help="in (0, 1]")
+    p.add_argument("--top-k", type=_positive(int), default=None)
+    p.add_argument("--device", default=None, type=_device, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="float32 (CPU default) or bfloat16 (CUDA default)")
     return p
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty: give some text to continue")
+    return text
+
+
+def _draft_length(text: str) -> str | int:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an int >= 1 or 'auto'")
+    return int(text)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _probability(text: str) -> float:
+    value = _positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be in (0, 1]")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    return text
 
 
 def run_generate(argv: list[str]) -> int:
@@ -60,7 +105,7 @@ def run_generate(argv: list[str]) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
-    k = args.k if args.k == "auto" else int(args.k)
+    k = args.k
     drafting = dict(draft_model=args.draft) if args.draft else dict(prompt_lookup_num_tokens=10)
     if args.draft and not args.draft.startswith("self:"):
         drafting = dict(draft_model=load_model(args.draft, dtype=dtype, device=device)[0])

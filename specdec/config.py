@@ -7,6 +7,7 @@ own ``generation_config``.
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,10 @@ class Settings:
 
 def resolve(model, prompt_len: int, generation_config=None, **kwargs) -> Settings:
     """Merge HF keywords into Settings; raise ValueError for what we cannot honour exactly."""
+    if generation_config is not None and not callable(getattr(generation_config, "to_dict", None)):
+        raise TypeError(f"generation_config must be a transformers.GenerationConfig, got "
+                        f"{type(generation_config).__name__}; pass options as keywords (max_new_tokens=...) "
+                        "or GenerationConfig(**options)")
     gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     for key, value in kwargs.items():  # an explicit None counts, as in HF (eos_token_id=None: no EOS)
         if not hasattr(gc, key) and key not in HONOURED:
@@ -61,13 +66,15 @@ def resolve(model, prompt_len: int, generation_config=None, **kwargs) -> Setting
 
 
 def _max_new_tokens(gc, prompt_len: int) -> int:
-    if gc.max_new_tokens is not None:
-        value = gc.max_new_tokens
-    else:
-        value = (gc.max_length if gc.max_length is not None else 20) - prompt_len
-    if value < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {value}")
-    return int(value)
+    name, value = ("max_new_tokens", gc.max_new_tokens) if gc.max_new_tokens is not None else \
+        ("max_length", 20 if gc.max_length is None else gc.max_length)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    new = int(value) - (prompt_len if name == "max_length" else 0)
+    if new < 1:
+        why = "" if name == "max_new_tokens" else f" (max_length={value} with a {prompt_len}-token prompt)"
+        raise ValueError(f"max_new_tokens must be >= 1 (as in HF), got {new}{why}: pass max_new_tokens=N")
+    return new
 
 
 def _as_tuple(ids) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ One step, for all active rows at once:
 from __future__ import annotations
 
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from specdec.adapter import ModelRunner, crop, select_rows
 from specdec.config import Settings, resolve
 from specdec.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal, early_exit_model
-from specdec.sampling import probabilities, sample, suppress_tokens
+from specdec.sampling import greedy, probabilities, sample, suppress_tokens
 from specdec.state import SlotBatch, positions_from_mask
 from specdec.stats import GenerationStats
 from specdec.stopping import StopChecker
@@ -44,6 +45,8 @@ class _Run:
     controller: object = None
     prefix_cache: object = None     # rows store prompt + output KV here when they finish
     namespace: str | None = None
+    eos: torch.Tensor | None = None  # (n,) EOS ids inside the vocabulary (for min_new_tokens)
+    room: int = 0                   # most tokens any active row may still emit (caps k: no wasted drafts)
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -91,29 +94,90 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         ``return_stats`` a tuple ``(output, stats)``.
     """
     start = time.perf_counter()
+    _check_model(model)
     input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask)
+    _check_options(streamer, generator, prefix_cache, cache_namespace)
     draft_model = _pick_draft(draft_model, assistant_model, model)
     settings = resolve(model, input_ids.shape[1], generation_config, **hf_kwargs)
+    _check_length(model, attention_mask, settings.max_new_tokens)
     if settings.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=: pass the tokenizer that made input_ids")
-    run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
-    if prompt_lookup_num_tokens is None and draft_model is None:
-        prompt_lookup_num_tokens = settings.prompt_lookup_num_tokens
-    run.drafter, run.controller = _make_drafter(run, draft_model, num_draft_tokens, prompt_lookup_num_tokens)
-    run.stats.drafter = getattr(run.drafter, "name", "none")
-    if compile:
-        from specdec.static import use_static
+    try:
+        run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
+        if prompt_lookup_num_tokens is None and draft_model is None:
+            prompt_lookup_num_tokens = settings.prompt_lookup_num_tokens
+        run.drafter, run.controller = _make_drafter(run, draft_model, num_draft_tokens, prompt_lookup_num_tokens)
+        run.stats.drafter = getattr(run.drafter, "name", "none")
+        if compile:
+            from specdec.static import use_static
 
-        use_static(run, prompt_len=input_ids.shape[1], k_max=_check_k(num_draft_tokens, prompt_lookup_num_tokens),
-                   kv_quant=kv_quant, prefix_cache=prefix_cache)
-    run.prefix_cache, run.namespace = prefix_cache, cache_namespace
-    _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
-    while run.batch.size:
-        _step(run)
+            use_static(run, prompt_len=input_ids.shape[1], k_max=_check_k(num_draft_tokens, prompt_lookup_num_tokens),
+                       kv_quant=kv_quant, prefix_cache=prefix_cache)
+        run.prefix_cache, run.namespace = prefix_cache, cache_namespace
+        _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
+        while run.batch.size:
+            _step(run)
+    except torch.OutOfMemoryError as err:
+        run = None  # noqa: F841 - this call's KV cache must not outlive it in the traceback
+        raise _out_of_memory(err, input_ids, settings, prefix_cache) from err
     if streamer is not None:
         streamer.end()
     run.stats.total_s = time.perf_counter() - start
     return _finish(run, input_ids, return_stats)
+
+
+def _out_of_memory(err: BaseException, input_ids, settings: Settings, prefix_cache) -> torch.OutOfMemoryError:
+    """The error to raise for an OOM inside a call: what ran, what to change; this call's tensors freed."""
+    traceback.clear_frames(err.__traceback__)  # the failed call's KV cache (frames' locals) goes now
+    cached = "" if prefix_cache is None else (
+        f", or a smaller PrefixCache(max_bytes=...) (it holds {prefix_cache.nbytes} bytes now; "
+        "prefix_cache.evict(nbytes) frees unused blocks)")
+    B, P = input_ids.shape
+    return torch.OutOfMemoryError(
+        f"out of memory in specdec.generate (batch {B}, prompt {P} tokens, max_new_tokens "
+        f"{settings.max_new_tokens}): lower the batch size or max_new_tokens, pass kv_quant='int8', a smaller "
+        f"draft_model or num_draft_tokens{cached}. Nothing of this call is kept (the prefix cache is "
+        f"consistent), so the next call can run. Cause: {str(err).splitlines()[0] if str(err) else 'OOM'}")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "get_input_embeddings", None)):
+        raise TypeError(f"model must be a Hugging Face causal LM (AutoModelForCausalLM), got "
+                        f"{type(model).__name__}")
+    if model.get_input_embeddings().weight.device.type == "meta":
+        raise ValueError("model's weights are on the meta device (not loaded): load it with from_pretrained, "
+                         "or materialize it (model.to_empty(device=...) then load a state dict)")
+
+
+def _check_options(streamer, generator, prefix_cache, namespace) -> None:
+    if streamer is not None and not (callable(getattr(streamer, "put", None))
+                                     and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must have put(token_ids) and end() (an HF TextStreamer / "
+                        f"TextIteratorStreamer), got {type(streamer).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}; "
+                        "for a seed pass torch.Generator().manual_seed(seed)")
+    if prefix_cache is not None and not (callable(getattr(prefix_cache, "match", None))
+                                         and callable(getattr(prefix_cache, "insert", None))):
+        raise TypeError(f"prefix_cache must be a prefix_cache.PrefixCache, got {type(prefix_cache).__name__}")
+    if namespace is not None and not isinstance(namespace, str):
+        raise TypeError(f"cache_namespace must be a str (a tenant key) or None, got {type(namespace).__name__}")
+
+
+def _check_length(model, mask: torch.Tensor, max_new_tokens: int) -> None:
+    """Models with learned positions (GPT-2, OPT) index a table: refuse what runs past its end.
+
+    Rotary models have no table; like HF we let them run past max_position_embeddings.
+    """
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or getattr(config, "rope_parameters", None) is not None:
+        return
+    longest = int(mask.sum(-1).max())
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"{limit} positions (max_position_embeddings): shorten the prompt (keep its last "
+                         f"{max(limit - max_new_tokens, 0)} tokens) or lower max_new_tokens")
 
 
 def _check_inputs(model, input_ids, attention_mask):
@@ -122,7 +186,7 @@ def _check_inputs(model, input_ids, attention_mask):
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
-        raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got "
+        raise ValueError(f"input_ids must be an integer (int64 or int32) tensor of shape (batch, length), got "
                          f"{tuple(input_ids.shape)} {input_ids.dtype}; tokenize with return_tensors='pt'")
     if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
@@ -132,11 +196,18 @@ def _check_inputs(model, input_ids, attention_mask):
                          f"min {int(input_ids.min())}, max {int(input_ids.max())}; was it tokenized for this model?")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor like input_ids, got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
     if bool((attention_mask.sum(-1) == 0).any()):
         raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one real token")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("attention_mask has right padding (a row ends with 0): decoder-only models continue "
+                         "after the last slot, so pad on the left (tokenizer.padding_side = 'left')")
     device = model.get_input_embeddings().weight.device
     return input_ids.long().to(device), attention_mask.long().to(device)
 
@@ -146,9 +217,13 @@ def _pick_draft(draft_model, assistant_model, target):
         raise ValueError("pass draft_model= or assistant_model= (HF's name for it), not both")
     draft = draft_model if draft_model is not None else assistant_model
     if isinstance(draft, str):
-        if not draft.startswith("self:"):
+        if not draft.startswith("self:") or not draft[5:].isdigit():
             raise ValueError(f"draft_model={draft!r}: a string must be 'self:N' (the target's first N layers)")
-        return early_exit_model(target, int(draft.split(":", 1)[1]))
+        return early_exit_model(target, int(draft[5:]))
+    if draft is not None and not (isinstance(draft, torch.nn.Module)
+                                  and callable(getattr(draft, "get_input_embeddings", None))):
+        raise TypeError(f"draft_model must be a causal LM sharing the target's tokenizer, or 'self:N', got "
+                        f"{type(draft).__name__}; load it with AutoModelForCausalLM.from_pretrained")
     if draft is not None:
         target_vocab = target.get_output_embeddings().weight.shape[0]
         draft_vocab = draft.get_input_embeddings().weight.shape[0]
@@ -167,9 +242,12 @@ def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_
     empty = input_ids[:, :0]
     batch = SlotBatch(empty, mask[:, :0], input_ids[:, -1], torch.arange(B, device=input_ids.device),
                       torch.zeros(B, dtype=torch.long, device=input_ids.device))
+    # an EOS id outside the vocabulary can never be generated: nothing to suppress (HF ignores it too)
+    eos = torch.tensor([e for e in settings.eos_ids if 0 <= e < runner.vocab_size], dtype=torch.long,
+                       device=input_ids.device)
     return _Run(runner, runner.new_cache(), settings, batch, histories, [[] for _ in range(B)],
                 StopChecker(settings, tokenizer), GenerationStats(B),
-                _uniform_table(settings, B, generator, input_ids.device), streamer)
+                _uniform_table(settings, B, generator, input_ids.device), streamer, eos=eos)
 
 
 def _uniform_table(settings: Settings, batch: int, generator, device) -> torch.Tensor | None:
@@ -243,7 +321,8 @@ def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
 
 def _step(run: _Run) -> None:
     batch = run.batch
-    k = run.controller.choose() if run.drafter is not None else 0
+    # never draft past the budget: wasted work, and past a learned position table (GPT-2) an IndexError
+    k = min(run.controller.choose(), run.room - 1) if run.drafter is not None else 0
     t0 = time.perf_counter()
     proposal = _propose(run, k)
     t1 = _sync_time(batch.pending)
@@ -301,14 +380,14 @@ def _target_scores(run: _Run, logits: torch.Tensor) -> torch.Tensor:
 def _choose_target(run: _Run, logits: torch.Tensor, produced: torch.Tensor) -> torch.Tensor:
     scores = _suppress_eos(run, logits, (produced < run.settings.min_new_tokens)[:, None])
     if not run.settings.sampling.do_sample:
-        return scores.argmax(-1)
+        return greedy(scores, verify_mod.BROKEN)
     probs = probabilities(scores, run.settings.sampling)
-    return sample(probs, _uniforms_at(run, torch.zeros(1, dtype=torch.long), 2).to(probs.device))
+    return sample(probs, _uniforms_at(run, torch.zeros(1, dtype=torch.long), 2).to(probs.device),
+                  invalid=verify_mod.BROKEN)
 
 
 def _suppress_eos(run: _Run, logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    eos = torch.tensor(run.settings.eos_ids, dtype=torch.long, device=logits.device)
-    return suppress_tokens(logits, eos, where.to(logits.device))
+    return suppress_tokens(logits, run.eos.to(logits.device), where.to(logits.device))
 
 
 def _uniforms_at(run: _Run, offsets, use: int) -> torch.Tensor:
@@ -360,6 +439,12 @@ def _emit(run: _Run, drafts: torch.Tensor, num_accepted: torch.Tensor, next_toke
     """Hand each row's new tokens (accepted drafts + next token) to the output, stop rows that are done."""
     finished = []
     rows, counts, nexts = run.batch.rows.tolist(), num_accepted.tolist(), next_token.tolist()
+    if verify_mod.BROKEN in nexts:  # checked on tensors synced anyway: no extra sync per step
+        row = rows[nexts.index(verify_mod.BROKEN)]
+        raise FloatingPointError(
+            f"model produced NaN/inf logits (batch row {row}, after {len(run.outputs[row])} new tokens), so "
+            "its tokens would be garbage: check the model's dtype (float16 overflows: load it in bfloat16 or "
+            "float32), its weights, and attention_mask")
     drafts = drafts.tolist()
     for i, (row, count, nxt) in enumerate(zip(rows, counts, nexts)):
         tokens, done = run.stop.take(run.outputs[row], drafts[i][:count] + [nxt])
@@ -370,6 +455,8 @@ def _emit(run: _Run, drafts: torch.Tensor, num_accepted: torch.Tensor, next_toke
             run.streamer.put(torch.tensor(tokens))
         if done:
             finished.append(i)
+    run.room = max((run.stop.max_new - len(run.outputs[r]) for i, r in enumerate(rows) if i not in finished),
+                   default=0)
     if finished:
         _drop_rows(run, finished)
 

@@ -23,8 +23,10 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
         raise ValueError("prefix_cache cannot be combined with kv_quant yet: pass one of them")
     B, P = input_ids.shape
     pads = (P - mask.sum(-1)).tolist()
-    hits = [prefix_cache.match(row[pad:].tolist(), namespace) for row, pad in zip(input_ids, pads)]
+    hits = []  # filled inside try: a failing match (OOM, Ctrl-C) still releases the earlier rows' blocks
     try:
+        for row, pad in zip(input_ids, pads):
+            hits.append(prefix_cache.match(row[pad:].tolist(), namespace))
         start = min(pad + h.num_tokens for pad, h in zip(pads, hits))
         if start > 0:
             run.cache = _cache_from_hits(hits, pads, start, model.config, input_ids.device)

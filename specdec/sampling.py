@@ -79,12 +79,28 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return warp_logits(logits, cfg).softmax(-1)
 
 
-def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: one token per row of ``probs`` (..., V) given ``uniforms`` (...)."""
+def sample(probs: torch.Tensor, uniforms: torch.Tensor, invalid: int | None = None) -> torch.Tensor:
+    """Inverse-CDF draw: one token per row of ``probs`` (..., V) given ``uniforms`` (...).
+
+    With ``invalid`` set, a row whose mass is not a finite positive number (NaN/inf logits
+    from a broken model) gets that value instead of an arbitrary token; free, it reuses the CDF.
+    """
     cdf = probs.cumsum(-1)
-    target = uniforms.unsqueeze(-1) * cdf[..., -1:]  # scale by the total: robust to rounding
+    total = cdf[..., -1:]
+    target = uniforms.unsqueeze(-1) * total  # scale by the total: robust to rounding
     index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return _nearest_supported(probs, index.clamp_(max=probs.shape[-1] - 1))
+    index = _nearest_supported(probs, index.clamp_(max=probs.shape[-1] - 1))
+    if invalid is None:
+        return index
+    ok = torch.isfinite(total.squeeze(-1)) & (total.squeeze(-1) > 0)
+    return torch.where(ok, index, invalid)
+
+
+def greedy(logits: torch.Tensor, invalid: int = -1) -> torch.Tensor:
+    """argmax over the last dim (first maximum, as ``argmax``), ``invalid`` where a row's maximum
+    is NaN or inf (a broken model). One reduction, like ``argmax``: ``max`` propagates NaN."""
+    best, index = logits.max(-1)
+    return torch.where(torch.isfinite(best), index, invalid)
 
 
 def _nearest_supported(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,14 @@ from typing import NamedTuple
 
 import torch
 
-from specdec.sampling import sample
+from specdec.sampling import greedy, sample
+
+BROKEN = -1  # next_token of a row whose target distribution was NaN/inf: the caller must raise
 
 
 class Verdict(NamedTuple):
     num_accepted: torch.Tensor  # (B,) long: leading drafted tokens kept, 0..num_proposed
-    next_token: torch.Tensor    # (B,) long: the target's token after them (correction or bonus)
+    next_token: torch.Tensor    # (B,) long: the target's token after them; BROKEN on NaN/inf scores
 
 
 def _leading_true(ok: torch.Tensor) -> torch.Tensor:
@@ -40,10 +42,11 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor,
     """Greedy verification: keep drafts while they equal the target's argmax.
 
     target_logits: (B, k+1, V). The next token is the target's argmax at the first
-    mismatch (or after the last draft), so output equals plain greedy decoding.
+    mismatch (or after the last draft), so output equals plain greedy decoding. A position
+    whose scores hold NaN/inf rejects its draft and, as the next token, gives ``BROKEN``.
     """
     k = draft_tokens.shape[1]
-    choice = target_logits.argmax(-1)  # (B, k+1)
+    choice = greedy(target_logits, BROKEN)  # (B, k+1)
     ok = (choice[:, :k] == draft_tokens) & _proposed_mask(num_proposed, k)
     n = _leading_true(ok)
     return Verdict(n, choice.gather(1, n.unsqueeze(1)).squeeze(1))
@@ -62,6 +65,8 @@ def verify(p: torch.Tensor, q: torch.Tensor | None, draft_tokens: torch.Tensor,
        same as q one-hot at the drafted token.
     accept_uniforms: (B, k) in [0, 1); draw_uniforms: (B,) in [0, 1), or (B, k+1) to
     draw at the first rejected position with that position's uniform.
+    NaN in p rejects the draft there (NaN comparisons are false), and the next token is then
+    ``BROKEN``; NaN in q (a broken draft) only rejects: the token comes from p.
     """
     k = draft_tokens.shape[1]
     p_draft = p[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # (B, k)
@@ -71,7 +76,7 @@ def verify(p: torch.Tensor, q: torch.Tensor | None, draft_tokens: torch.Tensor,
     residual = _residual(p, q, draft_tokens, n, num_proposed)
     if draw_uniforms.dim() == 2:
         draw_uniforms = draw_uniforms.gather(1, n.unsqueeze(1)).squeeze(1)
-    return Verdict(n, sample(residual, draw_uniforms))
+    return Verdict(n, sample(residual, draw_uniforms, invalid=BROKEN))
 
 
 def _draft_prob(q: torch.Tensor | None, draft_tokens: torch.Tensor) -> torch.Tensor:
