@@ -4,7 +4,11 @@
 # the gguf wheel in .whl/. Usage, as two calls on one warm machine:
 #   bash benchmarks/gpu.sh stage      # carry .gguf1: keeps the first half in /root/m
 #   bash benchmarks/gpu.sh run [WHAT] # carry .gguf2 .whl: joins the file, runs WHAT, writes JSON to $OUT
-# WHAT: bench (default) | bench2 | sweep | batch | quant | prefix | all
+# WHAT: bench (default) | bench2 | sweep | batch | quant | prefix | all | distill | distill-bench
+#   distill: distil a 4-layer draft of the default model (~2.5 min of training, DISTILL_TRAIN_S),
+#     measure its acceptance vs self:4, then bench code + chat with it (DISTILL_BENCH=0 skips that).
+#     $OUT gets distill-train.json, distill-acceptance.json, the shipped int8 weights and 2 bench JSONs.
+#   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=/root/m
@@ -14,7 +18,7 @@ case "${1:-run}" in
 stage)
     cp .gguf1/* "$M/"; ls -la "$M"; exit 0 ;;
 run) ;;
-*) echo "usage: gpu.sh stage | run [bench|quant|prefix|all]"; exit 2 ;;
+*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-bench]"; exit 2 ;;
 esac
 WHAT="${2:-bench}"
 if [ ! -f "$GGUF" ]; then
@@ -46,5 +50,26 @@ if [[ "$WHAT" == quant || "$WHAT" == all ]]; then
 fi
 if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
     [ -f benchmarks/prefix_bench.py ] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
+fi
+SHIP=smollm2-135m-instruct-L4.safetensors
+if [[ "$WHAT" == distill ]]; then
+    start=$(date +%s)
+    python3 -m specdec.cli distill --layers 4 --steps 4000 --time-budget "${DISTILL_TRAIN_S:-150}" \
+        --gen-time "${DISTILL_GEN_S:-45}" --eval-every 100 --out /root/distilled --ship "/root/distilled-ship/$SHIP" \
+        --quiet 2>&1 | grep -v "Loading weights\|Writing model shards" || true
+    cp /root/distilled/distill.json "$OUT/distill-train.json"
+    cp "/root/distilled-ship/$SHIP" "$OUT/$SHIP"
+    python3 - "$OUT" <<'PY'
+import json, sys
+run = json.load(open(f"{sys.argv[1]}/distill-train.json"))
+keep = ("command", "environment", "target", "draft_layers", "dtype", "final")
+json.dump({k: run.get(k) for k in keep}, open(f"{sys.argv[1]}/distill-acceptance.json", "w"), indent=1)
+print("final acceptance (greedy, k=4):", {d: round(v["mean"], 3) for d, v in run["final"]["drafts"].items()})
+PY
+    echo "distill done in $(( $(date +%s) - start )) s"
+fi
+if [[ ( "$WHAT" == distill && "${DISTILL_BENCH:-1}" == 1 ) || "$WHAT" == distill-bench ]]; then
+    cp "/root/distilled-ship/$SHIP" specdec/drafts/   # what `--draft distilled` loads: the shipped file
+    for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled; done
 fi
 ls -la "$OUT"

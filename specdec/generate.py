@@ -64,8 +64,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         model: a decoder-only HF causal LM (the target).
         input_ids: (B, P) prompt token ids, left-padded when rows differ in length.
         attention_mask: (B, P), 0 on padding. Defaults to all ones.
-        draft_model: a causal LM sharing the target's vocabulary, or ``"self:N"`` for the
-            target's own first N layers. ``assistant_model`` is HF's name for it.
+        draft_model: a causal LM sharing the target's vocabulary, ``"self:N"`` for the
+            target's own first N layers, or ``"distilled"`` for the draft distilled for it and
+            shipped in ``specdec/drafts`` (see ``specdec.distill``). ``assistant_model`` is HF's
+            name for it.
         num_draft_tokens: draft length k (int >= 1) or ``"auto"`` (adaptive; see
             ``specdec.draft_length``).
         prompt_lookup_num_tokens: use prompt lookup (n-gram) drafting, proposing up to this
@@ -217,8 +219,13 @@ def _pick_draft(draft_model, assistant_model, target):
         raise ValueError("pass draft_model= or assistant_model= (HF's name for it), not both")
     draft = draft_model if draft_model is not None else assistant_model
     if isinstance(draft, str):
+        if draft == "distilled":
+            from specdec.distill.shipped import load_shipped_draft
+
+            return load_shipped_draft(target)
         if not draft.startswith("self:") or not draft[5:].isdigit():
-            raise ValueError(f"draft_model={draft!r}: a string must be 'self:N' (the target's first N layers)")
+            raise ValueError(f"draft_model={draft!r}: a string must be 'self:N' (the target's first N layers) "
+                             "or 'distilled' (the draft shipped for the bundled default model)")
         return early_exit_model(target, int(draft[5:]))
     if draft is not None and not (isinstance(draft, torch.nn.Module)
                                   and callable(getattr(draft, "get_input_embeddings", None))):

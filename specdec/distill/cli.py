@@ -1,0 +1,239 @@
+"""``specdec distill``: make a small, fast draft for any target, on its own text."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("specdec.distill")
+
+DESCRIPTION = """\
+Make a draft model for speculative decoding from a target model, with no data set and
+no network:
+
+  1. build the draft: the target's architecture with N decoder layers (copied from the
+     target's layers, see --init), sharing the target's tokenizer, embeddings and head;
+  2. let the target write training text: it continues real prompts that ship with Python
+     (stdlib function stubs, questions about the Python reference; the `code` and `chat`
+     benchmark prompts are held out), plus stdlib source and any --text files;
+  3. train the draft to match the target's next-token distributions (KL, AdamW, cosine LR),
+     replaying its greedy acceptance (k=4) on held-out prompts every --eval-every steps;
+  4. save an HF model directory (+ distill.json, the training log) that
+     AutoModelForCausalLM.from_pretrained and specdec.generate(draft_model=...) load, and
+     measure acceptance with specdec.generate against the untrained self-draft self:N.
+
+A GPU makes this minutes; a CPU run is for small models or smoke tests."""
+
+EPILOG = """\
+examples:
+  specdec distill --layers 4 --steps 2000 --out drafts/smol-L4          # bundled SmolLM2-135M, GPU
+  specdec distill --target ./my-model --layers 2 --time-budget 600 --text notes.md --out ./my-draft
+  specdec distill --layers 4 --steps 2000 --out d --ship d/smol-L4.safetensors   # + int8 file to ship
+then:
+  specdec generate "def fib(n):" --draft d
+  specdec bench --workload code --draft d
+
+acceptance = drafted tokens the target kept / drafted tokens; a draft pays off when it is
+high and the draft is cheap: --layers trades one for the other (2-4 for a 30-layer target)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specdec distill", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default=None,
+                   help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
+    p.add_argument("--out", required=True, help="directory to write the draft to (HF format + distill.json)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the draft (default 4)")
+    p.add_argument("--init", default="spread", choices=("spread", "first"),
+                   help="which target layers the draft starts from: evenly spaced first..last (default) or the first N")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the most, with --time-budget)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="fit the step count to this much training time (measured on the first steps)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 32 on GPU, 4 on CPU)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 512 on GPU, 128 on CPU)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between acceptance replays (0: start and end)")
+    p.add_argument("--text", nargs="*", default=[], metavar="FILE", help="extra plain-text files to train on")
+    p.add_argument("--text-chars", type=int, default=None,
+                   help="characters of stdlib source and reference text (default: 6M on GPU, 300k on CPU)")
+    p.add_argument("--gen-prompts", type=int, default=None,
+                   help="prompts the target continues (default: 3000 on GPU, 16 on CPU); see --gen-time")
+    p.add_argument("--gen-time", type=float, default=None, metavar="SECONDS",
+                   help="stop starting new generation batches after this long (default: 60 on GPU, none on CPU)")
+    p.add_argument("--gen-tokens", type=int, default=160, help="tokens the target writes per prompt (default 160)")
+    p.add_argument("--gen-batch-size", type=int, default=None,
+                   help="prompts per generation batch (default: 256 on GPU, 8 on CPU)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature of the target's text (default 0.8)")
+    p.add_argument("--generated-fraction", type=float, default=0.6,
+                   help="share of training rows taken from the target's own text (rest: plain text; default 0.6)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="cut longer prompts in the middle (default: none on GPU, 512 on CPU)")
+    p.add_argument("--eval-prompts", type=int, default=None,
+                   help="held-out code and chat prompts replayed during training (default: 4 each)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="greedy tokens per held-out prompt (default: 128 on GPU, 48 on CPU)")
+    p.add_argument("--final-prompts", type=int, default=None,
+                   help="held-out prompts per workload for the final specdec.generate measurement "
+                        "(default: all on GPU, 2 on CPU; 0 skips it)")
+    p.add_argument("--ship", default=None, metavar="FILE",
+                   help="also write the draft's own weights, int8, to this .safetensors file "
+                        "(what specdec/drafts/ holds)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="target dtype (the draft trains in float32 under autocast); "
+                        "default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _defaults(args) -> None:
+    import torch
+
+    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.device = args.device or ("cuda" if gpu else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    pick = {"batch_size": (32, 4), "seq_len": (512, 128), "text_chars": (6_000_000, 300_000),
+            "gen_prompts": (3000, 16), "gen_time": (60.0, None), "gen_batch_size": (256, 8),
+            "max_prompt_tokens": (None, 512), "eval_prompts": (4, 4), "eval_tokens": (128, 48),
+            "final_prompts": (None, 2)}
+    for name, (on_gpu, on_cpu) in pick.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if gpu else on_cpu)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from specdec.distill import data, evaluate, model, save, shipped, train
+
+    args = build_parser().parse_args(argv)
+    _defaults(args)
+    _log_to_stderr()
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    target, tok = _load_target(args)
+    n_target = target.config.get_text_config().num_hidden_layers
+    layers = model.pick_layers(n_target, args.layers, args.init)
+    log.info("target: %d layers; draft: %d layers initialised from target layers %s", n_target, len(layers), layers)
+
+    held = {name: data.encode_prompts(prompts, tok, args.max_prompt_tokens)
+            for name, prompts in data.held_out_prompts().items()}
+    eval_sets = [evaluate.greedy_eval_set(target, name, ids[:args.eval_prompts], args.eval_tokens)
+                 for name, ids in held.items()]
+    generated, gen_s = _generate(target, tok, args)
+    texts = data.tokenize_texts(data.plain_texts(args.text_chars, args.text, args.seed), tok)
+    log.info("training text: %d target continuations (%d new tokens, %.0f s), %d plain-text pieces (%d tokens)",
+             len(generated), sum(len(s.ids) - s.prompt_len for s in generated), gen_s, len(texts),
+             sum(len(s.ids) for s in texts))
+    sampler = data.WindowSampler(generated, texts, args.seq_len, args.generated_fraction,
+                                 pad_id=tok.pad_token_id or 0, seed=args.seed)
+    draft = model.build_draft(target, layers, dtype=torch.float32)
+    config = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                               time_budget_s=args.time_budget)
+    trained = train.train(target, draft, sampler, config, eval_sets, progress=not args.quiet)
+    log.info("trained %d steps in %.0f s: KL %.3f, replayed acceptance %s", trained.steps, trained.seconds,
+             trained.loss[-1][1] if trained.loss else float("nan"),
+             trained.acceptance[-1][1] if trained.acceptance else "-")
+    _cast_own(draft, target)
+
+    record = _record(args, target, layers, generated, gen_s, texts, trained)
+    if args.ship:
+        info = dict(steps=trained.steps, acceptance=trained.acceptance[-1][1] if trained.acceptance else None)
+        path = shipped.export_shipped(draft, target, args.ship, layers, name=Path(args.ship).stem, info=info)
+        record["shipped"] = dict(path=str(path), bytes=path.stat().st_size)
+        log.info("wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+    if args.final_prompts != 0:
+        record["final"] = _final_acceptance(target, draft, layers, held, args)
+    save.save_draft(draft, args.out, tok, dtype=getattr(torch, args.dtype))
+    record["total_s"] = time.perf_counter() - started
+    save.write_json(record, Path(args.out) / save.RECORD_NAME)
+    log.info("wrote %s (%.0f s in all)", args.out, record["total_s"])
+    return record
+
+
+def _log_to_stderr() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[distill] %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _load_target(args):
+    from integrations.models import load_model
+
+    target, tok = load_model(args.target, dtype=args.dtype, device=args.device)
+    for p in target.parameters():  # the teacher is read, never trained
+        p.requires_grad_(False)
+    return target, tok
+
+
+def _generate(target, tok, args):
+    from specdec.distill import data
+
+    prompts = data.training_prompts(args.gen_prompts, args.seed)
+    ids = data.encode_prompts(prompts, tok, args.max_prompt_tokens)
+    start = time.perf_counter()
+    generated = data.continue_prompts(target, ids, max_new_tokens=args.gen_tokens, temperature=args.temperature,
+                                      batch_size=args.gen_batch_size, time_budget_s=args.gen_time, seed=args.seed,
+                                      sources=[p.name.split("/")[1] for p in prompts], progress=not args.quiet)
+    return generated, time.perf_counter() - start
+
+
+def _cast_own(draft, target) -> None:
+    """The draft's own tensors to the target's dtype (they trained in float32)."""
+    from specdec.distill.model import own_parameters
+
+    dtype = target.get_input_embeddings().weight.dtype
+    for p in own_parameters(draft, target):
+        p.data = p.data.to(dtype)
+        p.requires_grad_(False)
+
+
+def _final_acceptance(target, draft, layers, held, args) -> dict:
+    """specdec.generate (greedy, k=4) on held-out prompts: distilled vs shipped int8 vs untrained self:N."""
+    import specdec
+    from specdec.distill import evaluate, shipped
+
+    drafts = {"distilled": draft, f"self:{len(layers)}": specdec.early_exit_model(target, len(layers))}
+    if args.ship:
+        drafts["distilled-int8"] = shipped.load_shipped_draft(target, args.ship)
+    n = args.final_prompts
+    out = {}
+    for name, d in drafts.items():
+        out[name] = {w: evaluate.measure_acceptance(target, d, ids if n is None else ids[:n], k=4,
+                                                    max_new_tokens=args.eval_tokens, batch_size=16)
+                     for w, ids in held.items()}
+        rates = [r["acceptance_rate"] for r in out[name].values()]
+        out[name]["mean"] = sum(rates) / len(rates)
+        log.info("acceptance (greedy, k=4) %-16s %s", name,
+                 "  ".join(f"{w} {r['acceptance_rate']:.3f}" for w, r in out[name].items() if w != "mean"))
+    return dict(k=4, max_new_tokens=args.eval_tokens, prompts={w: len(ids if n is None else ids[:n])
+                                                               for w, ids in held.items()}, drafts=out)
+
+
+def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
+    from benchmarks.report import environment
+
+    by_source = {}
+    for s in generated:
+        by_source[s.source] = by_source.get(s.source, 0) + 1
+    return dict(command="specdec distill " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["distill"] else sys.argv[1:]),
+                environment=environment(), target=str(args.target or "SmolLM2-135M-Instruct (bundled)"),
+                target_layers=target.config.get_text_config().num_hidden_layers, draft_layers=layers,
+                init=args.init, dtype=args.dtype, seq_len=args.seq_len, seed=args.seed,
+                data=dict(generated=len(generated), generated_by_kind=by_source,
+                          generated_tokens=sum(len(s.ids) - s.prompt_len for s in generated), generation_s=gen_s,
+                          temperature=args.temperature, text_pieces=len(texts),
+                          text_tokens=sum(len(s.ids) for s in texts), generated_fraction=args.generated_fraction,
+                          held_out="benchmarks.workloads code (all 10) and chat (all 12) prompts"),
+                train=trained.as_dict())
+
+
+if __name__ == "__main__":
+    main()

