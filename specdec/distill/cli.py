@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-chars", type=int, default=None,
                    help="characters of stdlib source and reference text (default: 6M on GPU, 300k on CPU)")
     p.add_argument("--gen-prompts", type=int, default=None,
-                   help="prompts the target continues (default: 3000 on GPU, 16 on CPU); see --gen-time")
+                   help="prompts the target continues (default: 2000 on GPU, 16 on CPU); see --gen-time")
     p.add_argument("--gen-time", type=float, default=None, metavar="SECONDS",
                    help="stop starting new generation batches after this long (default: 60 on GPU, none on CPU)")
     p.add_argument("--gen-tokens", type=int, default=160, help="tokens the target writes per prompt (default 160)")
@@ -98,7 +98,7 @@ def _defaults(args) -> None:
     args.device = args.device or ("cuda" if gpu else "cpu")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     pick = {"batch_size": (32, 4), "seq_len": (512, 128), "text_chars": (6_000_000, 300_000),
-            "gen_prompts": (3000, 16), "gen_time": (60.0, None), "gen_batch_size": (256, 8),
+            "gen_prompts": (2000, 16), "gen_time": (60.0, None), "gen_batch_size": (256, 8),
             "max_prompt_tokens": (None, 512), "eval_prompts": (4, 4), "eval_tokens": (128, 48),
             "final_prompts": (None, 2)}
     for name, (on_gpu, on_cpu) in pick.items():
