@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -132,7 +133,8 @@ def main(argv=None) -> dict:
     ttft(model, torch.tensor([[5, 6, 7, 8]], device=args.device), args.device)  # warm-up
     rows = [measure_length(model, tok, int(n), args.device, args.repeats) for n in args.lengths.split(",")]
     result = dict(environment=report.environment(), model=args.model, dtype=dtype, device=args.device,
-                  command="python -m benchmarks.prefix_bench " + " ".join(argv or []), rows=rows)
+                  command="python -m benchmarks.prefix_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                  rows=rows)
     name = f"prefix-{report.device_slug(result['environment'])}-{args.model}.json"
     report.write_json(result, Path(args.out) / name)
     for r in rows:

@@ -8,8 +8,9 @@ i.e. prefill + first token, is subtracted):
 - ``hf-eager``: ``model.generate()`` (DynamicCache);
 - ``hf-static-compile``: ``model.generate(cache_implementation="static")``, which
   torch.compiles the decode step; the first call (compilation) is timed separately;
-- ``ours-eager`` / ``ours-graphs``: ``specdec.generate()`` plain decoding without and
-  with ``compile=True`` (static cache + CUDA graphs).
+- ``ours-eager`` / ``ours-graphs`` / ``ours-inductor``: ``specdec.generate()`` plain
+  decoding with ``compile=False``, ``True`` (static cache + CUDA graphs) and
+  ``"inductor"`` (the same with torch.compile-fused kernels inside the graphs).
 
 Roofline: bytes one step reads (weights, counting a tied embedding once, plus the KV
 cache at the mean decode length) over the device-to-device copy bandwidth measured in the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -41,6 +43,9 @@ SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
 }
+
+
+VARIANTS = ["hf-eager", "hf-static-compile", "ours-eager", "ours-graphs", "ours-inductor"]
 
 
 def build(shape: str, seed: int = 0):
@@ -88,7 +93,10 @@ def run_shape(shape: str, args, bandwidth: float) -> dict:
         "hf-static-compile": lambda n: hf(n, cache_implementation="static"),
         "ours-eager": lambda n: specdec.generate(model, ids, max_new_tokens=n, min_new_tokens=n),
         "ours-graphs": lambda n: specdec.generate(model, ids, max_new_tokens=n, min_new_tokens=n, compile=True),
+        "ours-inductor": lambda n: specdec.generate(model, ids, max_new_tokens=n, min_new_tokens=n,
+                                                    compile="inductor"),
     }
+    calls = {name: call for name, call in calls.items() if name in args.variants}
     reference = None
     for name, call in calls.items():
         try:
@@ -119,22 +127,32 @@ def run_shape(shape: str, args, bandwidth: float) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
+                   help="hf-eager first: the others' agreement is measured against the first variant run")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--new", type=int, default=128, help="new tokens per timed call (default 128)")
     p.add_argument("--reps", type=int, default=2, help="timed calls per variant; the fastest counts (default 2)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--name", default="roofline.json", help="file name under --out")
+    p.add_argument("--coordinate-descent", action="store_true",
+                   help="torch._inductor.config.coordinate_descent_tuning = True (as gpt-fast sets it)")
     args = p.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     bandwidth = copy_bandwidth(torch.device("cuda"), 1 << 30)
-    result = {"environment": report.environment(), "command": "python -m benchmarks.roofline " + " ".join(argv or []),
+    command = "python -m benchmarks.roofline " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"environment": report.environment(), "command": command,
               "settings": {"batch": 1, "dtype": "bfloat16", "greedy": True, "prompt_tokens": args.prompt,
-                           "new_tokens": args.new, "reps": args.reps, "weights": "random (from config)"},
+                           "new_tokens": args.new, "reps": args.reps,
+                           "coordinate_descent_tuning": args.coordinate_descent, "weights": "random (from config)"},
               "copy_bandwidth_GBps": bandwidth / 1e9, "shapes": {}}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     for shape in args.shapes:
         result["shapes"][shape] = run_shape(shape, args, bandwidth)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "roofline.json").write_text(json.dumps(result, indent=1))
+        (args.out / args.name).write_text(json.dumps(result, indent=1))
     return result
 
 

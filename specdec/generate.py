@@ -53,7 +53,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              draft_model=None, num_draft_tokens: int | str = "auto", prompt_lookup_num_tokens: int | None = None,
              assistant_model=None, streamer=None, tokenizer=None, generator: torch.Generator | None = None,
              generation_config=None, prefix_cache=None, cache_namespace: str | None = None,
-             kv_quant: str | None = None, return_stats: bool = False, compile: bool = False, **hf_kwargs):
+             kv_quant: str | None = None, return_stats: bool = False, compile: bool | str = False, **hf_kwargs):
     """Generate like ``model.generate(input_ids, ...)``, with speculative decoding.
 
     Greedy output is token-identical to the target's own greedy ``generate()`` (up to
@@ -82,9 +82,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         cache_namespace: tenant key for the prefix cache (no cross-tenant hits).
         kv_quant: None, ``"int8"`` or ``"int4"`` quantized KV cache for the target.
         return_stats: also return a ``GenerationStats``.
-        compile: CUDA graphs over a static KV cache for the target and the draft model
-            (batch size fixed for the call: batch size 1 for now, since a static cache
-            cannot drop finished rows; see ``specdec.static``).
+        compile: ``True`` or ``"graphs"``: CUDA graphs over a static KV cache for the target
+            and the draft model (seconds of warm-up); ``"inductor"``: the same, with the
+            forwards first fused by ``torch.compile`` (a compile of tens of seconds once per
+            model; fastest for large models). Batch size 1 for now, since a static cache
+            cannot drop finished rows; see ``specdec.static``.
         **hf_kwargs: HF generation keywords (max_new_tokens, do_sample, temperature, top_k,
             top_p, min_p, eos_token_id, pad_token_id, min_new_tokens, stop_strings,
             return_dict_in_generate, ...). Options we cannot honour exactly raise
@@ -114,7 +116,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             from specdec.static import use_static
 
             use_static(run, prompt_len=input_ids.shape[1], k_max=_check_k(num_draft_tokens, prompt_lookup_num_tokens),
-                       kv_quant=kv_quant, prefix_cache=prefix_cache)
+                       kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=_compile_mode(compile) == "inductor")
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
         _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
         while run.batch.size:
@@ -126,6 +128,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         streamer.end()
     run.stats.total_s = time.perf_counter() - start
     return _finish(run, input_ids, return_stats)
+
+
+def _compile_mode(compile) -> str:
+    if compile is True or compile == "graphs":
+        return "graphs"
+    if compile == "inductor":
+        return "inductor"
+    raise ValueError(f"compile must be False, True, 'graphs' or 'inductor', got {compile!r}")
 
 
 def _out_of_memory(err: BaseException, input_ids, settings: Settings, prefix_cache) -> torch.OutOfMemoryError:

@@ -16,8 +16,13 @@ does in well under one), and speculative decoding multiplies what a step costs. 
   copies the inputs into static buffers and returns a clone of the static logits.
   Larger n (the prefill) runs eagerly through the same cache. Without CUDA the same
   runner runs eagerly (what CI tests).
-- Runners are kept per (model, role, batch, dtype, device, max_len bucket) while the
+- Runners are kept per (model, role, batch, dtype, device, max_len bucket, fuse) while the
   model lives, so a second ``generate()`` captures nothing.
+- ``fuse=True`` (``compile="inductor"``) runs the forward through ``torch.compile``
+  (Inductor, no CUDA graphs of its own) before our capture: a graph replay still pays a
+  few microseconds per kernel, and an eager Llama layer is ~40 kernels (norms, rotary,
+  casts); fused, it is ~10, which matters most for large models where the step should
+  cost only the weight reads. Costs a compile (tens of seconds) on a runner's first use.
 
 Where the static path does not fit (sliding-window or other non-plain cache layers, an
 attention implementation that cannot take a 4D mask, encoder-decoders), ``static_runner``
@@ -28,6 +33,7 @@ leaves that runner eager over its static cache.
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ import torch
 from specdec.adapter import ModelRunner
 
 captures = 0                      # CUDA graphs captured so far in this process
+_compiled = 0                     # fused (torch.compile) forwards made so far
 _RUNNERS: dict[tuple, "StaticRunner"] = {}
 _WARNED: set[str] = set()
 
@@ -93,7 +100,7 @@ class StaticRunner:
     """``ModelRunner``'s interface over a preallocated HF ``StaticCache`` (+ CUDA graphs)."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int, use_graphs: bool | None = None,
-                 graph_max_tokens: int = 17):
+                 graph_max_tokens: int = 17, fuse: bool = False):
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
@@ -123,6 +130,7 @@ class StaticRunner:
         self.use_graphs = use_graphs
         self._graphs: dict[int, _Graph] = {}
         self._pool = None
+        self._forward = _compiled_call() if fuse else _call
 
     # -- ModelRunner interface -------------------------------------------------------------
 
@@ -223,9 +231,8 @@ class StaticRunner:
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         self._write_slots = slots
         kwargs = {"cache_position": slots} if self._cache_position else {}
-        out = self.model(input_ids=tokens, attention_mask=self._mask(slots), position_ids=positions,
-                         past_key_values=self._hf_cache, use_cache=True, **kwargs)
-        return out.logits
+        return self._forward(self.model, input_ids=tokens, attention_mask=self._mask(slots), position_ids=positions,
+                             past_key_values=self._hf_cache, use_cache=True, **kwargs)
 
     def _replay(self, tokens, positions, slots) -> torch.Tensor:
         n = tokens.shape[1]
@@ -285,6 +292,21 @@ class StaticRunner:
         return _Graph(graph, ids, pos, sl, logits)
 
 
+def _call(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    return model(**inputs).logits
+
+
+def _compiled_call():
+    """``torch.compile(_call)`` over a fresh code object: dynamo keeps its cache (and its
+    recompile limit) per code object, and each runner compiles its own model. The model is
+    an argument, not a closure, so the compiled function does not keep it alive. Shapes:
+    n = 1 compiles once, n >= 2 once more with n dynamic."""
+    global _compiled
+    _compiled += 1
+    code = _call.__code__.replace(co_name=f"_call_{_compiled}", co_qualname=f"_call_{_compiled}")
+    return torch.compile(types.FunctionType(code, _call.__globals__, code.co_name), dynamic=None)
+
+
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why the static path cannot run this model (None if it can)."""
     config = model.config
@@ -300,15 +322,15 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 
 def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: str = "target",
-                  graph_max_tokens: int = 17):
+                  graph_max_tokens: int = 17, fuse: bool = False):
     """A (cached) ``StaticRunner`` with at least ``max_len`` slots, or the eager ``ModelRunner``
     with a warning (once) where the static path does not fit this model."""
     emb = model.get_input_embeddings().weight
-    key = (id(model), role, batch_size, emb.dtype, emb.device, _bucket(max_len))
+    key = (id(model), role, batch_size, emb.dtype, emb.device, fuse, _bucket(max_len))
     runner = _RUNNERS.get(key)
     if runner is None or runner._model_ref() is not model:
         try:
-            runner = StaticRunner(model, batch_size, key[-1], graph_max_tokens=graph_max_tokens)
+            runner = StaticRunner(model, batch_size, key[-1], graph_max_tokens=graph_max_tokens, fuse=fuse)
         except Exception as exc:  # noqa: BLE001 - unsupported architecture / cache: eager fallback
             _warn_once(f"compile=True: {type(model).__name__} falls back to the eager runner: {exc}")
             return ModelRunner(model)
@@ -318,8 +340,9 @@ def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: s
     return runner
 
 
-def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=None) -> None:
-    """Switch a generate() run (before its prefill) to static runners for target and draft model."""
+def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=None, fuse: bool = False) -> None:
+    """Switch a generate() run (before its prefill) to static runners for target and draft model
+    (``fuse``: torch.compile the forwards before capturing them; see the module docstring)."""
     from specdec.drafters import ModelDrafter
 
     if run.batch.size != 1:
@@ -330,12 +353,13 @@ def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=
     if prefix_cache is not None:
         raise ValueError("compile=True cannot be combined with prefix_cache yet: pass one of them")
     max_len = prompt_len + run.settings.max_new_tokens + k_max + 2
-    run.runner = static_runner(run.runner.model, 1, max_len, "target", graph_max_tokens=k_max + 1)
+    run.runner = static_runner(run.runner.model, 1, max_len, "target", graph_max_tokens=k_max + 1, fuse=fuse)
     _capture_all(run.runner)
     run.cache = run.runner.new_cache()
     if isinstance(run.drafter, ModelDrafter):
         # the draft feeds 1 token per forward, 2 after a step that accepted every draft
-        run.drafter.runner = static_runner(run.drafter.runner.model, 1, max_len, "draft", graph_max_tokens=2)
+        run.drafter.runner = static_runner(run.drafter.runner.model, 1, max_len, "draft", graph_max_tokens=2,
+                                           fuse=fuse)
         _capture_all(run.drafter.runner)
         run.drafter.cache = run.drafter.runner.new_cache()
 
