@@ -21,9 +21,9 @@ run) ;;
 *) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-bench]"; exit 2 ;;
 esac
 WHAT="${2:-bench}"
-if [ ! -f "$GGUF" ]; then
+if [ ! -s "$GGUF" ]; then
     [ -d .gguf2 ] && cp .gguf2/* "$M/"
-    cat "$M"/gguf.part.* > "$GGUF"
+    cat "$M"/gguf.part.* > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"   # no empty file left behind on failure
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD" SPECDEC_DEFAULT_GGUF="$GGUF" SPECDEC_CACHE=/root/cache
@@ -69,7 +69,8 @@ PY
     echo "distill done in $(( $(date +%s) - start )) s"
 fi
 if [[ ( "$WHAT" == distill && "${DISTILL_BENCH:-1}" == 1 ) || "$WHAT" == distill-bench ]]; then
-    cp "/root/distilled-ship/$SHIP" specdec/drafts/   # what `--draft distilled` loads: the shipped file
+    # what `--draft distilled` loads: the shipped file (committed, or just trained on this machine)
+    [ -f "/root/distilled-ship/$SHIP" ] && cp "/root/distilled-ship/$SHIP" specdec/drafts/
     for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled; done
 fi
 ls -la "$OUT"
