@@ -37,6 +37,9 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="auto", type=_draft_length, help="draft length: an int >= 1 or 'auto' (default)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=_positive(int), default=128)
+    p.add_argument("--compile", nargs="?", const="graphs", default=None, choices=["graphs", "inductor"],
+                   help="GPU fast path: static KV cache + CUDA graphs ('graphs', the default when given), "
+                        "or also torch.compile-fused kernels ('inductor': ~2 min compile, fastest for big models)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=_positive(float), default=None)
     p.add_argument("--top-p", type=_probability, default=None, help="in (0, 1]")
@@ -115,7 +118,7 @@ def run_generate(argv: list[str]) -> int:
     sampling = {key: v for key, v in sampling.items() if v is not None}
     _, stats = specdec.generate(model, ids, streamer=TextStreamer(tok, skip_prompt=True), tokenizer=tok,
                                 max_new_tokens=args.max_new_tokens, num_draft_tokens=k, return_stats=True,
-                                **drafting, **sampling)
+                                compile=args.compile or False, **drafting, **sampling)
     print(f"\n[{stats.summary()}]", file=sys.stderr)
     return 0
 

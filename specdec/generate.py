@@ -20,7 +20,7 @@ from specdec import verify as verify_mod
 from specdec.adapter import ModelRunner, crop, select_rows
 from specdec.config import Settings, resolve
 from specdec.draft_length import AdaptiveDraftLength, FixedDraftLength
-from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal, early_exit_model
+from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal, cached_early_exit_model
 from specdec.sampling import greedy, probabilities, sample, suppress_tokens
 from specdec.state import SlotBatch, positions_from_mask
 from specdec.stats import GenerationStats
@@ -236,7 +236,7 @@ def _pick_draft(draft_model, assistant_model, target):
         if not draft.startswith("self:") or not draft[5:].isdigit():
             raise ValueError(f"draft_model={draft!r}: a string must be 'self:N' (the target's first N layers) "
                              "or 'distilled' (the draft shipped for the bundled default model)")
-        return early_exit_model(target, int(draft[5:]))
+        return cached_early_exit_model(target, int(draft[5:]))
     if draft is not None and not (isinstance(draft, torch.nn.Module)
                                   and callable(getattr(draft, "get_input_embeddings", None))):
         raise TypeError(f"draft_model must be a causal LM sharing the target's tokenizer, or 'self:N', got "

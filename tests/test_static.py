@@ -159,3 +159,23 @@ def test_gpu_graphs_identical_fp32_and_captured_once():
     for kw in same_shapes:
         specdec.generate(model, ids, mask, max_new_tokens=40, compile=True, **kw)
     assert static.captures == before  # the second call of each kind captured nothing
+
+
+def test_compile_mode_must_be_known(models):
+    ids, mask = prompts(1, [4])
+    with pytest.raises(ValueError, match="compile must be False, True, 'graphs' or 'inductor'"):
+        specdec.generate(models["llama"], ids, mask, max_new_tokens=4, compile="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_inductor_identical_fp32_and_compiled_twice_at_most():
+    model = tiny_model("llama").cuda()
+    ids, mask = (t.cuda() for t in prompts(1, [13], seed=7))
+    for kw in ({}, dict(draft_model="self:1", num_draft_tokens=4), dict(prompt_lookup_num_tokens=4, num_draft_tokens=4)):
+        slow = specdec.generate(model, ids, mask, max_new_tokens=40, **kw)
+        fast = specdec.generate(model, ids, mask, max_new_tokens=40, compile="inductor", **kw)
+        assert torch.equal(fast, slow), kw
+    before = static.captures
+    specdec.generate(model, ids, mask, max_new_tokens=40, compile="inductor", draft_model="self:1", num_draft_tokens=4)
+    assert static.captures == before
