@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -92,3 +93,22 @@ def default_model_available() -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def run_in_threads(work, n: int, timeout: float) -> None:
+    """Run ``work(i)`` for i in 0..n-1 in n threads; fail on a hang (deadlock) or on any exception."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), f"threads did not finish in {timeout} s (deadlock?)"
+    assert not errors, errors[0]

@@ -7,7 +7,6 @@ a value derived from ids[:t+1] and the namespace, as a real model's K/V would be
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import run_in_threads
 from prefix_cache import CacheStats, PrefixCache, PrefixMatch
 from prefix_cache.keys import block_key, block_keys, namespace_bytes, root_key
 from prefix_cache.store import kv_nbytes
@@ -284,29 +284,19 @@ def test_cache_validation_messages():
 def test_cache_thread_safety():
     bs = 4
     cache = PrefixCache(max_bytes=12 * block_bytes(bs), block_size=bs, offload_bytes=6 * block_bytes(bs))
-    errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
-        try:
-            for _ in range(150):
-                ids = [rng.randrange(3) for _ in range(rng.randrange(1, 6 * bs))]
-                ns = rng.choice(NAMESPACES)
-                if rng.random() < 0.5:
-                    cache.insert(ids, fake_kv(ids, ns), namespace=ns)
-                else:
-                    with cache.match(ids, namespace=ns) as hit:
-                        assert_kv_equal(hit.kv(), fake_kv(ids[:hit.num_tokens], ns) if hit.num_tokens else [])
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
+        for _ in range(150):
+            ids = [rng.randrange(3) for _ in range(rng.randrange(1, 6 * bs))]
+            ns = rng.choice(NAMESPACES)
+            if rng.random() < 0.5:
+                cache.insert(ids, fake_kv(ids, ns), namespace=ns)
+            else:
+                with cache.match(ids, namespace=ns) as hit:
+                    assert_kv_equal(hit.kv(), fake_kv(ids[:hit.num_tokens], ns) if hit.num_tokens else [])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads), "threads did not finish in time (deadlock?)"
-    assert not errors, errors[0]
+    run_in_threads(worker, 6, timeout=30)
     check_invariants(cache)
     assert all(n.lock_ref == 0 for n in cache._tree.nodes())
 

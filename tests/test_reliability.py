@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import threading
 from contextlib import contextmanager
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 import prefix_cache.cache as cache_mod
 import specdec
 import specdec.prefill as prefill_mod
-from conftest import VOCAB, prompts, tiny_model
+from conftest import VOCAB, prompts, run_in_threads, tiny_model
 from integrations import last_stats, patched
 from prefix_cache import PrefixCache
 
@@ -240,25 +239,16 @@ def test_threads_through_one_patched_model_and_cache_match_sequential_runs():
             for t in range(4) for j in range(2)]
     expected = [specdec.generate(model, ids, max_new_tokens=MAX_NEW) for _, ids in jobs]
     cache = PrefixCache(max_bytes=64 << 20, block_size=8)
-    results, errors = [None] * len(jobs), []
+    results = [None] * len(jobs)
 
     def work(t: int) -> None:
-        try:
-            for i, (tenant, ids) in enumerate(jobs):
-                if tenant == f"tenant-{t}":
-                    TENANT.set(tenant)
-                    results[i] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for i, (tenant, ids) in enumerate(jobs):
+            if tenant == f"tenant-{t}":
+                TENANT.set(tenant)
+                results[i] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW)
 
     with patched(model, prompt_lookup_num_tokens=3, prefix_cache=cache, cache_namespace=tenant_namespace):
-        threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "threads did not finish in 60 s (deadlock?)"
-    assert not errors, errors[0]
+        run_in_threads(work, 4, timeout=60)
     assert all(torch.equal(r, e) for r, e in zip(results, expected))
     assert_consistent(cache)
     assert cache.stats.hits >= 4  # each tenant's second prompt reused its own first one
