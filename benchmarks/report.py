@@ -492,14 +492,20 @@ def plot_speedup_vs_k(rows: list[dict], path) -> Path:
         ax.axhline(sum(assisted) / len(assisted), color="gray", ls=":", lw=1.5, label="hf-assisted")
     if any(row_failure(r) for r in rows if r.get("speedup_vs_hf") is not None):
         ax.plot([], [], "x", color="red", mew=2, label="FAIL (not lossless / error)")
-    ax.set_xlabel("draft length k (tokens proposed per step)")
-    ax.set_ylabel("speedup vs hf generate() (x)")
-    ax.set_ylim(bottom=0)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    _title(ax, rows, "Speculative decoding: speedup vs draft length")
+    _frame(ax, rows, "draft length k (tokens proposed per step)", "speedup vs hf generate() (x)",
+           "Speculative decoding: speedup vs draft length")
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
+
+
+def _frame(ax, rows, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, both axes from 0, a light grid, and the title with device and dtype."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    _title(ax, rows, title)
 
 
 def _title(ax, rows, what: str):
@@ -526,12 +532,8 @@ def plot_ttft_vs_prefix(rows: list[dict], path) -> Path:
         if bad:
             ax.plot([r["prompt_tokens"] for r in bad], [r["ttft_ms"] for r in bad], "x", color="red", ms=10, mew=2,
                     label=f"{name} FAIL")
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("time to first token (ms)")
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    _title(ax, rows, "Prefill: time to first token vs prompt length")
+    _frame(ax, rows, "prompt length (tokens)", "time to first token (ms)",
+           "Prefill: time to first token vs prompt length")
     if series:
         ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)

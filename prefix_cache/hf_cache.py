@@ -73,14 +73,18 @@ def kv_from_cache(cache: Any, row: int = 0) -> KV:
     return kv
 
 
-def cache_from_kv(kv_layers: KV, config: Any) -> DynamicCache:
-    """A ``DynamicCache`` holding ``kv_layers`` (copied), ready for ``model(..., past_key_values=cache)``."""
-    check_supported(config)
+def _check_layer_count(kv_layers: KV, config: Any) -> None:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     num_layers = getattr(text, "num_hidden_layers", len(kv_layers))
     if kv_layers and len(kv_layers) != num_layers:
         raise ValueError(f"got K/V for {len(kv_layers)} layers but the model has {num_layers}; "
                          "was the prefix cached from another model? Use one namespace per model")
+
+
+def cache_from_kv(kv_layers: KV, config: Any) -> DynamicCache:
+    """A ``DynamicCache`` holding ``kv_layers`` (copied), ready for ``model(..., past_key_values=cache)``."""
+    check_supported(config)
+    _check_layer_count(kv_layers, config)
     cache = _new_dynamic_cache(config)
     for i, (k, v) in enumerate(kv_layers):
         cache.update(k, v, i)          # DynamicLayer.update concatenates, so the cache owns a copy
@@ -91,11 +95,7 @@ def cache_with_kv(kv_layers: KV, config: Any) -> DynamicCache:
     """A ``DynamicCache`` that takes ``kv_layers`` as they are (no copy): the caller hands over
     tensors it will not touch again, e.g. the views ``PrefixMatch.kv()`` returns. Later updates
     concatenate, so the cache never writes into them."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    num_layers = getattr(text, "num_hidden_layers", len(kv_layers))
-    if kv_layers and len(kv_layers) != num_layers:
-        raise ValueError(f"got K/V for {len(kv_layers)} layers but the model has {num_layers}; "
-                         "was the prefix cached from another model? Use one namespace per model")
+    _check_layer_count(kv_layers, config)
     cache = _new_dynamic_cache(config)
     layers = getattr(cache, "layers", None)
     if layers is None or len(layers) != len(kv_layers) or any(type(x) is not DynamicLayer for x in layers):
