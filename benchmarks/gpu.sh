@@ -7,7 +7,7 @@
 # WHAT: bench (default) | bench2 | sweep | batch | quant | prefix | all | distill | distill-bench
 #   distill: distil a 4-layer draft of the default model (~2.5 min of training, DISTILL_TRAIN_S),
 #     measure its acceptance vs self:4, then bench code + chat with it (DISTILL_BENCH=0 skips that).
-#     $OUT gets distill-train.json, distill-acceptance.json, the shipped int8 weights and 2 bench JSONs.
+#     $OUT gets distill-train.json, distill-acceptance.json, the shipped int4 weights and 2 bench JSONs.
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
 set -euo pipefail
 cd "$(dirname "$0")/.."

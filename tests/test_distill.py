@@ -143,6 +143,25 @@ def test_shipped_round_trip(target, tmp_path):
         shipped.load_shipped_draft(tiny_model("llama", seed=7, layers=4), path)
 
 
+def test_shipped_int4_round_trip_is_smaller_and_lossless(target, tmp_path):
+    draft = model.build_draft(target, [1, 2], dtype=torch.float32)
+    path8 = shipped.export_shipped(draft, target, tmp_path / "int8.safetensors", [1, 2])
+    path4 = shipped.export_shipped(draft, target, tmp_path / "int4.safetensors", [1, 2], bits=4)
+    assert path4.stat().st_size < 0.75 * path8.stat().st_size
+    loaded = shipped.load_shipped_draft(target, path4)
+    ours, theirs = model.own_state_dict(loaded, target), model.own_state_dict(draft, target)
+    for k in ours:  # int4 per group of 32: error <= half a step of the group's range (+ fp16 rounding)
+        if theirs[k].dim() == 2:
+            groups = theirs[k].reshape(theirs[k].shape[0], -1, shipped.INT4_GROUP)
+            step = (groups.amax(-1) - groups.amin(-1)).repeat_interleave(shipped.INT4_GROUP, dim=1) / 15
+            assert ((ours[k] - theirs[k]).abs() <= 0.51 * step + 1e-3).all(), k
+    ids, mask = prompts(1, [8], seed=3)
+    out = specdec.generate(target, ids, mask, draft_model=loaded, num_draft_tokens=4, max_new_tokens=10)
+    assert torch.equal(out, hf_greedy(target, ids, mask, 10))
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        shipped.export_shipped(draft, target, tmp_path / "x.safetensors", [1, 2], bits=2)
+
+
 def test_distilled_by_name_needs_a_shipped_file(target):
     ids, mask = prompts(1, [5])
     with pytest.raises(ValueError, match="specdec distill"):

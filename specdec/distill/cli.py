@@ -31,7 +31,7 @@ EPILOG = """\
 examples:
   specdec distill --layers 4 --steps 2000 --out drafts/smol-L4          # bundled SmolLM2-135M, GPU
   specdec distill --target ./my-model --layers 2 --time-budget 600 --text notes.md --out ./my-draft
-  specdec distill --layers 4 --steps 2000 --out d --ship d/smol-L4.safetensors   # + int8 file to ship
+  specdec distill --layers 4 --steps 2000 --out d --ship d/smol-L4.safetensors   # + int4 file to ship
 then:
   specdec generate "def fib(n):" --draft d
   specdec bench --workload code --draft d
@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out prompts per workload for the final specdec.generate measurement "
                         "(default: all on GPU, 2 on CPU; 0 skips it)")
     p.add_argument("--ship", default=None, metavar="FILE",
-                   help="also write the draft's own weights, int8, to this .safetensors file "
-                        "(what specdec/drafts/ holds)")
+                   help="also write the draft's own weights to this .safetensors file "
+                        "(what specdec/drafts/ holds), quantized to --ship-bits")
+    p.add_argument("--ship-bits", type=int, default=4, choices=(4, 8),
+                   help="int4 (group 32; default, about half the bytes) or int8 (per channel) for --ship")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="target dtype (the draft trains in float32 under autocast); "
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     record = _record(args, target, layers, generated, gen_s, texts, trained)
     if args.ship:
         info = dict(steps=trained.steps, acceptance=trained.acceptance[-1][1] if trained.acceptance else None)
-        path = shipped.export_shipped(draft, target, args.ship, layers, name=Path(args.ship).stem, info=info)
+        path = shipped.export_shipped(draft, target, args.ship, layers, name=Path(args.ship).stem, info=info,
+                                      bits=args.ship_bits)
         record["shipped"] = dict(path=str(path), bytes=path.stat().st_size)
         log.info("wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
     if args.final_prompts != 0:
@@ -196,13 +199,13 @@ def _cast_own(draft, target) -> None:
 
 
 def _final_acceptance(target, draft, layers, held, args) -> dict:
-    """specdec.generate (greedy, k=4) on held-out prompts: distilled vs shipped int8 vs untrained self:N."""
+    """specdec.generate (greedy, k=4) on held-out prompts: distilled vs its shipped (quantized) file vs untrained self:N."""
     import specdec
     from specdec.distill import evaluate, shipped
 
     drafts = {"distilled": draft, f"self:{len(layers)}": specdec.early_exit_model(target, len(layers))}
     if args.ship:
-        drafts["distilled-int8"] = shipped.load_shipped_draft(target, args.ship)
+        drafts[f"distilled-int{args.ship_bits}"] = shipped.load_shipped_draft(target, args.ship)
     n = args.final_prompts
     out = {}
     for name, d in drafts.items():

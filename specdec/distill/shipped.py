@@ -1,8 +1,9 @@
-"""Drafts small enough to ship: only the draft's own weights, int8, in one safetensors file.
+"""Drafts small enough to ship: only the draft's own weights, int8 or int4, in one safetensors file.
 
 A distilled draft shares its embeddings and head with the target, so what it adds is its
 decoder layers and norms. :func:`export_shipped` stores those (2-D weights int8 with one
-scale per output channel, ``quant.int8``; 1-D tensors float32) plus metadata naming the
+scale per output channel, ``quant.int8``, or int4 with a float16 scale and zero per group of
+32, ``quant.int4``, about half the bytes; 1-D tensors float32) plus metadata naming the
 target layers it was built on and a fingerprint of the target. :func:`load_shipped_draft`
 rebuilds the full draft around a loaded target, sharing the target's tensors, so it costs
 the target nothing but those layers. Files for the bundled default model live in
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import torch
 
+from quant.int4 import dequantize_int4, quantize_int4
 from quant.int8 import dequantize_int8, quantize_int8
 from specdec.distill.model import build_draft, own_parameters, own_state_dict
 
 FORMAT = "specdec-draft/1"
 DRAFTS_DIR = Path(__file__).resolve().parent.parent / "drafts"
 _SCALE = ".__scale__"
+_ZERO = ".__zero__"          # int4 only
+INT4_GROUP = 32
 _PROBE_ROWS = (1, 100, 1000)  # embedding rows (clamped to the vocabulary) in the fingerprint
 _cache: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 
@@ -47,14 +51,19 @@ def _matches(saved: dict, target) -> bool:
 
 
 def export_shipped(draft, target, path: str | Path, layers: list[int], name: str = "",
-                   info: dict | None = None) -> Path:
-    """Write ``draft``'s own weights (int8 matrices, float32 vectors) to ``path`` (.safetensors)."""
+                   info: dict | None = None, bits: int = 8) -> Path:
+    """Write ``draft``'s own weights (int8 or int4 matrices, float32 vectors) to ``path`` (.safetensors)."""
     from safetensors.torch import save_file
 
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     tensors = {}
     for key, value in own_state_dict(draft, target).items():
         value = value.detach().float().cpu()
-        if value.dim() == 2:
+        if value.dim() == 2 and bits == 4:
+            packed, scales, zeros = quantize_int4(value.half(), group_size=INT4_GROUP)
+            tensors[key], tensors[key + _SCALE], tensors[key + _ZERO] = packed.contiguous(), scales, zeros
+        elif value.dim() == 2:
             q, scales = quantize_int8(value)
             tensors[key], tensors[key + _SCALE] = q.contiguous(), scales.float()
         else:
@@ -131,14 +140,16 @@ def _load_own(draft, target, path) -> None:
     saved = load_file(str(path))
     own = own_state_dict(draft, target)
     wanted = set(own)
-    stored = {k for k in saved if not k.endswith(_SCALE)}
+    stored = {k for k in saved if not k.endswith((_SCALE, _ZERO))}
     if wanted != stored:
         raise ValueError(f"{path} does not fit this target's draft: missing {sorted(wanted - stored)[:3]}, "
                          f"unexpected {sorted(stored - wanted)[:3]}")
     with torch.no_grad():
         for key, tensor in own.items():
             value = saved[key]
-            if key + _SCALE in saved:
+            if key + _ZERO in saved:
+                value = dequantize_int4(value, saved[key + _SCALE], saved[key + _ZERO], torch.float32)
+            elif key + _SCALE in saved:
                 value = dequantize_int8(value, saved[key + _SCALE], torch.float32)
             tensor.copy_(value.to(tensor.dtype))
     for p in own_parameters(draft, target):
