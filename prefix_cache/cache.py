@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .keys import TokenIds, as_token_list, chain_keys
-from .store import KV, Block, Layout, SpillStore, block_nbytes, concat_parts, cut_blocks, layout_of, stack_kv, to_home
+from .keys import BlockChain, TokenIds, token_array
+from .store import (KV, Block, Layout, Segment, SpillStore, block_nbytes, compact, concat_parts, cut_blocks,
+                    layout_of, stack_kv, to_home)
 from .tree import Node, RadixTree
 
 
@@ -59,7 +60,10 @@ class PrefixMatch:
         shape); ``layout.split`` turns batched parts into per-layer views. [] on a miss."""
         if self.released and self.nodes:
             raise RuntimeError("kv() after release(): read the K/V before releasing the match")
-        return concat_parts([node.handle for node in self.nodes])
+        if self.cache is None:
+            return concat_parts([node.handle for node in self.nodes])
+        with self.cache._lock:           # another thread's eviction may be compacting these blocks' segment
+            return concat_parts([node.handle for node in self.nodes])
 
     def kv_tensor(self) -> torch.Tensor:
         """The matched K/V as one tensor (layers, 2, heads, num_tokens, head_dim); layer i's key is
@@ -103,6 +107,7 @@ class PrefixCache:
         self._spill = SpillStore(self.offload_bytes)
         self._spilling = self.offload_bytes > 0     # whether evicted blocks go to the spill store
         self._stats = CacheStats()
+        self._shrunk: list[Segment] = []             # segments that lost blocks since the last compaction
 
     @property
     def nbytes(self) -> int:
@@ -121,14 +126,14 @@ class PrefixCache:
 
         The returned match locks its blocks: call ``release`` (or use it as a context manager).
         """
-        ids = as_token_list(token_ids)
+        ids = token_array(token_ids)
         usable = max(len(ids) - 1, 0) // self.block_size
-        keys, blocks = self._chain(ids[:usable * self.block_size], namespace)
+        chain = BlockChain(ids[:usable * self.block_size], self.block_size, namespace)
         with self._lock:
-            path = self._tree.match(keys, blocks)
+            path = self._tree.match(chain.iter_keys(), chain.iter_tokens())   # hashes stop at the first miss
             self._tree.lock(path)
             try:
-                self._reload(path, keys, blocks)
+                self._reload(path, chain)
             except BaseException:                          # OOM bringing a block back, Ctrl-C: no lock leaks
                 self._tree.release(path)
                 raise
@@ -151,22 +156,23 @@ class PrefixCache:
         blocks to stay within ``max_bytes``; if the new blocks still don't fit, stores the prefix
         that does.
         """
-        ids = as_token_list(token_ids)
+        ids = token_array(token_ids)
         _check_kv(kv_layers, len(ids))
-        n = len(ids) // self.block_size
-        keys, blocks = self._chain(ids[:n * self.block_size], namespace)
+        chain = BlockChain(ids, self.block_size, namespace)
         with self._lock:
-            path = self._tree.match(keys, blocks)
+            path = self._tree.match(chain.iter_keys(), chain.iter_tokens())
             self._tree.lock(path)
             try:
-                return self._store_new(path, keys, blocks, kv_layers) * self.block_size
+                return self._store_new(path, chain, kv_layers) * self.block_size
             finally:
                 self._tree.release(path)
 
     def evict(self, nbytes: int) -> int:
         """Free at least ``nbytes`` of device memory if unreferenced blocks allow; returns bytes freed."""
         with self._lock:
-            return sum(node.nbytes for node in self._tree.evict(nbytes))
+            freed = sum(node.nbytes for node in self._tree.evict(nbytes))
+            self._compact()
+            return freed
 
     def clear(self) -> None:
         """Drop every block not held by an unreleased match, spilled ones included (stats are kept)."""
@@ -176,23 +182,21 @@ class PrefixCache:
                 self._tree.clear()
             finally:
                 self._spilling, self._stats.evictions = self.offload_bytes > 0, evictions
+                self._compact()
             self._spill.clear()
 
     # -- internals (called with the lock held) ------------------------------------------------
 
-    def _chain(self, ids: Sequence[int], namespace: str | None) -> tuple[list[int], list[tuple[int, ...]]]:
-        """Block keys and block tokens of ``ids`` (whose length is a multiple of block_size)."""
-        return chain_keys(ids, self.block_size, namespace)
-
-    def _store_new(self, path: list[Node], keys: list[int], blocks: list[tuple[int, ...]], kv_layers: KV) -> int:
+    def _store_new(self, path: list[Node], chain: BlockChain, kv_layers: KV) -> int:
         """Append new blocks after ``path`` (locked, extended in place); returns how many.
 
-        All new blocks are cut from one stack of the row's K/V: O(blocks) tensor ops, not
-        O(blocks * layers).
+        All new blocks are views of one stack of the row's K/V (a ``Segment``): a copy per
+        insert, not per block or layer.
         """
         start, bs = len(path), self.block_size
-        if start == len(keys) or keys[start] in (path[-1] if path else self._tree.root).children:
+        if start == len(chain) or chain.key(start) in (path[-1] if path else self._tree.root).children:
             return 0                                        # nothing new, or a key collision
+        keys, blocks = chain.keys(), chain.all_tokens(start)
         per_block = block_nbytes(kv_layers, bs)
         self._make_room((len(keys) - start) * per_block)
         count = min(len(keys) - start, max(self.max_bytes - self._tree.nbytes, 0) // per_block)
@@ -200,28 +204,33 @@ class PrefixCache:
             return 0                                        # out of budget
         layout = layout_of(kv_layers)
         parts = stack_kv(kv_layers, start * bs, (start + count) * bs, layout)
-        for i, block in enumerate(cut_blocks(parts, bs, layout), start):
-            self._spill.discard(keys[i])
-            self._add(path[-1] if path else self._tree.root, keys[i], blocks[i], block, path)
-            self._stats.inserted_blocks += 1
+        parent = path[-1] if path else self._tree.root
+        for i, block in enumerate(cut_blocks(parts, bs, layout, fresh=True), start):
+            if len(self._spill):
+                self._spill.discard(keys[i])
+            parent = self._tree.insert(parent, keys[i], blocks[i - start], block, block.nbytes)
+            parent.lock_ref += 1                            # held like the matched path, until insert returns
+            path.append(parent)
+        self._stats.inserted_blocks += count
         return count
 
-    def _reload(self, path: list[Node], keys: list[int], blocks: list[tuple[int, ...]]) -> None:
+    def _reload(self, path: list[Node], chain: BlockChain) -> None:
         """Extend a locked match ``path`` with spilled blocks brought back to the device."""
-        while len(path) < len(keys) and self._spill.contains(keys[len(path)], blocks[len(path)]):
+        while len(self._spill) and len(path) < len(chain):
             i, parent = len(path), (path[-1] if path else self._tree.root)
-            if keys[i] in parent.children:
-                break                                       # a key collision
-            block = self._spill.pop(keys[i])                # popped first: making room may spill more
+            key, tokens = chain.key(i), chain.tokens(i)
+            if not self._spill.contains(key, tokens) or key in parent.children:
+                break                                       # not spilled, or a key collision
+            block = self._spill.pop(key)                    # popped first: making room may spill more
             try:
                 home = to_home(block) if self._make_room(block.nbytes) else None
             except BaseException:
-                self._spill.restore(keys[i], blocks[i], block)
+                self._spill.restore(key, tokens, block)
                 raise
             if home is None:
-                self._spill.restore(keys[i], blocks[i], block)
+                self._spill.restore(key, tokens, block)
                 break
-            self._add(parent, keys[i], blocks[i], home, path)
+            self._add(parent, key, tokens, home, path)
             self._stats.reloads += 1
 
     def _add(self, parent: Node, key: int, tokens: tuple[int, ...], block: Block, path: list[Node]) -> None:
@@ -234,6 +243,7 @@ class PrefixCache:
         excess = self._tree.nbytes + nbytes - self.max_bytes
         if excess > 0:
             self._tree.evict(excess)
+            self._compact()
         return self._tree.nbytes + nbytes <= self.max_bytes
 
     def _free(self, node: Node) -> None:
@@ -241,7 +251,16 @@ class PrefixCache:
         self._stats.evictions += 1
         if self._spilling and self._spill.spill(node.key, node.tokens, node.handle):
             self._stats.offloads += 1
-        node.handle = None
+        block, node.handle = node.handle, None
+        block.alive = False
+        if block.segment is not None:
+            self._shrunk.append(block.segment)
+
+    def _compact(self) -> None:
+        """Give evicted blocks' bytes back: shrink each segment that lost blocks (one copy each)."""
+        shrunk, self._shrunk = {id(s): s for s in self._shrunk}, []
+        for segment in shrunk.values():
+            compact(segment)
 
     def _count_match(self, path: list[Node]) -> None:
         for node in path:

@@ -42,10 +42,7 @@ def block_key(parent_key: int, tokens: Sequence[int], ns: bytes) -> int:
 def as_token_list(token_ids: TokenIds) -> list[int]:
     """Token ids as a list of Python ints; ValueError for anything else (floats, 2-D tensors, bools)."""
     if isinstance(token_ids, torch.Tensor):
-        if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.is_complex() \
-                or token_ids.dtype == torch.bool:
-            raise ValueError(f"token_ids must be a 1-D integer tensor (select one row first), "
-                             f"got shape {tuple(token_ids.shape)} dtype {token_ids.dtype}")
+        _check_tensor(token_ids)
         return token_ids.tolist()
     ids = list(token_ids)
     if all(type(t) is int for t in ids):  # the common case, ~20x cheaper than the checks below
@@ -57,33 +54,85 @@ def as_token_list(token_ids: TokenIds) -> list[int]:
     return [int(t) for t in ids]
 
 
-def token_blocks(ids: Sequence[int], block_size: int) -> list[tuple[int, ...]]:
-    """The full blocks of ``ids`` as tuples (a trailing partial block is dropped)."""
-    n = len(ids) // block_size
-    return [tuple(ids[i * block_size:(i + 1) * block_size]) for i in range(n)]
+def _check_tensor(token_ids: torch.Tensor) -> None:
+    if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.is_complex() \
+            or token_ids.dtype == torch.bool:
+        raise ValueError(f"token_ids must be a 1-D integer tensor (select one row first), "
+                         f"got shape {tuple(token_ids.shape)} dtype {token_ids.dtype}")
 
 
-def chain_keys(ids: Sequence[int], block_size: int, namespace: str | None = None
-               ) -> tuple[list[int], list[tuple[int, ...]]]:
-    """Chained keys and token tuples of the full blocks of ``ids`` (a list of ints).
+def token_array(token_ids: TokenIds) -> np.ndarray:
+    """Token ids as a 1-D int64 array; ValueError for anything else (floats, 2-D tensors, bools).
 
-    Same keys as ``block_key`` block by block, but the token bytes are made in one go.
+    Tensors and integer lists convert in C: no per-token Python work on the common paths.
     """
-    n = len(ids) // block_size
-    blocks = token_blocks(ids, block_size)
-    if not n:
-        return [], blocks
-    ns, key, keys = namespace_bytes(namespace), root_key(namespace), []
-    raw, step = np.asarray(ids[:n * block_size], dtype="<i8").tobytes(), 8 * block_size
-    digest = xxhash.xxh3_64_intdigest
-    for lo in range(0, n * step, step):
-        key = digest(key.to_bytes(8, "little") + raw[lo:lo + step] + ns)
-        keys.append(key)
-    return keys, blocks
+    if isinstance(token_ids, torch.Tensor):
+        _check_tensor(token_ids)
+        return token_ids.detach().cpu().numpy().astype(np.int64, copy=False)
+    if not isinstance(token_ids, np.ndarray):
+        token_ids = list(token_ids)
+    try:
+        arr = np.asarray(token_ids) if len(token_ids) else np.zeros(0, dtype=np.int64)
+    except (ValueError, TypeError, OverflowError):
+        arr = None
+    if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":
+        return np.asarray(as_token_list(token_ids), dtype=np.int64)   # raises the precise ValueError
+    return arr.astype(np.int64, copy=False)
+
+
+class BlockChain:
+    """The full blocks of one prompt, their chained keys computed on demand.
+
+    A lookup walks the tree block by block and stops at the first miss, so a prompt that
+    shares nothing with the cache hashes one block, whatever its length.
+    """
+
+    def __init__(self, ids: np.ndarray, block_size: int, namespace: str | None = None) -> None:
+        self.block_size = block_size
+        self.num_blocks = len(ids) // block_size
+        self._ids = ids[: self.num_blocks * block_size]
+        self._raw = self._ids.astype("<i8", copy=False).tobytes()
+        self._ns = namespace_bytes(namespace)
+        self._keys: list[int] = []
+        self._last = root_key(namespace)
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def key(self, i: int) -> int:
+        """Key of block i (hashing blocks up to i the first time)."""
+        step, digest = 8 * self.block_size, xxhash.xxh3_64_intdigest
+        while len(self._keys) <= i:
+            lo = len(self._keys) * step
+            self._last = digest(self._last.to_bytes(8, "little") + self._raw[lo:lo + step] + self._ns)
+            self._keys.append(self._last)
+        return self._keys[i]
+
+    def tokens(self, i: int) -> tuple[int, ...]:
+        """Token ids of block i."""
+        return tuple(self._ids[i * self.block_size:(i + 1) * self.block_size].tolist())
+
+    def keys(self) -> list[int]:
+        """Keys of every block."""
+        if self.num_blocks:
+            self.key(self.num_blocks - 1)
+        return list(self._keys)
+
+    def all_tokens(self, first: int = 0) -> list[tuple[int, ...]]:
+        """Token ids of blocks ``first..``."""
+        rows = self._ids[first * self.block_size:].reshape(-1, self.block_size).tolist()
+        return list(map(tuple, rows))
+
+    def iter_keys(self):
+        """Keys in order, hashed lazily (for a walk that may stop early)."""
+        return (self.key(i) for i in range(self.num_blocks))
+
+    def iter_tokens(self):
+        return (self.tokens(i) for i in range(self.num_blocks))
 
 
 def block_keys(ids: TokenIds, block_size: int, namespace: str | None = None) -> list[int]:
     """Chained keys of the full blocks of ``ids`` (one key per block)."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return chain_keys(as_token_list(ids), block_size, namespace)[0]
+    return BlockChain(token_array(ids), block_size, namespace).keys()

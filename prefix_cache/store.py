@@ -66,20 +66,51 @@ def layout_of(kv_layers: KV) -> Layout:
 
 @dataclass(eq=False)
 class Block:
-    """One block's K/V for every layer: each part (members, heads, block_size, head_dim), owning its storage."""
+    """One block's K/V for every layer: each part (members, heads, block_size, head_dim).
 
-    parts: tuple[torch.Tensor, ...]
+    Blocks cut by one insert are views of one shared ``Segment`` (one copy per insert, not
+    one per block); blocks reloaded from CPU own their storage (``segment`` is None).
+    """
+
+    own: tuple[torch.Tensor, ...]          # the block's own parts; () when it lives in a segment
     layout: Layout
     nbytes: int                            # bytes of all parts
+    segment: Segment | None = None         # the storage this block is a slice of
+    index: int = 0                         # position in the segment, in blocks
+    alive: bool = True                     # False once evicted (its bytes leave the segment)
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """Per part (members, heads, block_size, head_dim): its own tensors, or views of its segment."""
+        if self.segment is None:
+            return self.own
+        return tuple(self.segment.view(g, self.index, self.index + 1) for g in range(len(self.segment.parts)))
 
     @property
     def device(self) -> torch.device:
-        return self.parts[0].device
+        return (self.own or self.segment.parts)[0].device
 
     @property
     def kv(self) -> KV:
         """Per layer (k, v), each (1, heads, block_size, head_dim) (views)."""
         return self.layout.split([p.unsqueeze(1) for p in self.parts])
+
+
+@dataclass(eq=False)
+class Segment:
+    """The storage of consecutive blocks cut by one insert: parts (members, heads, n * bs, head_dim).
+
+    Its bytes are freed when its last block goes; when only some go, ``compact`` copies the
+    survivors into smaller storage, so evicted bytes really leave the device.
+    """
+
+    parts: tuple[torch.Tensor, ...]
+    blocks: list[Block]
+    block_size: int
+
+    def view(self, g: int, first: int, stop: int) -> torch.Tensor:
+        """Part ``g`` of blocks ``first..stop-1`` (a view)."""
+        return self.parts[g][:, :, first * self.block_size:stop * self.block_size]
 
 
 def parts_nbytes(parts: Sequence[torch.Tensor]) -> int:
@@ -117,31 +148,64 @@ def stack_kv(kv_layers: KV, start: int, stop: int, layout: Layout) -> list[torch
     return parts
 
 
-def cut_blocks(parts: Sequence[torch.Tensor], block_size: int, layout: Layout) -> list[Block]:
-    """Cut stacked parts (members, heads, n * block_size, head_dim) into n blocks, each owning a copy."""
+def cut_blocks(parts: Sequence[torch.Tensor], block_size: int, layout: Layout, fresh: bool = False) -> list[Block]:
+    """Cut stacked parts (members, heads, n * block_size, head_dim) into n blocks that are views
+    of one ``Segment``: one copy per part in all (none if ``fresh``: the parts are a private copy)."""
     n = parts[0].shape[2] // block_size
-    fmt = torch.contiguous_format
-    pieces = [p.unflatten(2, (n, block_size)).unbind(2) for p in parts]      # per part: n views
-    blocks = []
-    for i in range(n):
-        own = tuple(piece[i].clone(memory_format=fmt) for piece in pieces)  # (members, heads, bs, dim)
-        blocks.append(Block(parts=own, layout=layout, nbytes=parts_nbytes(own)))
-    return blocks
+    own = tuple(p if fresh and p.is_contiguous() else p.clone(memory_format=torch.contiguous_format)
+                for p in parts)
+    segment = Segment(parts=own, blocks=[], block_size=block_size)
+    per_block = parts_nbytes(own) // n if n else 0
+    segment.blocks = [Block(own=(), layout=layout, nbytes=per_block, segment=segment, index=i) for i in range(n)]
+    return list(segment.blocks)
+
+
+def compact(segment: Segment) -> None:
+    """Free the bytes of a segment's evicted blocks: its live blocks move to fresh, smaller
+    storage (one copy per part); a segment with no live block lets its storage go."""
+    live = [b for b in segment.blocks if b.alive]
+    if len(live) == len(segment.blocks):
+        return
+    segment.blocks = live
+    if not live:
+        segment.parts = ()
+        return
+    segment.parts = tuple(concat_parts(live))
+    for i, block in enumerate(live):
+        block.index = i
+
+
+def _runs(blocks: Sequence[Block]) -> list[list]:
+    """Blocks grouped into runs of consecutive views of one segment: [segment, first, stop, block]."""
+    runs: list[list] = []
+    for b in blocks:
+        last = runs[-1] if runs else None
+        if last is not None and b.segment is not None and last[0] is b.segment and b.index == last[2]:
+            last[2] += 1
+        else:
+            runs.append([b.segment, b.index, b.index + 1, b])
+    return runs
 
 
 def concat_parts(blocks: Sequence[Block]) -> list[torch.Tensor]:
     """The blocks' parts concatenated along the token dim: per part (members, heads, n*bs, head_dim).
 
-    One ``torch.cat`` per part (one in the usual case); the result is a fresh tensor.
+    One ``torch.cat`` per part (one in the usual case) over runs of consecutive blocks, so a
+    prefix stored by one insert is one slice; the result is a fresh tensor.
     """
     if not blocks:
         return []
     if any(b.layout != blocks[0].layout for b in blocks[1:]):
         raise RuntimeError("matched blocks come from models of different shapes; "
                            "use one cache namespace per model")
-    home = blocks[0].device
-    return [torch.cat([b.parts[g] if b.device == home else b.parts[g].to(home) for b in blocks], dim=2)
-            for g in range(len(blocks[0].parts))]
+    home, runs = blocks[0].device, _runs(blocks)
+
+    def piece(run: list, g: int) -> torch.Tensor:
+        segment, first, stop, block = run
+        t = block.parts[g] if segment is None else segment.view(g, first, stop)
+        return t if t.device == home else t.to(home)
+
+    return [torch.cat([piece(r, g) for r in runs], dim=2) for g in range(len(blocks[0].parts))]
 
 
 def concat_blocks(blocks: Sequence[Block]) -> KV:
@@ -158,13 +222,13 @@ def to_cpu(block: Block) -> Block:
     def host(t: torch.Tensor) -> torch.Tensor:
         return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin).copy_(t)
 
-    return Block(parts=tuple(host(p) for p in block.parts), layout=block.layout, nbytes=block.nbytes)
+    return Block(own=tuple(host(p) for p in block.parts), layout=block.layout, nbytes=block.nbytes)
 
 
 def to_home(block: Block) -> Block:
     """The block moved back to the device it came from (that of the first layer)."""
     home = block.layout.devices[0]
-    return Block(parts=tuple(p.to(home) for p in block.parts), layout=block.layout, nbytes=block.nbytes)
+    return Block(own=tuple(p.to(home) for p in block.parts), layout=block.layout, nbytes=block.nbytes)
 
 
 class SpillStore:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """One block of the tree."""
 
@@ -64,7 +64,7 @@ class RadixTree:
         parent = parent or self.root
         if key in parent.children:
             raise KeyError(f"block key {key:#x} already present under this parent")
-        node = Node(key=key, parent=parent, tokens=tuple(tokens), handle=handle, nbytes=nbytes,
+        node = Node(key, parent, tokens if type(tokens) is tuple else tuple(tokens), handle, nbytes,
                     last_access=self._tick())
         parent.children[key] = node
         self.nbytes += nbytes

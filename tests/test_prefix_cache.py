@@ -51,7 +51,7 @@ def assert_kv_equal(got, want) -> None:
 
 def check_invariants(cache: PrefixCache, namespaces=NAMESPACES, outstanding: list[PrefixMatch] = ()) -> None:
     """Keys chain correctly, ref counts match live matches, bytes add up and stay in budget."""
-    tree, total, refs = cache._tree, 0, {}
+    tree, total, refs, storages = cache._tree, 0, {}, {}
     for m in outstanding:
         if not m.released:
             for n in m.nodes:
@@ -67,12 +67,13 @@ def check_invariants(cache: PrefixCache, namespaces=NAMESPACES, outstanding: lis
             assert len(node.tokens) == cache.block_size
             assert node.lock_ref == refs.pop(id(node), 0) >= 0
             assert node.handle is not None and node.nbytes == kv_nbytes(node.handle.kv)
-            for part in node.handle.parts:                   # each block owns exactly its storage
-                assert part.is_contiguous() and part.untyped_storage().nbytes() == part.numel() * part.element_size()
+            for part in node.handle.parts:
+                storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
             total += node.nbytes
             stack.extend(node.children.values())
     assert not refs, "a locked node was evicted"
     assert total == tree.nbytes == cache.nbytes <= cache.max_bytes
+    assert sum(storages.values()) == total, "evicted blocks' bytes are still held (segments not compacted)"
     assert cache._spill.nbytes <= cache.offload_bytes
 
 
@@ -457,3 +458,28 @@ class CacheMachine(RuleBasedStateMachine):
 
 TestCacheMachine = CacheMachine.TestCase
 TestCacheMachine.settings = settings(max_examples=160, stateful_step_count=100, deadline=None)  # ~12k steps
+
+
+def test_evicting_part_of_an_insert_frees_its_bytes():
+    cache = PrefixCache(max_bytes=1 << 20, block_size=4)
+    ids = list(range(32))
+    kv = fake_kv(ids)
+    cache.insert(ids, kv)
+    per_block = cache.nbytes // 8
+    assert cache.evict(3 * per_block) == 3 * per_block
+    check_invariants(cache)                                 # storage held == 5 blocks' bytes
+    with cache.match(ids) as m:
+        assert m.num_tokens == 20
+        assert_kv_equal(m.kv(), [(k[:, :, :20], v[:, :, :20]) for k, v in kv])
+
+
+def test_a_full_miss_hashes_one_block(monkeypatch):
+    import prefix_cache.keys as keys_mod
+
+    calls = []
+    real = keys_mod.xxhash.xxh3_64_intdigest
+    monkeypatch.setattr(keys_mod.xxhash, "xxh3_64_intdigest", lambda *a: calls.append(1) or real(*a))
+    cache = PrefixCache(max_bytes=1 << 20, block_size=4)
+    with cache.match(torch.arange(8192)) as m:
+        assert m.num_tokens == 0
+    assert len(calls) <= 2                                  # the namespace's root key + block 0
