@@ -7,8 +7,12 @@ For each shared-prefix length L: prompt = L tokens of real text + a 16-token que
 Each call is generate(max_new_tokens=1), median of --repeats, timed two ways:
   ttft_*:  time to the first new token, seen by a streamer (its first put after the prompt's),
            i.e. what a user waits for; the row's K/V is stored in the cache after that.
-  call_*:  the whole call, which also includes storing the finished row in the cache.
-miss_overhead = cold / miss - 1 on TTFT, call_miss_overhead the same on whole calls.
+  call_*:  the whole call, which also includes storing the finished row in the cache
+           (the worst case for the overhead: a call that generates one token).
+  gen_*:   whole calls generating --gen-tokens tokens (a typical call), miss and cold only.
+miss_overhead = cold / miss - 1 on TTFT, call_/gen_miss_overhead the same on whole calls.
+--compile runs every call with compile=True (static cache + CUDA graphs: a hit's suffix
+runs as one graph replay, padded to 32/64/128/256 tokens).
 
     python -m benchmarks.prefix_bench --device cuda --model 1b --out DIR
     python -m benchmarks.prefix_bench                      # CPU, bundled default model
@@ -49,12 +53,13 @@ class _FirstToken:
         pass
 
 
-def timed(model, ids, device, cache=None) -> tuple[float, float]:
-    """(seconds to the first new token, seconds for the whole call) of generate(max_new_tokens=1)."""
+def timed(model, ids, device, cache=None, new_tokens: int = 1, compile: bool = False) -> tuple[float, float]:
+    """(seconds to the first new token, seconds for the whole call) of generate(max_new_tokens=new_tokens)."""
     streamer = _FirstToken()
     _sync(device)
     start = time.perf_counter()
-    specdec.generate(model, ids, max_new_tokens=1, prefix_cache=cache, streamer=streamer)
+    specdec.generate(model, ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, prefix_cache=cache,
+                     streamer=streamer, compile=compile)
     _sync(device)
     return streamer.at - start, time.perf_counter() - start
 
@@ -74,29 +79,46 @@ def _text_ids(tok, n_tokens: int, vocab: int) -> list[int]:
     return ids[:n_tokens]
 
 
-def measure_length(model, tok, length: int, device, repeats: int) -> dict:
+def measure_length(model, tok, length: int, device, repeats: int, gen_tokens: int = 0, compile: bool = False) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
     prefix = _text_ids(tok, length, vocab)
     questions = [_text_ids(None, 16 + i, vocab)[-16:] for i in range(repeats + 1)]
     make = lambda q: torch.tensor([prefix + q], device=device)  # noqa: E731
-    miss, cold, hit = [], [], []
+    miss, cold, hit, gen_miss, gen_cold = [], [], [], [], []
     cache = PrefixCache(max_bytes=8 << 30)
-    timed(model, make(questions[0]), device, cache)
+    timed(model, make(questions[0]), device, cache, compile=compile)
+    timed(model, make(questions[0]), device, cache, compile=compile)          # graphs of this suffix size
+    timed(model, make(questions[0]), device, PrefixCache(max_bytes=8 << 30), compile=compile)
     for q in questions[1:]:                  # interleaved, so machine noise hits all three alike
-        miss.append(timed(model, make(q), device))
-        cold.append(timed(model, make(q), device, PrefixCache(max_bytes=8 << 30)))
-        hit.append(timed(model, make(q), device, cache))
+        miss.append(timed(model, make(q), device, compile=compile))
+        cold.append(timed(model, make(q), device, PrefixCache(max_bytes=8 << 30), compile=compile))
+        hit.append(timed(model, make(q), device, cache, compile=compile))
+        if gen_tokens:
+            gen_miss.append(timed(model, make(q), device, None, gen_tokens, compile)[1])
+            gen_cold.append(timed(model, make(q), device, PrefixCache(max_bytes=8 << 30), gen_tokens, compile)[1])
     start = time.perf_counter()
     with cache.match(prefix + questions[1]) as m:
         matched = m.num_tokens
     match_ms = 1e3 * (time.perf_counter() - start)
     (tm, cm), (tc, cc), (th, ch) = ([statistics.median(t[i] for t in runs) for i in (0, 1)]
                                     for runs in (miss, cold, hit))
-    return dict(shared_tokens=length, prompt_tokens=length + 16, ttft_miss_ms=1e3 * tm,
-                ttft_cold_ms=1e3 * tc, ttft_hit_ms=1e3 * th, call_miss_ms=1e3 * cm, call_cold_ms=1e3 * cc,
-                call_hit_ms=1e3 * ch, matched_tokens=matched, hit_speedup=tm / th, miss_overhead=tc / tm - 1,
-                call_hit_speedup=cm / ch, call_miss_overhead=cc / cm - 1, match_ms=match_ms,
-                cache_bytes=cache.nbytes)
+    row = dict(shared_tokens=length, prompt_tokens=length + 16, ttft_miss_ms=1e3 * tm,
+               ttft_cold_ms=1e3 * tc, ttft_hit_ms=1e3 * th, call_miss_ms=1e3 * cm, call_cold_ms=1e3 * cc,
+               call_hit_ms=1e3 * ch, matched_tokens=matched, hit_speedup=tm / th, miss_overhead=tc / tm - 1,
+               call_hit_speedup=cm / ch, call_miss_overhead=cc / cm - 1, match_ms=match_ms,
+               miss_match_ms=_miss_match_ms(cache, prefix, vocab), cache_bytes=cache.nbytes)
+    if gen_tokens:
+        gm, gc = statistics.median(gen_miss), statistics.median(gen_cold)
+        row.update(gen_tokens=gen_tokens, gen_miss_ms=1e3 * gm, gen_cold_ms=1e3 * gc, gen_miss_overhead=gc / gm - 1)
+    return row
+
+
+def _miss_match_ms(cache, prefix: list[int], vocab: int) -> float:
+    """Time of a match() that finds nothing (a prompt as long as ``prefix``, another first block)."""
+    other = [(prefix[0] + 1) % vocab] + prefix[1:]
+    start = time.perf_counter()
+    cache.match(other).release()
+    return 1e3 * (time.perf_counter() - start)
 
 
 def load(name: str, device: str, dtype: str):
@@ -125,17 +147,21 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--lengths", default="512,2048,8192", help="shared prefix lengths in tokens")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--gen-tokens", type=int, default=32, help="tokens per call for the gen_* timings (0: skip)")
+    p.add_argument("--compile", action="store_true", help="compile=True for every call (CUDA graphs on GPU)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     model, tok = load(args.model, args.device, dtype)
-    ttft(model, torch.tensor([[5, 6, 7, 8]], device=args.device), args.device)  # warm-up
-    rows = [measure_length(model, tok, int(n), args.device, args.repeats) for n in args.lengths.split(",")]
+    timed(model, torch.tensor([[5, 6, 7, 8]], device=args.device), args.device, compile=args.compile)  # warm-up
+    rows = [measure_length(model, tok, int(n), args.device, args.repeats, args.gen_tokens, args.compile)
+            for n in args.lengths.split(",")]
     result = dict(environment=report.environment(), model=args.model, dtype=dtype, device=args.device,
+                  compile=args.compile,
                   command="python -m benchmarks.prefix_bench " + " ".join(sys.argv[1:] if argv is None else argv),
                   rows=rows)
-    name = f"prefix-{report.device_slug(result['environment'])}-{args.model}.json"
+    name = f"prefix-{report.device_slug(result['environment'])}-{args.model}{'-compile' if args.compile else ''}.json"
     report.write_json(result, Path(args.out) / name)
     for r in rows:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})

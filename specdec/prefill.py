@@ -13,23 +13,29 @@ import torch
 
 from prefix_cache.hf_cache import cache_with_kv, check_supported, kv_from_cache
 from specdec.state import positions_from_mask
+from specdec.static import StaticSlots
 
 
 def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, prefix_cache, namespace):
     """Fill ``run.cache`` for the prompts reusing cached blocks; return last-position logits (B, 1, V)."""
     model = run.runner.model
     check_supported(model.config)
-    if run.runner.make_cache is not None:
+    if getattr(run.runner, "make_cache", None) is not None:
         raise ValueError("prefix_cache cannot be combined with kv_quant yet: pass one of them")
     B, P = input_ids.shape
     pads = (P - mask.sum(-1)).tolist()
+    host_ids = input_ids.cpu()
     hits = []  # filled inside try: a failing match (OOM, Ctrl-C) still releases the earlier rows' blocks
     try:
-        for row, pad in zip(input_ids, pads):
-            hits.append(prefix_cache.match(row[pad:].tolist(), namespace))
+        for row, pad in zip(host_ids, pads):
+            hits.append(prefix_cache.match(row[pad:], namespace))
         start = min(pad + h.num_tokens for pad, h in zip(pads, hits))
         if start > 0:
-            run.cache = _cache_from_hits(hits, pads, start, model.config, input_ids.device)
+            kv = _kv_from_hits(hits, pads, start, input_ids.device)
+            if isinstance(run.cache, StaticSlots):
+                run.cache.load(kv)                     # copied into the preallocated slots
+            else:
+                run.cache = cache_with_kv(kv, model.config)
     finally:
         for h in hits:
             h.release()
@@ -39,8 +45,8 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
     return run.runner.forward(input_ids[:, start:], mask, positions, run.cache, last_only=True)
 
 
-def _cache_from_hits(hits, pads: list[int], start: int, config, device):
-    """A DynamicCache of ``start`` slots: each row's cached KV placed after its padding.
+def _kv_from_hits(hits, pads: list[int], start: int, device):
+    """Per layer (key, value) (B, heads, start, head_dim): each row's cached KV placed after its padding.
 
     One ``torch.cat`` per hit builds its K/V for all layers at once (``kv_parts``); a single
     unpadded row is used as is (layers are views of it), a batch gets one copy per row.
@@ -57,7 +63,7 @@ def _cache_from_hits(hits, pads: list[int], start: int, config, device):
             if row is not None and take > 0:
                 for out, p in zip(batched, row):
                     out[:, b, :, pad:start] = p[:, :, :take]
-    return cache_with_kv(reference.layout.split(batched), config)
+    return reference.layout.split(batched)
 
 
 def store_rows(run, rows: list[int], prefix_cache, namespace) -> None:
@@ -68,12 +74,12 @@ def store_rows(run, rows: list[int], prefix_cache, namespace) -> None:
         if not valid.numel():
             continue
         lo, hi = valid[[0, -1]].tolist()
-        row_kv = kv_from_cache(run.cache, row=i)
+        row_kv = run.cache.kv(i) if isinstance(run.cache, StaticSlots) else kv_from_cache(run.cache, row=i)
         if hi - lo + 1 == valid.numel():               # one run of slots (always for batch 1): views
-            ids = batch.slot_tokens[i, lo:hi + 1].tolist()
+            ids = batch.slot_tokens[i, lo:hi + 1]
             whole = lo == 0 and hi + 1 == row_kv[0][0].shape[2]
             kv = row_kv if whole else [(k[:, :, lo:hi + 1], v[:, :, lo:hi + 1]) for k, v in row_kv]
         else:                                          # padding holes inside the row: gather
-            ids = batch.slot_tokens[i, valid].tolist()
+            ids = batch.slot_tokens[i, valid]
             kv = [(k[:, :, valid], v[:, :, valid]) for k, v in row_kv]
         prefix_cache.insert(ids, kv, namespace)

@@ -73,6 +73,17 @@ class StaticSlots:
         raise NotImplementedError("a static KV cache has a fixed batch size: rows cannot be dropped "
                                   "(specdec.generate(compile=True) decodes batch size 1)")
 
+    def kv(self, row: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key, value) of batch row ``row``'s first ``length`` slots, each
+        (1, heads, length, head_dim): views of the static storage (copy before the next forward)."""
+        return [(layer.keys[row:row + 1, :, :self.length], layer.values[row:row + 1, :, :self.length])
+                for layer in self.runner._hf_cache.layers]
+
+    def load(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Start from a cached prefix: per layer (key, value) (B, heads, n, head_dim) fill slots 0..n-1."""
+        self.runner.write_prefix(kv_layers)
+        self.length = kv_layers[0][0].shape[2] if kv_layers else 0
+
 
 @dataclass
 class _Graph:
@@ -89,6 +100,14 @@ def _bucket(n: int) -> int:
     if n <= 4096:
         return 2048 if n <= 2048 else 4096
     return -(-n // 4096) * 4096
+
+
+_PREFILL_BUCKETS = (32, 64, 128, 256)  # suffix lengths (after a cached prefix) run as padded graphs
+
+
+def _prefill_bucket(n: int) -> int | None:
+    """The smallest graph size that holds an n-token suffix, None if n is past the largest."""
+    return next((b for b in _PREFILL_BUCKETS if n <= b), None)
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
@@ -172,8 +191,11 @@ class StaticRunner:
         self._key_slots[:, : start + n].copy_(key_mask.to(dev))
         self._key_slots[:, start + n:].zero_()
         slots = self._arange[start: start + n]
+        bucket = _prefill_bucket(n) if n > self.graph_max_tokens else None
         if self.use_graphs and n <= self.graph_max_tokens and self._initialized():
             logits = self._replay(tokens, positions, slots)
+        elif self.use_graphs and start > 0 and bucket and start + bucket <= self.max_len and self._initialized():
+            logits = self._replay_padded(tokens, positions, start, bucket)
         elif start == 0 and n > self.graph_max_tokens:
             logits = self._prefill(tokens, key_mask.to(dev), positions, last_only)
         else:
@@ -213,6 +235,27 @@ class StaticRunner:
             layer.keys[:, :, :n].copy_(source.keys)
             layer.values[:, :, :n].copy_(source.values)
         return out.logits
+
+    @torch.inference_mode()
+    def write_prefix(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy per-layer (key, value) (B, heads, n, head_dim) into slots 0..n-1 (a prefix-cache hit)."""
+        if len(kv_layers) != len(self._hf_cache.layers):
+            raise ValueError(f"got K/V for {len(kv_layers)} layers, the static cache has {len(self._hf_cache.layers)}")
+        for layer, (k, v) in zip(self._hf_cache.layers, kv_layers):
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            n = k.shape[2]
+            layer.keys[:, :, :n].copy_(k)
+            layer.values[:, :, :n].copy_(v)
+
+    def _replay_padded(self, tokens, positions, start: int, bucket: int) -> torch.Tensor:
+        """A suffix after a cached prefix, padded to ``bucket`` tokens so that a graph runs it.
+        The padding writes KV past the real slots: masked, and overwritten by the next forward."""
+        B, n = tokens.shape
+        pad = bucket - n
+        tokens = torch.cat([tokens, tokens.new_zeros(B, pad)], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, pad + 1, device=self._device)], dim=1)
+        return self._replay(tokens, positions, self._arange[start: start + bucket])[:, :n]
 
     def _initialized(self) -> bool:
         return all(layer.is_initialized for layer in self._hf_cache.layers)
@@ -350,9 +393,8 @@ def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=
                          "cache cannot drop finished rows yet; decode rows one at a time or pass compile=False")
     if kv_quant is not None:
         raise ValueError("compile=True cannot be combined with kv_quant yet: pass one of them")
-    if prefix_cache is not None:
-        raise ValueError("compile=True cannot be combined with prefix_cache yet: pass one of them")
-    max_len = prompt_len + run.settings.max_new_tokens + k_max + 2
+    # room for a cached prefix's suffix padded up to its graph size
+    max_len = prompt_len + run.settings.max_new_tokens + k_max + 2 + (_PREFILL_BUCKETS[-1] if prefix_cache else 0)
     run.runner = static_runner(run.runner.model, 1, max_len, "target", graph_max_tokens=k_max + 1, fuse=fuse)
     _capture_all(run.runner)
     run.cache = run.runner.new_cache()

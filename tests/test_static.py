@@ -179,3 +179,34 @@ def test_gpu_inductor_identical_fp32_and_compiled_twice_at_most():
     before = static.captures
     specdec.generate(model, ids, mask, max_new_tokens=40, compile="inductor", draft_model="self:1", num_draft_tokens=4)
     assert static.captures == before
+
+
+def _prefix_cache_calls(model, device, **kw):
+    """Two prompts sharing a 40-token prefix, each with and without a prefix cache, compile=True."""
+    from prefix_cache import PrefixCache
+
+    cache = PrefixCache(max_bytes=1 << 26, block_size=4)
+    g = torch.Generator().manual_seed(11)
+    shared = torch.randint(3, VOCAB, (1, 40), generator=g)
+    for q in (torch.randint(3, VOCAB, (1, 20), generator=g), torch.randint(3, VOCAB, (1, 13), generator=g)):
+        ids = torch.cat([shared, q], dim=1).to(device)
+        want = hf_greedy(model, ids, torch.ones_like(ids), 12)
+        got, stats = specdec.generate(model, ids, max_new_tokens=12, compile=True, prefix_cache=cache,
+                                      return_stats=True, **kw)
+        assert torch.equal(got, want), kw
+        yield stats.cached_prompt_tokens[0]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(draft_model="self:1", num_draft_tokens=3)])
+def test_compile_with_prefix_cache_identical_and_hits(models, kw):
+    cached = list(_prefix_cache_calls(models["llama"], "cpu", **kw))
+    assert cached[0] == 0 and cached[1] >= 40          # the second call prefilled only its suffix
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphs_with_prefix_cache_run_the_suffix_as_a_padded_graph():
+    model = tiny_model("llama").cuda()
+    before = static.captures
+    cached = list(_prefix_cache_calls(model, "cuda"))
+    assert cached[1] >= 40 and static.captures > before
