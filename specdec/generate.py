@@ -85,8 +85,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         compile: ``True`` or ``"graphs"``: CUDA graphs over a static KV cache for the target
             and the draft model (seconds of warm-up); ``"inductor"``: the same, with the
             forwards first fused by ``torch.compile`` (a compile of tens of seconds once per
-            model; fastest for large models). Batch size 1 for now, since a static cache
-            cannot drop finished rows; see ``specdec.static``.
+            model; fastest for large models). Works with batches (a finished row idles in
+            the static cache until the call ends) and with ``prefix_cache`` (a hit's suffix
+            runs as one graph); not yet with ``kv_quant``. See ``specdec.static``.
         **hf_kwargs: HF generation keywords (max_new_tokens, do_sample, temperature, top_k,
             top_p, min_p, eos_token_id, pad_token_id, min_new_tokens, stop_strings,
             return_dict_in_generate, ...). Options we cannot honour exactly raise

@@ -55,11 +55,17 @@ def _warn_once(message: str) -> None:
 
 
 class StaticSlots:
-    """The loop's view of a static cache: the HF StaticCache's first ``length`` slots."""
+    """The loop's view of a static cache: the HF StaticCache's first ``length`` slots.
+
+    ``rows`` maps the loop's active rows to the cache's fixed batch rows: a finished row
+    is dropped from the map, and its cache row idles (fed a dummy token, output unused)
+    until the call ends, so graphs keep their one batch size.
+    """
 
     def __init__(self, runner: "StaticRunner"):
         self.runner = runner
         self.length = 0
+        self.rows: torch.Tensor | None = None   # None: every cache row is active, in order
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -69,14 +75,22 @@ class StaticSlots:
         new = self.length + max_length if max_length < 0 else min(max_length, self.length)
         self.length = max(0, new)
 
-    def batch_select_indices(self, rows) -> None:
-        raise NotImplementedError("a static KV cache has a fixed batch size: rows cannot be dropped "
-                                  "(specdec.generate(compile=True) decodes batch size 1)")
+    def batch_select_indices(self, keep: torch.Tensor) -> None:
+        """Keep the active rows at indices ``keep`` (HF's name for dropping finished rows)."""
+        current = self.active_rows()
+        self.rows = current[keep.to(current.device)]
+
+    def active_rows(self) -> torch.Tensor:
+        """(b,) cache rows of the loop's active rows."""
+        if self.rows is None:
+            return torch.arange(self.runner.batch_size, device=self.runner.device)
+        return self.rows
 
     def kv(self, row: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (key, value) of batch row ``row``'s first ``length`` slots, each
+        """Per layer (key, value) of active row ``row``'s first ``length`` slots, each
         (1, heads, length, head_dim): views of the static storage (copy before the next forward)."""
-        return [(layer.keys[row:row + 1, :, :self.length], layer.values[row:row + 1, :, :self.length])
+        r = int(self.active_rows()[row])
+        return [(layer.keys[r:r + 1, :, :self.length], layer.values[r:r + 1, :, :self.length])
                 for layer in self.runner._hf_cache.layers]
 
     def load(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -178,6 +192,8 @@ class StaticRunner:
         """Logits (B, n, V) for ``tokens`` (B, n) written at slots ``cache.length ..``; see ModelRunner."""
         if not isinstance(cache, StaticSlots) or cache.runner is not self:
             raise ValueError("StaticRunner.forward needs a cache from this runner's new_cache()")
+        if cache.rows is not None:                      # some rows finished: idle rows ride along
+            return self._forward_rows(tokens, key_mask, positions, cache, last_only)
         B, n = tokens.shape
         start = cache.length
         if B != self.batch_size:
@@ -204,6 +220,19 @@ class StaticRunner:
         return logits[:, -1:] if last_only else logits
 
     # -- internals --------------------------------------------------------------------------
+
+    def _forward_rows(self, tokens, key_mask, positions, cache: StaticSlots, last_only: bool) -> torch.Tensor:
+        """A forward of the active rows only: scattered into the full batch (idle rows get token 0
+        and no keys; what they write lands in their own, unused, cache rows), gathered back."""
+        rows, B, dev = cache.rows, self.batch_size, self._device
+        full = [torch.zeros((B, *t.shape[1:]), dtype=t.dtype, device=dev).index_copy_(0, rows, t.to(dev))
+                for t in (tokens, key_mask, positions)]
+        cache.rows = None
+        try:
+            logits = self.forward(*full, cache, last_only)
+        finally:
+            cache.rows = rows
+        return logits.index_select(0, rows)
 
     def _layer_update(self, layer):
         runner = self
@@ -388,19 +417,17 @@ def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=
     (``fuse``: torch.compile the forwards before capturing them; see the module docstring)."""
     from specdec.drafters import ModelDrafter
 
-    if run.batch.size != 1:
-        raise ValueError(f"compile=True supports batch size 1 for now (got {run.batch.size} rows): a static "
-                         "cache cannot drop finished rows yet; decode rows one at a time or pass compile=False")
     if kv_quant is not None:
         raise ValueError("compile=True cannot be combined with kv_quant yet: pass one of them")
     # room for a cached prefix's suffix padded up to its graph size
     max_len = prompt_len + run.settings.max_new_tokens + k_max + 2 + (_PREFILL_BUCKETS[-1] if prefix_cache else 0)
-    run.runner = static_runner(run.runner.model, 1, max_len, "target", graph_max_tokens=k_max + 1, fuse=fuse)
+    B = run.batch.size
+    run.runner = static_runner(run.runner.model, B, max_len, "target", graph_max_tokens=k_max + 1, fuse=fuse)
     _capture_all(run.runner)
     run.cache = run.runner.new_cache()
     if isinstance(run.drafter, ModelDrafter):
         # the draft feeds 1 token per forward, 2 after a step that accepted every draft
-        run.drafter.runner = static_runner(run.drafter.runner.model, 1, max_len, "draft", graph_max_tokens=2,
+        run.drafter.runner = static_runner(run.drafter.runner.model, B, max_len, "draft", graph_max_tokens=2,
                                            fuse=fuse)
         _capture_all(run.drafter.runner)
         run.drafter.cache = run.drafter.runner.new_cache()

@@ -68,8 +68,8 @@ def test_crop_then_overwrite_matches_a_fresh_cache(models):
     want = eager.forward(seq[:, 7:12], ones(12), pos(7, 12), ref_cache)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert cache.get_seq_length() == 12
-    with pytest.raises(NotImplementedError, match="fixed batch size"):
-        cache.batch_select_indices(torch.tensor([0]))
+    cache.batch_select_indices(torch.tensor([0]))              # row 0 stays active: same answers
+    assert cache.active_rows().tolist() == [0] and cache.kv(0)[0][0].shape[2] == 12
 
 
 def test_left_padding_and_holes_in_the_key_mask(models):
@@ -135,9 +135,6 @@ def test_unsupported_falls_back_with_a_warning():
 
 
 def test_compile_rejects_what_it_cannot_do_yet(models):
-    ids, mask = prompts(2, [4, 6])
-    with pytest.raises(ValueError, match="batch size 1"):
-        specdec.generate(models["llama"], ids, mask, max_new_tokens=4, compile=True)
     ids, mask = prompts(1, [4])
     with pytest.raises(ValueError, match="kv_quant"):
         specdec.generate(models["llama"], ids, mask, max_new_tokens=4, compile=True, kv_quant="int8")
@@ -210,3 +207,28 @@ def test_gpu_graphs_with_prefix_cache_run_the_suffix_as_a_padded_graph():
     before = static.captures
     cached = list(_prefix_cache_calls(model, "cuda"))
     assert cached[1] >= 40 and static.captures > before
+
+
+@pytest.mark.parametrize("kw", [{}, dict(draft_model="self:1", num_draft_tokens=3),
+                                dict(prompt_lookup_num_tokens=3, num_draft_tokens=3)])
+def test_compile_batch_identical_while_rows_finish_at_different_times(models, kw):
+    model = models["llama"]
+    ids, mask = prompts(3, [5, 9, 7], seed=3)
+    free = hf_greedy(model, ids, mask, 16)
+    eos = int(free[1, ids.shape[1] + 4])                 # row 1 stops early, the others may later
+    want = hf_greedy(model, ids, mask, 16, eos_token_id=eos, pad_token_id=0)
+    got = specdec.generate(model, ids, mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=0,
+                           compile=True, **kw)
+    assert torch.equal(got, want), kw
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphs_batch_identical_fp32():
+    model = tiny_model("llama").cuda()
+    ids, mask = (t.cuda() for t in prompts(4, [5, 13, 9, 7], seed=8))
+    for kw in ({}, dict(draft_model="self:1", num_draft_tokens=4)):
+        slow = specdec.generate(model, ids, mask, max_new_tokens=30, eos_token_id=7, pad_token_id=0, **kw)
+        fast = specdec.generate(model, ids, mask, max_new_tokens=30, eos_token_id=7, pad_token_id=0,
+                                compile=True, **kw)
+        assert torch.equal(fast, slow), kw
