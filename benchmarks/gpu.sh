@@ -9,6 +9,10 @@
 #     measure its acceptance vs self:4, then bench code + chat with it (DISTILL_BENCH=0 skips that).
 #     $OUT gets distill-train.json, distill-acceptance.json, the shipped int4 weights and 2 bench JSONs.
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
+# These need no GGUF (random-weight models), so ONE call does them (carry .whl only):
+#   fastpath:      8B-shaped roofline (HF eager, ours graphs, ours inductor + coordinate
+#                  descent) and the GPU tests (pytest -m gpu); ~8 min
+#   prefix-random: prefix cache TTFT hit/miss/overhead on 1B (eager and compile=True) and 8B shapes; ~5 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=/root/m
@@ -18,10 +22,10 @@ case "${1:-run}" in
 stage)
     cp .gguf1/* "$M/"; ls -la "$M"; exit 0 ;;
 run) ;;
-*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-bench]"; exit 2 ;;
+*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-bench|fastpath|prefix-random]"; exit 2 ;;
 esac
 WHAT="${2:-bench}"
-if [ ! -s "$GGUF" ]; then
+if [[ "$WHAT" != fastpath && "$WHAT" != prefix-random && ! -s "$GGUF" ]]; then
     [ -d .gguf2 ] && cp .gguf2/* "$M/"
     cat "$M"/gguf.part.* > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"   # no empty file left behind on failure
 fi
@@ -47,6 +51,17 @@ if [[ "$WHAT" == batch || "$WHAT" == all ]]; then
 fi
 if [[ "$WHAT" == quant || "$WHAT" == all ]]; then
     python3 benchmarks/quant_speed.py --out "$OUT" 2>&1 | tail -40 || true
+fi
+if [[ "$WHAT" == fastpath ]]; then
+    python3 -m pytest -q -m gpu tests/test_static.py tests/test_attention.py tests/test_quant_formats.py -p no:logging \
+        -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/gpu-tests.txt" || true
+    python3 -m benchmarks.roofline --shapes llama-8b --variants hf-eager ours-graphs ours-inductor \
+        --coordinate-descent --name roofline-8b-fastpath.json --out "$OUT" 2>&1 | grep -v "Loading weights" | tail -20 || true
+fi
+if [[ "$WHAT" == prefix-random ]]; then
+    python3 -m benchmarks.prefix_bench --device cuda --model 1b --out "$OUT" 2>&1 | tail -4 || true
+    python3 -m benchmarks.prefix_bench --device cuda --model 1b --compile --out "$OUT" 2>&1 | tail -4 || true
+    python3 -m benchmarks.prefix_bench --device cuda --model 8b --gen-tokens 16 --out "$OUT" 2>&1 | tail -4 || true
 fi
 if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
     [ -f benchmarks/prefix_bench.py ] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true

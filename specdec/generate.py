@@ -116,7 +116,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if compile:
             from specdec.static import use_static
 
-            use_static(run, prompt_len=input_ids.shape[1], k_max=_check_k(num_draft_tokens, prompt_lookup_num_tokens),
+            k_max = _check_k(num_draft_tokens, prompt_lookup_num_tokens) if run.drafter is not None else 0
+            use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
                        kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=_compile_mode(compile) == "inductor")
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
         _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.adapter import ModelRunner
+from specdec.attention import PACKED_GQA, attention_implementation
 
 captures = 0                      # CUDA graphs captured so far in this process
 _compiled = 0                     # fused (torch.compile) forwards made so far
@@ -117,6 +118,25 @@ def _bucket(n: int) -> int:
 
 
 _PREFILL_BUCKETS = (32, 64, 128, 256)  # suffix lengths (after a cached prefix) run as padded graphs
+_MIN_WINDOW = 256                      # smallest attention window (key slots a forward reads)
+
+
+def _attend_bucket(used: int, max_len: int) -> int:
+    """Key slots a forward whose last slot is ``used - 1`` attends over: a power of two >= 256
+    (few windows: few graphs), at most ``max_len``. Attention reads only these slots."""
+    window = _MIN_WINDOW
+    while window < used:
+        window *= 2
+    return min(window, max_len)
+
+
+def _attend_buckets(max_len: int) -> list[int]:
+    """Every window ``_attend_bucket`` can return for this ``max_len``."""
+    out, window = [], _MIN_WINDOW
+    while window < max_len:
+        out.append(window)
+        window *= 2
+    return out + [max_len]
 
 
 def _prefill_bucket(n: int) -> int | None:
@@ -161,7 +181,11 @@ class StaticRunner:
         if use_graphs is None:
             use_graphs = self._device.type == "cuda"
         self.use_graphs = use_graphs
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, int], _Graph] = {}      # (tokens, attention window) -> graph
+        self._attend = max_len                               # key slots attention reads this forward
+        groups = getattr(model.config.get_text_config(), "num_attention_heads", 1) // max(
+            1, getattr(model.config.get_text_config(), "num_key_value_heads", None) or 1)
+        self._packed_gqa = model.config._attn_implementation == "sdpa" and groups > 1
         self._pool = None
         self._forward = _compiled_call() if fuse else _call
 
@@ -208,6 +232,7 @@ class StaticRunner:
         self._key_slots[:, start + n:].zero_()
         slots = self._arange[start: start + n]
         bucket = _prefill_bucket(n) if n > self.graph_max_tokens else None
+        self._attend = _attend_bucket(start + (bucket or n), self.max_len)
         if self.use_graphs and n <= self.graph_max_tokens and self._initialized():
             logits = self._replay(tokens, positions, slots)
         elif self.use_graphs and start > 0 and bucket and start + bucket <= self.max_len and self._initialized():
@@ -243,7 +268,7 @@ class StaticRunner:
             slots = runner._write_slots
             layer.keys.index_copy_(2, slots, key_states.to(layer.keys.dtype))
             layer.values.index_copy_(2, slots, value_states.to(layer.values.dtype))
-            return layer.keys, layer.values
+            return layer.keys[:, :, :runner._attend], layer.values[:, :, :runner._attend]
 
         return update
 
@@ -290,8 +315,9 @@ class StaticRunner:
         return all(layer.is_initialized for layer in self._hf_cache.layers)
 
     def _mask(self, slots: torch.Tensor) -> torch.Tensor:
-        """(B, 1, n, max_len): key slot enabled for the row and not after the query's own slot."""
-        allowed = self._key_slots[:, None, :] & (self._arange[None, None, :] <= slots[None, :, None])
+        """(B, 1, n, attend): key slot enabled for the row and not after the query's own slot."""
+        keys, window = self._key_slots[:, : self._attend], self._arange[: self._attend]
+        allowed = keys[:, None, :] & (window[None, None, :] <= slots[None, :, None])
         # a query with no key at all (a left-padding slot) would give NaN; its output is never used
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         allowed = allowed[:, None]
@@ -303,12 +329,13 @@ class StaticRunner:
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         self._write_slots = slots
         kwargs = {"cache_position": slots} if self._cache_position else {}
-        return self._forward(self.model, input_ids=tokens, attention_mask=self._mask(slots), position_ids=positions,
-                             past_key_values=self._hf_cache, use_cache=True, **kwargs)
+        with attention_implementation(self.model, PACKED_GQA if self._packed_gqa else None):
+            return self._forward(self.model, input_ids=tokens, attention_mask=self._mask(slots),
+                                 position_ids=positions, past_key_values=self._hf_cache, use_cache=True, **kwargs)
 
     def _replay(self, tokens, positions, slots) -> torch.Tensor:
         n = tokens.shape[1]
-        entry = self._graphs.get(n)
+        entry = self._graphs.get((n, self._attend))
         if entry is None:
             try:
                 entry = self._capture(tokens, positions, slots)
@@ -319,7 +346,7 @@ class StaticRunner:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize(self._device)
                 return self._run(tokens, positions, slots)
-            self._graphs[n] = entry
+            self._graphs[(n, self._attend)] = entry
         entry.ids.copy_(tokens)
         entry.positions.copy_(positions)
         entry.slots.copy_(slots)
@@ -327,22 +354,24 @@ class StaticRunner:
         return entry.logits.clone()  # the next replay overwrites the static output
 
     def capture_all(self) -> None:
-        """Capture every decode size 1..graph_max_tokens now (before a prefill: it writes
-        throwaway KV at slots 0..n-1, which the prefill overwrites), so no capture ever lands
-        inside a timed decode loop, whatever k the adaptive controller picks later."""
+        """Capture every decode size 1..graph_max_tokens for every attention window now (before a
+        prefill: it writes throwaway KV at slots 0..n-1, which the prefill overwrites), so no
+        capture ever lands inside a timed decode loop, whatever k or context length comes later."""
         if not (self.use_graphs and torch.cuda.is_available() and self._device.type == "cuda"):
             return
         with torch.inference_mode():
-            for n in range(1, self.graph_max_tokens + 1):
-                if n in self._graphs or not self.use_graphs:
-                    continue
-                tokens = torch.zeros(self.batch_size, n, dtype=torch.long, device=self._device)
-                positions = self._arange[:n].expand(self.batch_size, n)
-                self._key_slots.zero_()
-                self._key_slots[:, :n] = True
-                if not self._initialized():
-                    self._run(tokens, positions, self._arange[:n])  # lazy cache-layer allocation
-                self._replay(tokens, positions, self._arange[:n])
+            for window in _attend_buckets(self.max_len):
+                self._attend = window
+                for n in range(1, self.graph_max_tokens + 1):
+                    if (n, window) in self._graphs or not self.use_graphs:
+                        continue
+                    tokens = torch.zeros(self.batch_size, n, dtype=torch.long, device=self._device)
+                    positions = self._arange[:n].expand(self.batch_size, n)
+                    self._key_slots.zero_()
+                    self._key_slots[:, :n] = True
+                    if not self._initialized():
+                        self._run(tokens, positions, self._arange[:n])  # lazy cache-layer allocation
+                    self._replay(tokens, positions, self._arange[:n])
             self._key_slots.zero_()
 
     def _capture(self, tokens, positions, slots) -> _Graph:
