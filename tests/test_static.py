@@ -232,3 +232,25 @@ def test_gpu_graphs_batch_identical_fp32():
         fast = specdec.generate(model, ids, mask, max_new_tokens=30, eos_token_id=7, pad_token_id=0,
                                 compile=True, **kw)
         assert torch.equal(fast, slow), kw
+
+
+def test_compile_batch_with_prefix_cache_rows_hitting_different_prefixes(models):
+    from prefix_cache import PrefixCache
+
+    model = models["llama"]
+    g = torch.Generator().manual_seed(21)
+    a, b = torch.randint(3, VOCAB, (1, 24), generator=g), torch.randint(3, VOCAB, (1, 16), generator=g)
+    cache = PrefixCache(max_bytes=1 << 26, block_size=4)
+    specdec.generate(model, a, max_new_tokens=2, prefix_cache=cache)
+    specdec.generate(model, b, max_new_tokens=2, prefix_cache=cache)
+    rows = [torch.cat([a[0], torch.randint(3, VOCAB, (5,), generator=g)]),
+            torch.cat([b[0], torch.randint(3, VOCAB, (9,), generator=g)])]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)])
+                        for r in rows])
+    want = hf_greedy(model, ids, mask, 10)
+    got, stats = specdec.generate(model, ids, mask, max_new_tokens=10, compile=True, prefix_cache=cache,
+                                  return_stats=True)
+    assert torch.equal(got, want)
+    assert min(stats.cached_prompt_tokens) > 0
