@@ -121,6 +121,39 @@ def _miss_match_ms(cache, prefix: list[int], vocab: int) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
+def cache_op_times(model, lengths: list[int], device, repeats: int = 20) -> list[dict]:
+    """Milliseconds of the cache's own work for one prompt of each length, no model forward:
+    insert (K/V shaped like ``model``'s, zeros), a lookup that hits every block, one that misses
+    at block 0. Minimum over ``repeats`` (the cost without machine noise)."""
+    config = model.config.get_text_config()
+    heads = config.num_key_value_heads or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = model.get_input_embeddings().weight.dtype
+    rows = []
+    for n in lengths:
+        kv = [(torch.zeros(1, heads, n, dim, dtype=dtype, device=device),) * 2
+              for _ in range(config.num_hidden_layers)]
+        ids = torch.arange(n) % 1000
+        other = ids.clone()
+        other[0] += 1
+        times = {"insert_ms": [], "hit_match_ms": [], "miss_match_ms": []}
+        for _ in range(repeats):
+            cache = PrefixCache(max_bytes=16 << 30)
+            _sync(device)
+            t0 = time.perf_counter()
+            cache.insert(ids, kv)
+            _sync(device)
+            t1 = time.perf_counter()
+            cache.match(ids).release()
+            t2 = time.perf_counter()
+            cache.match(other).release()
+            t3 = time.perf_counter()
+            for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[key].append(1e3 * dt)
+        rows.append(dict(tokens=n, blocks=n // 16, **{k: min(v) for k, v in times.items()}))
+    return rows
+
+
 def load(name: str, device: str, dtype: str):
     if name == "default":
         from integrations.models import load_default
@@ -150,10 +183,21 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens per call for the gen_* timings (0: skip)")
     p.add_argument("--compile", action="store_true", help="compile=True for every call (CUDA graphs on GPU)")
+    p.add_argument("--ops-only", action="store_true",
+                   help="only time the cache's own work (insert, hit and miss lookups) per length, no forwards")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     model, tok = load(args.model, args.device, dtype)
+    if args.ops_only:
+        rows = cache_op_times(model, [int(n) for n in args.lengths.split(",")], args.device)
+        result = dict(environment=report.environment(), model=args.model, dtype=dtype, device=args.device,
+                      command="python -m benchmarks.prefix_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                      cache_ops=rows)
+        report.write_json(result, Path(args.out) / f"prefix-ops-{report.device_slug(result['environment'])}-{args.model}.json")
+        for r in rows:
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
+        return result
     timed(model, torch.tensor([[5, 6, 7, 8]], device=args.device), args.device, compile=args.compile)  # warm-up
     rows = [measure_length(model, tok, int(n), args.device, args.repeats, args.gen_tokens, args.compile)
             for n in args.lengths.split(",")]

@@ -188,6 +188,7 @@ class StaticRunner:
         self._packed_gqa = model.config._attn_implementation == "sdpa" and groups > 1
         self._pool = None
         self._forward = _compiled_call() if fuse else _call
+        self._fused = fuse
 
     # -- ModelRunner interface -------------------------------------------------------------
 
@@ -268,7 +269,9 @@ class StaticRunner:
             slots = runner._write_slots
             layer.keys.index_copy_(2, slots, key_states.to(layer.keys.dtype))
             layer.values.index_copy_(2, slots, value_states.to(layer.values.dtype))
-            return layer.keys[:, :, :runner._attend], layer.values[:, :, :runner._attend]
+            if getattr(layer, "window", None) is None:      # allocated just now, by this first forward
+                return layer.keys[:, :, :runner._attend], layer.values[:, :, :runner._attend]
+            return layer.window                 # views of the slots attention reads (see _run)
 
         return update
 
@@ -289,6 +292,14 @@ class StaticRunner:
             layer.keys[:, :, :n].copy_(source.keys)
             layer.values[:, :, :n].copy_(source.values)
         return out.logits
+
+    def _window(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V over the slots this forward attends to (views)."""
+        window = (layer.keys[:, :, : self._attend], layer.values[:, :, : self._attend])
+        if self._fused:
+            for view in window:
+                torch._dynamo.maybe_mark_dynamic(view, 2)
+        return window
 
     @torch.inference_mode()
     def write_prefix(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -329,6 +340,10 @@ class StaticRunner:
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         self._write_slots = slots
         kwargs = {"cache_position": slots} if self._cache_position else {}
+        for layer in self._hf_cache.layers:
+            # views made here, not inside the (compiled) forward: torch.compile sees the window as a
+            # tensor size, which it can keep dynamic, rather than an int it would specialize on
+            layer.window = self._window(layer) if layer.is_initialized else None
         with attention_implementation(self.model, PACKED_GQA if self._packed_gqa else None):
             return self._forward(self.model, input_ids=tokens, attention_mask=self._mask(slots),
                                  position_ids=positions, past_key_values=self._hf_cache, use_cache=True, **kwargs)
