@@ -65,6 +65,28 @@ def dequantize_per_channel(qt: QTensor, bits: int, group_size: int, dtype: torch
     return k.reshape(B, H, T, -1).to(dtype)
 
 
+def quantize_token_groups(x: torch.Tensor, bits: int, group: int = 32) -> QTensor:
+    """(B, H, n, D) -> codes (B, H, n, D or D/2), scale/zero (B, H, n, D/group): one (scale, zero)
+    per token, head and ``group`` channels (the whole head if ``group`` does not divide D).
+
+    Each token is quantized on its own, when it is written: what a static (preallocated,
+    position-indexed) cache needs, where KIVI's per-channel key groups would wait for whole
+    token groups. Small channel groups keep a few outlier key channels from costing the rest.
+    """
+    B, H, n, D = x.shape
+    g = group if D % group == 0 else D
+    qt = _quantize(x.reshape(B, H, n, D // g, g), dim=-1, bits=bits)
+    return QTensor(qt.data.reshape(B, H, n, -1), qt.scale.squeeze(-1), qt.zero.squeeze(-1))
+
+
+def dequantize_token_groups(qt: QTensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``quantize_token_groups``: (B, H, n, D)."""
+    B, H, n, _ = qt.data.shape
+    codes = _codes(qt.data, bits).float().reshape(B, H, n, qt.scale.shape[-1], -1)
+    x = codes * qt.scale.float().unsqueeze(-1) + qt.zero.float().unsqueeze(-1)
+    return x.reshape(B, H, n, -1).to(dtype)
+
+
 def _cat(a: QTensor | None, b: QTensor) -> QTensor:
     return b if a is None else QTensor(*(torch.cat([x, y], dim=2) for x, y in zip(a, b)))
 

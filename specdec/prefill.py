@@ -20,7 +20,7 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
     """Fill ``run.cache`` for the prompts reusing cached blocks; return last-position logits (B, 1, V)."""
     model = run.runner.model
     check_supported(model.config)
-    if getattr(run.runner, "make_cache", None) is not None:
+    if getattr(run.runner, "make_cache", None) is not None or getattr(run.runner, "kv_bits", None):
         raise ValueError("prefix_cache cannot be combined with kv_quant yet: pass one of them")
     B, P = input_ids.shape
     pads = (P - mask.sum(-1)).tolist()

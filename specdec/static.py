@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.adapter import ModelRunner
+from quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
 
 captures = 0                      # CUDA graphs captured so far in this process
@@ -90,6 +91,9 @@ class StaticSlots:
     def kv(self, row: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (key, value) of active row ``row``'s first ``length`` slots, each
         (1, heads, length, head_dim): views of the static storage (copy before the next forward)."""
+        if self.runner.kv_bits is not None:
+            raise ValueError("a quantized static cache holds codes, not K/V to store: prefix_cache cannot be "
+                             "combined with kv_quant yet")
         r = int(self.active_rows()[row])
         return [(layer.keys[r:r + 1, :, :self.length], layer.values[r:r + 1, :, :self.length])
                 for layer in self.runner._hf_cache.layers]
@@ -153,7 +157,7 @@ class StaticRunner:
     """``ModelRunner``'s interface over a preallocated HF ``StaticCache`` (+ CUDA graphs)."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int, use_graphs: bool | None = None,
-                 graph_max_tokens: int = 17, fuse: bool = False):
+                 graph_max_tokens: int = 17, fuse: bool = False, kv_bits: int | None = None):
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
@@ -171,8 +175,12 @@ class StaticRunner:
         if odd:
             raise ValueError(f"{type(model).__name__}'s static cache has {', '.join(odd)} layers (sliding window "
                              "or other): only plain full-attention layers are supported")
+        if kv_bits not in (None, 4, 8):
+            raise ValueError(f"kv_bits must be None, 8 or 4, got {kv_bits!r}")
+        self.kv_bits = kv_bits                # int8/int4 codes instead of the StaticCache's own buffers
         for layer in self._hf_cache.layers:
             layer.update = self._layer_update(layer)
+            layer.codes = None                # (keys QTensor, values QTensor) when kv_bits is set
         self._write_slots: torch.Tensor | None = None
         self._additive = model.config._attn_implementation == "eager"
         self._cache_position = _accepts(model, "cache_position")
@@ -264,16 +272,34 @@ class StaticRunner:
         runner = self
 
         def update(key_states, value_states, *args, **kwargs):
-            if not layer.is_initialized:
-                layer.lazy_initialization(key_states, value_states)
-            slots = runner._write_slots
-            layer.keys.index_copy_(2, slots, key_states.to(layer.keys.dtype))
-            layer.values.index_copy_(2, slots, value_states.to(layer.values.dtype))
-            if getattr(layer, "window", None) is None:      # allocated just now, by this first forward
-                return layer.keys[:, :, :runner._attend], layer.values[:, :, :runner._attend]
-            return layer.window                 # views of the slots attention reads (see _run)
+            runner._store(layer, runner._write_slots, key_states, value_states)
+            window = getattr(layer, "window", None)          # views of the slots attention reads (see _run)
+            if window is None:                                # storage allocated just now, by this forward
+                window = runner._window(layer, mark=False)
+            if runner.kv_bits is None:
+                return window
+            return tuple(dequantize_token_groups(q, runner.kv_bits, runner._dtype) for q in window)
 
         return update
+
+    def _store(self, layer, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V (B, heads, n, head_dim) at ``slots`` (n,): as they are, or quantized per token."""
+        if self.kv_bits is None:
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            layer.keys.index_copy_(2, slots, k.to(layer.keys.dtype))
+            layer.values.index_copy_(2, slots, v.to(layer.values.dtype))
+            return
+        new = [quantize_token_groups(x.to(self._dtype), self.kv_bits) for x in (k, v)]
+        if layer.codes is None:
+            layer.codes = tuple(QTensor(*(t.new_zeros(*t.shape[:2], self.max_len, t.shape[3]) for t in q))
+                                for q in new)
+        for buffers, q in zip(layer.codes, new):
+            for buffer, t in zip(buffers, q):
+                buffer.index_copy_(2, slots, t)
+
+    def _ready(self, layer) -> bool:
+        return layer.is_initialized if self.kv_bits is None else layer.codes is not None
 
     def _prefill(self, tokens, key_mask, positions, last_only: bool) -> torch.Tensor:
         """A prompt from slot 0: the ordinary HF path (2D mask, flash/causal SDPA) over a
@@ -287,17 +313,21 @@ class StaticRunner:
         out = self.model(input_ids=tokens, attention_mask=key_mask, position_ids=positions,
                          past_key_values=scratch, use_cache=True, **kwargs)
         for layer, source in zip(self._hf_cache.layers, scratch.layers):
-            if not layer.is_initialized:
-                layer.lazy_initialization(source.keys, source.values)
-            layer.keys[:, :, :n].copy_(source.keys)
-            layer.values[:, :, :n].copy_(source.values)
+            self._store(layer, self._arange[:n], source.keys, source.values)
         return out.logits
 
-    def _window(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's K and V over the slots this forward attends to (views)."""
-        window = (layer.keys[:, :, : self._attend], layer.values[:, :, : self._attend])
-        if self._fused:
-            for view in window:
+    def _window(self, layer, mark: bool = True) -> tuple:
+        """The layer's K and V over the slots this forward attends to (views; QTensors of views when
+        quantized). ``mark``: let torch.compile keep their size dynamic."""
+        a = self._attend
+        if self.kv_bits is None:
+            window = (layer.keys[:, :, :a], layer.values[:, :, :a])
+            views = window
+        else:
+            window = tuple(QTensor(*(t[:, :, :a] for t in q)) for q in layer.codes)
+            views = [t for q in window for t in q]
+        if self._fused and mark:
+            for view in views:
                 torch._dynamo.maybe_mark_dynamic(view, 2)
         return window
 
@@ -307,11 +337,7 @@ class StaticRunner:
         if len(kv_layers) != len(self._hf_cache.layers):
             raise ValueError(f"got K/V for {len(kv_layers)} layers, the static cache has {len(self._hf_cache.layers)}")
         for layer, (k, v) in zip(self._hf_cache.layers, kv_layers):
-            if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
-            n = k.shape[2]
-            layer.keys[:, :, :n].copy_(k)
-            layer.values[:, :, :n].copy_(v)
+            self._store(layer, self._arange[: k.shape[2]], k.to(self._device), v.to(self._device))
 
     def _replay_padded(self, tokens, positions, start: int, bucket: int) -> torch.Tensor:
         """A suffix after a cached prefix, padded to ``bucket`` tokens so that a graph runs it.
@@ -323,7 +349,7 @@ class StaticRunner:
         return self._replay(tokens, positions, self._arange[start: start + bucket])[:, :n]
 
     def _initialized(self) -> bool:
-        return all(layer.is_initialized for layer in self._hf_cache.layers)
+        return all(self._ready(layer) for layer in self._hf_cache.layers)
 
     def _mask(self, slots: torch.Tensor) -> torch.Tensor:
         """(B, 1, n, attend): key slot enabled for the row and not after the query's own slot."""
@@ -343,7 +369,7 @@ class StaticRunner:
         for layer in self._hf_cache.layers:
             # views made here, not inside the (compiled) forward: torch.compile sees the window as a
             # tensor size, which it can keep dynamic, rather than an int it would specialize on
-            layer.window = self._window(layer) if layer.is_initialized else None
+            layer.window = self._window(layer) if self._ready(layer) else None
         with attention_implementation(self.model, PACKED_GQA if self._packed_gqa else None):
             return self._forward(self.model, input_ids=tokens, attention_mask=self._mask(slots),
                                  position_ids=positions, past_key_values=self._hf_cache, use_cache=True, **kwargs)
@@ -438,15 +464,16 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 
 def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: str = "target",
-                  graph_max_tokens: int = 17, fuse: bool = False):
+                  graph_max_tokens: int = 17, fuse: bool = False, kv_bits: int | None = None):
     """A (cached) ``StaticRunner`` with at least ``max_len`` slots, or the eager ``ModelRunner``
     with a warning (once) where the static path does not fit this model."""
     emb = model.get_input_embeddings().weight
-    key = (id(model), role, batch_size, emb.dtype, emb.device, fuse, _bucket(max_len))
+    key = (id(model), role, batch_size, emb.dtype, emb.device, fuse, kv_bits, _bucket(max_len))
     runner = _RUNNERS.get(key)
     if runner is None or runner._model_ref() is not model:
         try:
-            runner = StaticRunner(model, batch_size, key[-1], graph_max_tokens=graph_max_tokens, fuse=fuse)
+            runner = StaticRunner(model, batch_size, key[-1], graph_max_tokens=graph_max_tokens, fuse=fuse,
+                                  kv_bits=kv_bits)
         except Exception as exc:  # noqa: BLE001 - unsupported architecture / cache: eager fallback
             _warn_once(f"compile=True: {type(model).__name__} falls back to the eager runner: {exc}")
             return ModelRunner(model)
@@ -461,12 +488,12 @@ def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=
     (``fuse``: torch.compile the forwards before capturing them; see the module docstring)."""
     from specdec.drafters import ModelDrafter
 
-    if kv_quant is not None:
-        raise ValueError("compile=True cannot be combined with kv_quant yet: pass one of them")
     # room for a cached prefix's suffix padded up to its graph size
     max_len = prompt_len + run.settings.max_new_tokens + k_max + 2 + (_PREFILL_BUCKETS[-1] if prefix_cache else 0)
     B = run.batch.size
-    run.runner = static_runner(run.runner.model, B, max_len, "target", graph_max_tokens=k_max + 1, fuse=fuse)
+    kv_bits = {None: None, "int8": 8, "int4": 4}[kv_quant]
+    run.runner = static_runner(run.runner.model, B, max_len, "target", graph_max_tokens=k_max + 1, fuse=fuse,
+                               kv_bits=kv_bits)
     _capture_all(run.runner)
     run.cache = run.runner.new_cache()
     if isinstance(run.drafter, ModelDrafter):

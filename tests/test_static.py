@@ -134,12 +134,6 @@ def test_unsupported_falls_back_with_a_warning():
     assert torch.equal(fast, specdec.generate(model, ids, mask, max_new_tokens=12))
 
 
-def test_compile_rejects_what_it_cannot_do_yet(models):
-    ids, mask = prompts(1, [4])
-    with pytest.raises(ValueError, match="kv_quant"):
-        specdec.generate(models["llama"], ids, mask, max_new_tokens=4, compile=True, kv_quant="int8")
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_graphs_identical_fp32_and_captured_once():
@@ -254,3 +248,41 @@ def test_compile_batch_with_prefix_cache_rows_hitting_different_prefixes(models)
                                   return_stats=True)
     assert torch.equal(got, want)
     assert min(stats.cached_prompt_tokens) > 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_static_cache_close_to_full_precision_and_smaller(models, bits):
+    model = models["llama"]
+    seq = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(5))
+    ones = lambda n: torch.ones(1, n, dtype=torch.long)  # noqa: E731
+    pos = lambda a, b: torch.arange(a, b)[None]  # noqa: E731
+    outs = {}
+    for kv_bits in (None, bits):
+        runner = static.StaticRunner(model, 1, 64, kv_bits=kv_bits)
+        cache = runner.new_cache()
+        runner.forward(seq[:, :12], ones(12), pos(0, 12), cache)            # prefill (quantized on the way in)
+        runner.forward(seq[:, 12:17], ones(17), pos(12, 17), cache)         # a 5-token verify
+        crop(cache, 14)                                                     # 3 rejected: overwritten next
+        outs[kv_bits] = runner.forward(seq[:, 14:20], ones(20), pos(14, 20), cache)
+        if kv_bits:
+            layer = runner._hf_cache.layers[0]
+            assert not layer.is_initialized                                 # no full-precision K/V buffers
+            codes = sum(t.numel() * t.element_size() for q in layer.codes for t in q)
+            full = 2 * layer.codes[0].data.shape[1] * 64 * model.config.head_dim * 4   # fp32 K + V, 64 slots
+            assert codes <= (0.375 if bits == 8 else 0.25) * full  # head_dim 16: one scale/zero per head
+    tol = 0.05 if bits == 8 else 0.5
+    torch.testing.assert_close(outs[bits], outs[None], rtol=0, atol=tol)
+
+
+def test_compile_with_kv_quant_runs_drafts_and_batches(models):
+    model = models["llama"]
+    ids, mask = prompts(2, [6, 9], seed=4)
+    for kv in ("int8", "int4"):
+        for kw in ({}, dict(draft_model="self:1", num_draft_tokens=3)):
+            out = specdec.generate(model, ids, mask, max_new_tokens=12, compile=True, kv_quant=kv, **kw)
+            assert out.shape == (2, ids.shape[1] + 12)
+    with pytest.raises(ValueError, match="kv_quant"):
+        from prefix_cache import PrefixCache
+
+        specdec.generate(model, ids[:1], mask[:1], max_new_tokens=4, compile=True, kv_quant="int8",
+                         prefix_cache=PrefixCache(1 << 20))
