@@ -47,6 +47,7 @@ class _Run:
     namespace: str | None = None
     eos: torch.Tensor | None = None  # (n,) EOS ids inside the vocabulary (for min_new_tokens)
     room: int = 0                   # most tokens any active row may still emit (caps k: no wasted drafts)
+    rows_host: list = None          # batch.rows as a list (read without a device sync)
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -121,8 +122,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                        kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=_compile_mode(compile) == "inductor")
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
         _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
-        while run.batch.size:
-            _step(run)
+        _decode(run)
     except torch.OutOfMemoryError as err:
         run = None  # noqa: F841 - this call's KV cache must not outlive it in the traceback
         raise _out_of_memory(err, input_ids, settings, prefix_cache) from err
@@ -266,7 +266,8 @@ def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_
                        device=input_ids.device)
     return _Run(runner, runner.new_cache(), settings, batch, histories, [[] for _ in range(B)],
                 StopChecker(settings, tokenizer), GenerationStats(B),
-                _uniform_table(settings, B, generator, input_ids.device), streamer, eos=eos)
+                _uniform_table(settings, B, generator, input_ids.device), streamer, eos=eos,
+                rows_host=list(range(B)))
 
 
 def _uniform_table(settings: Settings, batch: int, generator, device) -> torch.Tensor | None:
@@ -336,6 +337,80 @@ def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
         run.streamer.put(input_ids.cpu())
     _emit(run, first[:, None][:, :0], torch.zeros_like(first), first)
     run.stats.prefill_s = time.perf_counter() - t0
+
+
+def _decode(run: _Run) -> None:
+    """Decode until every row is done: one step ahead of the host when there is no drafter."""
+    if run.drafter is None:
+        _plain_loop(run)
+        return
+    while run.batch.size:
+        _step(run)
+
+
+def _plain_loop(run: _Run) -> None:
+    """Plain decoding, one step ahead: step t+1 is launched before step t's token is read back,
+    so the device does not sit idle while the host checks stops, streams and keeps stats (about a
+    millisecond a step, much of a small model's step). A row that stops at step t has already run
+    step t+1 (unless max_new_tokens ended it); that forward's result leaves with the row. Nothing
+    else changes: the next token never depends on the host, and each token is emitted as ``_step``
+    would emit it."""
+    readback, inflight = _Readback(run.batch.pending.device), None
+    while run.batch.size:
+        launched = None
+        if inflight is None or run.room > 1:            # else the in-flight token is every row's last
+            _plain_launch(run)
+            launched = (readback.start(run.batch.pending), list(run.rows_host))
+        if inflight is not None:
+            values = dict(zip(inflight[1], readback.finish(inflight[0])))
+            nexts = [values[row] for row in run.rows_host]       # rows may have left since
+            _emit(run, [[] for _ in nexts], [0] * len(nexts), nexts)
+        inflight = launched
+
+
+class _Readback:
+    """Token ids copied to the host without waiting for work queued after them: a non-blocking
+    copy into pinned memory and an event, double-buffered (the previous copy may be unread)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.slot = 0
+        self.buffers: list = [None, None]
+
+    def start(self, tokens: torch.Tensor):
+        if not self.cuda:
+            return tokens.tolist()
+        buffer = self.buffers[self.slot]
+        if buffer is None or buffer.shape[0] < tokens.shape[0]:
+            buffer = self.buffers[self.slot] = torch.empty(tokens.shape[0], dtype=tokens.dtype, pin_memory=True)
+        out = buffer[: tokens.shape[0]]
+        out.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(tokens.device))
+        self.slot ^= 1
+        return out, event
+
+    @staticmethod
+    def finish(handle) -> list[int]:
+        if isinstance(handle, list):
+            return handle
+        out, event = handle
+        event.synchronize()
+        return out.tolist()
+
+
+def _plain_launch(run: _Run) -> None:
+    """Queue one plain step (forward, pick, advance) on the device, without waiting for it."""
+    batch = run.batch
+    t0 = time.perf_counter()
+    positions = batch.next_positions()[:, None]
+    # a NaN row's pending id is BROKEN (-1); emitting it raises, but this step is queued first
+    tokens = batch.pending.clamp(min=0)[:, None]
+    logits = run.runner.forward(tokens, batch.key_mask(1), positions, run.cache)
+    proposal = Proposal(batch.pending.new_zeros(batch.size, 0), None, torch.zeros_like(batch.produced))
+    verdict = _verify(run, logits, proposal)
+    _advance(run, proposal, verdict)
+    _record(run, 0, proposal, verdict, 0.0, time.perf_counter() - t0, time.perf_counter() - t0)
 
 
 def _step(run: _Run) -> None:
@@ -425,8 +500,11 @@ def _sync_time(t: torch.Tensor) -> float:
 
 
 def _record(run: _Run, k, proposal: Proposal, verdict, draft_s: float, verify_s: float, step_s: float) -> None:
-    stats, rows = run.stats, run.batch.rows.tolist()
-    accepted, proposed = verdict.num_accepted.tolist(), proposal.num_proposed.tolist()
+    stats, rows = run.stats, run.rows_host
+    if k:
+        accepted, proposed = verdict.num_accepted.tolist(), proposal.num_proposed.tolist()
+    else:                                               # a plain step: nothing to read back
+        accepted = proposed = [0] * len(rows)
     for row, a, p in zip(rows, accepted, proposed):
         stats.accepted[row] += a
         stats.proposed[row] += p
@@ -442,7 +520,7 @@ def _record(run: _Run, k, proposal: Proposal, verdict, draft_s: float, verify_s:
 def _advance(run: _Run, proposal: Proposal, verdict) -> None:
     """Keep each row's pending token + accepted drafts in the caches; holes elsewhere."""
     batch, n = run.batch, verdict.num_accepted
-    kept = int(n.max()) + 1
+    kept = int(n.max()) + 1 if proposal.tokens.shape[1] else 1     # no device sync for a plain step
     slots = batch.num_slots + kept
     step_tokens = torch.cat([batch.pending[:, None], proposal.tokens], dim=1)[:, :kept]
     valid = torch.arange(kept, device=n.device)[None] <= n[:, None]
@@ -457,14 +535,14 @@ def _advance(run: _Run, proposal: Proposal, verdict) -> None:
 def _emit(run: _Run, drafts: torch.Tensor, num_accepted: torch.Tensor, next_token: torch.Tensor) -> None:
     """Hand each row's new tokens (accepted drafts + next token) to the output, stop rows that are done."""
     finished = []
-    rows, counts, nexts = run.batch.rows.tolist(), num_accepted.tolist(), next_token.tolist()
+    rows, counts, nexts = run.rows_host, _as_list(num_accepted), _as_list(next_token)
     if verify_mod.BROKEN in nexts:  # checked on tensors synced anyway: no extra sync per step
         row = rows[nexts.index(verify_mod.BROKEN)]
         raise FloatingPointError(
             f"model produced NaN/inf logits (batch row {row}, after {len(run.outputs[row])} new tokens), so "
             "its tokens would be garbage: check the model's dtype (float16 overflows: load it in bfloat16 or "
             "float32), its weights, and attention_mask")
-    drafts = drafts.tolist()
+    drafts = _as_list(drafts)
     for i, (row, count, nxt) in enumerate(zip(rows, counts, nexts)):
         tokens, done = run.stop.take(run.outputs[row], drafts[i][:count] + [nxt])
         run.outputs[row].extend(tokens)
@@ -480,12 +558,17 @@ def _emit(run: _Run, drafts: torch.Tensor, num_accepted: torch.Tensor, next_toke
         _drop_rows(run, finished)
 
 
+def _as_list(x) -> list:
+    return x if isinstance(x, list) else x.tolist()
+
+
 def _drop_rows(run: _Run, finished: list[int]) -> None:
     if run.prefix_cache is not None:
         from specdec.prefill import store_rows
 
         store_rows(run, finished, run.prefix_cache, run.namespace)
     keep = [i for i in range(run.batch.size) if i not in set(finished)]
+    run.rows_host = [run.rows_host[i] for i in keep]
     keep_t = torch.tensor(keep, dtype=torch.long, device=run.batch.pending.device)
     run.batch.select(keep_t)
     if keep:
