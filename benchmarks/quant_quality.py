@@ -4,8 +4,11 @@ Text: Python's own documentation shipped in the stdlib (``pydoc_data.topics``), 
 offline. Windows of ``--window`` tokens with ``--stride`` (the usual sliding-window
 perplexity); the KV variants feed each window in ``--chunk``-token pieces through the cache so
 that attention reads quantized past keys/values (a one-shot forward never would).
+``method="gptq"`` rows calibrate on other reference pages: every topic that shares text with the
+scored topics is left out (``calibration_ids``).
 
     python -m benchmarks.quant_quality --out benchmarks/results/quant-quality-cpu.json
+    python -m benchmarks.quant_quality --only int4-g64-search int4-g64-gptq --merge  # keep other rows
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -28,12 +32,38 @@ NOTES = ("The bundled model ships as GGUF Q4_1: its weights are already 4-bit, a
          "Its hidden size 576 is not a multiple of 128, so int4-g128 cannot apply to it. "
          "KV variants feed each window in --chunk-token pieces so attention reads the quantized past.")
 TARGETS = {"int8": 1.0, "int4-g64": 8.0, "kv-int8": 0.5, "kv-int4": 3.0}  # max ppl increase, %
+METHOD_NOTES = ("int4 methods: rtn = min/max round-to-nearest; search = per-group clipped range of lowest "
+                "squared weight error (quant.search, data-free); gptq = GPTQ with least-squares refits of each "
+                "group's scale/zero and coordinate-descent sweeps over the codes (quant.gptq), calibrated on "
+                "reference pages that share no text with the scored ones. quantize_seconds: quantization "
+                "alone; seconds: quantization + perplexity.")
 
 
 def load_text(topics: tuple[str, ...] = TOPICS) -> str:
     from pydoc_data.topics import topics as docs
 
     return "\n\n".join(docs[t] for t in topics)
+
+
+def calibration_ids(tokenizer, n_seqs: int, seq_len: int, scored: tuple[str, ...] = TOPICS,
+                    probe: int = 80) -> tuple[torch.Tensor, list[str]]:
+    """(n_seqs, seq_len) token ids spread evenly over the reference pages that share no text with
+    the ``scored`` ones (no ``probe``-char window of a page, stepped by probe/2, occurs in them);
+    and the names of the pages left out."""
+    from pydoc_data.topics import topics as docs
+
+    scored_text = load_text(scored)
+
+    def overlaps(page: str) -> bool:
+        return any(page[i:i + probe] in scored_text for i in range(0, max(1, len(page) - probe), probe // 2))
+
+    left_out = [k for k in sorted(docs) if k in scored or overlaps(docs[k])]
+    text = "\n\n".join(docs[k] for k in sorted(docs) if k not in left_out)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < n_seqs * seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than {n_seqs} x {seq_len}")
+    starts = torch.linspace(0, ids.numel() - seq_len, n_seqs).long().tolist()
+    return torch.stack([ids[b:b + seq_len] for b in starts]), left_out
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -74,12 +104,14 @@ def perplexity(model, ids: torch.Tensor, window: int, stride: int, make_cache=No
     return math.exp(nll / count)
 
 
-def variants(args):
+def variants(args, calibration: torch.Tensor | None = None):
     """name -> (model factory, cache factory or None)."""
     from quant import QuantizedKVCache, quantize
 
-    def weights(bits, g=64):
-        return lambda base: quantize(copy.deepcopy(base), bits=bits, group_size=g, backend=args.backend)
+    def weights(bits, g=64, method="rtn"):
+        cal = calibration if method == "gptq" else None
+        return lambda base: quantize(copy.deepcopy(base), bits=bits, group_size=g, backend=args.backend,
+                                     method=method, calibration=cal)
 
     def kv(bits):
         return lambda cfg: (lambda: QuantizedKVCache(cfg, bits=bits, residual_length=args.residual))
@@ -91,6 +123,10 @@ def variants(args):
         "int4-g32": (weights(4, 32), None),
         "int4-g64": (weights(4, 64), None),
         "int4-g128": (weights(4, 128), None),
+        "int4-g32-search": (weights(4, 32, "search"), None),
+        "int4-g64-search": (weights(4, 64, "search"), None),
+        "int4-g32-gptq": (weights(4, 32, "gptq"), None),
+        "int4-g64-gptq": (weights(4, 64, "gptq"), None),
         "kv-int8": (same, kv(8)),
         "kv-int4": (same, kv(4)),
     }
@@ -109,15 +145,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--only", nargs="*", help="subset of variants (fp32 always runs)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of an existing --out file that this run does not redo")
+    p.add_argument("--calib-seqs", type=int, default=16, help="gptq calibration sequences")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per gptq calibration sequence")
     args = p.parse_args(argv)
 
     from integrations.models import load_default
 
     torch.manual_seed(0)
+    load_start = os.getloadavg()[0]  # other jobs on the host slow the timings, not the perplexities
     base, tok = load_default(device=args.device)
     ids = tok(load_text(), return_tensors="pt").input_ids[:, :args.tokens].to(args.device)
     torch.set_num_threads(args.threads)
-    todo = variants(args)
+    calibration, left_out = calibration_ids(tok, args.calib_seqs, args.calib_len)
+    todo = variants(args, calibration.to(args.device))
     names = [n for n in todo if n == "fp32" or not args.only or n in args.only]
     results = {}
     for name in names:
@@ -125,9 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         try:
             model = make_model(base)
+            quantize_seconds = time.perf_counter() - t0
             cache = make_cache(model.config) if make_cache else None
             ppl = perplexity(model, ids, args.window, args.stride, cache, args.chunk)
             results[name] = {"ppl": round(ppl, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            if model is not base:
+                results[name]["quantize_seconds"] = round(quantize_seconds, 1)
             backends = sorted({m.backend for m in model.modules() if hasattr(m, "backend")})
             if backends:
                 results[name]["backends"] = backends
@@ -135,19 +180,34 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = {"error": f"{type(err).__name__}: {err}"}
         print(name, results[name], flush=True)
     _add_deltas(results)
+    merged = _merge_earlier(results, Path(args.out)) if args.merge else []
     report = {
         "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
                                                             f"{torch.get_num_threads()} threads)",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "model": "SmolLM2-135M-Instruct (bundled GGUF, dequantized to fp32)",
         "text": f"pydoc_data.topics {list(TOPICS)} (Python {platform.python_version()} stdlib docs)",
+        "host_load_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2),
+                           "cpus": os.cpu_count()},
         "tokens": int(ids.shape[1]), "window": args.window, "stride": args.stride, "kv_chunk": args.chunk,
         "kv_residual_length": args.residual, "targets_max_delta_pct": TARGETS,
-        "notes": NOTES, "results": results, "command": " ".join([sys.executable, *sys.argv]),
+        "calibration": {"text": "pydoc_data.topics, less the scored topics and every topic sharing text "
+                                "with them", "left_out": left_out, "sequences": args.calib_seqs,
+                        "tokens_per_sequence": args.calib_len},
+        "notes": NOTES, "method_notes": METHOD_NOTES, "results": results,
+        "best_int4_g64": _best(results, "int4-g64"),
+        "command": " ".join([sys.executable, *sys.argv]),
     }
+    if merged:
+        report["rows_from_earlier_run"] = merged
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _target(name: str) -> float | None:
+    """The target of a row: its own, or its format's (``int4-g64-gptq`` -> ``int4-g64``)."""
+    return TARGETS.get(name, TARGETS.get(name.rsplit("-", 1)[0]) if name.startswith("int4-") else None)
 
 
 def _add_deltas(results: dict) -> None:
@@ -156,8 +216,27 @@ def _add_deltas(results: dict) -> None:
         base = results.get("fp32", {}).get("ppl")
         if "ppl" in r and base and name != "fp32":
             r["delta_pct"] = round(100 * (r["ppl"] / base - 1), 3)
-            if name in TARGETS:
-                r["target_met"] = r["delta_pct"] <= TARGETS[name]
+            if _target(name) is not None:
+                r["target_met"] = r["delta_pct"] <= _target(name)
+
+
+def _best(results: dict, prefix: str) -> dict | None:
+    """The row named ``prefix`` or ``prefix-<method>`` with the lowest perplexity."""
+    rows = {n: r for n, r in results.items() if (n == prefix or n.startswith(prefix + "-")) and "ppl" in r}
+    if not rows:
+        return None
+    name = min(rows, key=lambda n: rows[n]["ppl"])
+    return {"variant": name, **{k: rows[name][k] for k in ("ppl", "delta_pct", "target_met") if k in rows[name]}}
+
+
+def _merge_earlier(results: dict, path: Path) -> list[str]:
+    """Add the rows of an earlier report at ``path`` that ``results`` lacks; their names."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text()).get("results", {})
+    kept = [n for n in earlier if n not in results]
+    results.update({n: earlier[n] for n in kept})
+    return kept
 
 
 if __name__ == "__main__":

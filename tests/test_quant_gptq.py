@@ -175,3 +175,18 @@ def test_search_method_in_quantize():
     searched = dequantize_int4(layer.weight, layer.scales, layer.zeros)
     rtn = dequantize_int4(*quantize_int4(orig, 32))
     assert (searched - orig).square().sum() < (rtn - orig).square().sum()
+
+
+def test_benchmark_calibration_shares_no_text_with_the_scored_pages():
+    from benchmarks.quant_quality import calibration_ids, load_text
+
+    class Chars:  # one token per character, so ids map back to text
+        def __call__(self, text, return_tensors=None):
+            return type("Out", (), {"input_ids": torch.tensor([[ord(c) for c in text]])})()
+
+    ids, left_out = calibration_ids(Chars(), 8, 400)
+    assert ids.shape == (8, 400) and {"execmodel", "compound", "naming", "try"} <= set(left_out)
+    scored = load_text()
+    for row in ids:
+        text = "".join(map(chr, row.tolist()))
+        assert not any(text[i:i + 80] in scored for i in range(0, 320, 20))
