@@ -9,6 +9,13 @@
 #     measure its acceptance vs self:4, then bench code + chat with it (DISTILL_BENCH=0 skips that).
 #     $OUT gets distill-train.json, distill-acceptance.json, the shipped int4 weights and 2 bench JSONs.
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
+#   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
+#     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
+#     draft; $OUT gets distill-feature-train.json, distill-feature-acceptance.json and the int8 file.
+#     FEATURE_BENCH=1 also benches code + chat with it (else run `distill-feature-bench` next, warm).
+#   distill-feature-bench: bench code + chat with --draft distilled-feature (ours-draft rows; the layered
+#     draft gets the ours-distilled and hf-assisted-distilled rows: HF cannot run a feature draft), on a
+#     warm machine after `distill-feature` (reuses /root/feature-ship) or with the file in specdec/drafts
 # These need no GGUF (random-weight models), so ONE call does them (carry .whl only):
 #   fastpath:      8B-shaped roofline (HF eager, ours graphs, ours inductor + coordinate
 #                  descent) and the GPU tests (pytest -m gpu); ~8 min
@@ -22,7 +29,7 @@ case "${1:-run}" in
 stage)
     cp .gguf1/* "$M/"; ls -la "$M"; exit 0 ;;
 run) ;;
-*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-bench|fastpath|prefix-random]"; exit 2 ;;
+*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-bench|distill-feature|distill-feature-bench|fastpath|prefix-random]"; exit 2 ;;
 esac
 WHAT="${2:-bench}"
 if [[ "$WHAT" != fastpath && "$WHAT" != prefix-random && ! -s "$GGUF" ]]; then
@@ -87,5 +94,27 @@ if [[ ( "$WHAT" == distill && "${DISTILL_BENCH:-1}" == 1 ) || "$WHAT" == distill
     # what `--draft distilled` loads: the shipped file (committed, or just trained on this machine)
     [ -f "/root/distilled-ship/$SHIP" ] && cp "/root/distilled-ship/$SHIP" specdec/drafts/
     for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled; done
+fi
+FSHIP=smollm2-135m-instruct-feature.safetensors
+if [[ "$WHAT" == distill-feature ]]; then
+    start=$(date +%s)
+    python3 -m specdec.cli distill --kind feature --steps 20000 --time-budget "${FEATURE_TRAIN_S:-270}" \
+        --gen-time "${DISTILL_GEN_S:-45}" --eval-every 100 --out /root/feature --ship "/root/feature-ship/$FSHIP" \
+        --quiet 2>&1 | grep -v "Loading weights" | tee "$OUT/distill-feature-log.txt" || true
+    cp /root/feature/distill.json "$OUT/distill-feature-train.json"
+    cp "/root/feature-ship/$FSHIP" "$OUT/$FSHIP"
+    python3 - "$OUT" <<'PY'
+import json, sys
+run = json.load(open(f"{sys.argv[1]}/distill-feature-train.json"))
+keep = ("command", "environment", "target", "draft", "dtype", "shipped", "final")
+json.dump({k: run.get(k) for k in keep}, open(f"{sys.argv[1]}/distill-feature-acceptance.json", "w"), indent=1)
+print("final acceptance (greedy, k=4):", {d: round(v["mean"], 3) for d, v in run["final"]["drafts"].items()})
+PY
+    echo "distill-feature done in $(( $(date +%s) - start )) s"
+fi
+if [[ ( "$WHAT" == distill-feature && "${FEATURE_BENCH:-0}" == 1 ) || "$WHAT" == distill-feature-bench ]]; then
+    [ -f "/root/feature-ship/$FSHIP" ] && cp "/root/feature-ship/$FSHIP" specdec/drafts/
+    for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled-feature; done 2>&1 \
+        | tee "$OUT/bench-feature-log.txt"
 fi
 ls -la "$OUT"

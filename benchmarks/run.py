@@ -73,9 +73,11 @@ def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, ma
                   graphs: bool = False, eager: bool = True, distilled=None) -> list[Variant]:
     """The side-by-side set. ``draft``: a model (or None) used by hf-assisted and ours-draft alike.
 
-    ``distilled``: a second draft (the shipped distilled one) for an ``hf-assisted-distilled``
+    ``distilled``: a second draft (a shipped distilled one) for an ``hf-assisted-distilled``
     and an ``ours-distilled`` row. ``graphs`` adds each of our variants again with
-    ``compile=True`` (static cache + CUDA graphs), named with a ``+graphs`` suffix.
+    ``compile=True`` (static cache + CUDA graphs), named with a ``+graphs`` suffix. A feature
+    draft (``specdec.feature_draft``) is no causal LM: it gets no HF assisted row and no
+    ``+graphs`` row (not supported yet).
     """
     common = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
 
@@ -92,18 +94,24 @@ def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, ma
         our_rows += [(_named("ours-lookup", k), dict(prompt_lookup_num_tokens=LOOKUP_TOKENS if k == "auto" else k,
                                                       num_draft_tokens=k), k) for k in k_values]
     if assisted and draft is not None:
-        hf_rows.append(("hf-assisted", dict(assistant_model=draft)))
+        hf_rows += [("hf-assisted", dict(assistant_model=draft))] if hf_can_run(draft) else []
         our_rows += [(_named("ours-draft", k), dict(draft_model=draft, num_draft_tokens=k), k) for k in k_values]
     if assisted and distilled is not None:
-        hf_rows.append(("hf-assisted-distilled", dict(assistant_model=distilled)))
+        hf_rows += [("hf-assisted-distilled", dict(assistant_model=distilled))] if hf_can_run(distilled) else []
         our_rows.append(("ours-distilled", dict(draft_model=distilled, num_draft_tokens="auto"), "auto"))
     variants = [Variant(name, hf(**kw)) for name, kw in hf_rows]
     variants += [Variant(name, ours(**kw), ours=True, k=k) for name, kw, k in our_rows]
     if graphs:
-        variants += [Variant(name + "+graphs", ours(compile=True, **kw), ours=True, k=k) for name, kw, k in our_rows]
+        variants += [Variant(name + "+graphs", ours(compile=True, **kw), ours=True, k=k) for name, kw, k in our_rows
+                     if getattr(kw.get("draft_model"), "supports_compile", True)]
     if graphs and not eager:
         variants = [v for v in variants if not v.ours or v.name.endswith("+graphs")]
     return variants
+
+
+def hf_can_run(draft) -> bool:
+    """HF assisted generation takes causal LMs only (not a feature draft)."""
+    return callable(getattr(draft, "get_input_embeddings", None))
 
 
 def _named(base: str, k) -> str:
@@ -184,9 +192,11 @@ def add_relative(rows: list[dict]) -> None:
         if not r.get("decode_tok_s"):
             continue
         plain = by.get("ours-plain+graphs" if r["variant"].endswith("+graphs") else "ours-plain")
-        # HF assisted generation with the same draft: ours-distilled* against hf-assisted-distilled
+        # HF assisted generation with the same draft: ours-distilled* against hf-assisted-distilled; a
+        # feature draft (which HF cannot run) against the other one (see notes in the JSON)
         distilled = r["variant"].startswith("ours-distilled")
-        assisted = by.get("hf-assisted-distilled" if distilled else "hf-assisted")
+        names = ("hf-assisted-distilled", "hf-assisted") if distilled else ("hf-assisted", "hf-assisted-distilled")
+        assisted = by.get(names[0]) or by.get(names[1])
         r["speedup_vs_hf"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None
         r["speedup_vs_assisted"] = r["decode_tok_s"] / assisted["decode_tok_s"] if assisted else None
         if r["variant"].startswith("ours-plain"):
@@ -241,27 +251,34 @@ def _warm_up(variants, ids, device) -> None:
 def load(args):
     from integrations.models import load_model
 
+    from specdec.distill.shipped import feature_draft_path, load_feature_draft, load_named
+    from specdec.generate import DISTILLED_NAMES
+
     model, tok = load_model(args.target, dtype=args.dtype, device=args.device)
     draft = None
     if args.draft and args.draft != "none":
-        if args.draft == "distilled":
-            from specdec.distill import load_shipped_draft
-
-            draft = load_shipped_draft(model)
+        if args.draft in DISTILLED_NAMES:
+            draft = load_named(model, args.draft)
         elif args.draft.startswith("self:"):
             draft = specdec.early_exit_model(model, int(args.draft.split(":")[1]))
+        elif feature_draft_path(args.draft):
+            draft = load_feature_draft(model, feature_draft_path(args.draft))
         else:
             draft, _ = load_model(args.draft, dtype=args.dtype, device=args.device)
     return model, tok, draft
 
 
-def _distilled_draft(args, model):
-    """The shipped distilled draft for the extra rows, if wanted and one fits the target."""
-    if not args.distilled or args.draft == "distilled":
+def _distilled_draft(args, model, draft):
+    """A shipped distilled draft for the extra rows, if wanted: the best one that fits the target
+    and is not ``draft`` itself (so ``--draft distilled`` also gets the other kind's rows)."""
+    if not args.distilled:
         return None
-    from specdec.distill import find_shipped, load_shipped_draft
+    from specdec.distill.shipped import find_shipped, load_named
 
-    return load_shipped_draft(model) if find_shipped(model) is not None else None
+    for name, kind in (("distilled-feature", "feature"), ("distilled-layers", "layers")):
+        if find_shipped(model, kind) is not None and load_named(model, name) is not draft:
+            return load_named(model, name)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,9 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
     p.add_argument("--draft", default="self:4",
                    help="draft for hf-assisted and ours-draft: a model path, 'self:N' (target's first N layers), "
-                        "'distilled' (the shipped distilled draft) or 'none' (default: self:4)")
+                        "'distilled' (the best shipped distilled draft; 'distilled-feature' / 'distilled-layers' "
+                        "pick a kind; HF assisted rows cannot run a feature draft) or 'none' (default: self:4)")
     p.add_argument("--distilled", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run hf-assisted-distilled and ours-distilled rows with the shipped distilled draft "
+                   help="also run hf-assisted-distilled and ours-distilled rows with a shipped distilled draft (the "
+                        "best one that is not --draft) "
                         "when one fits the target (default: on, off with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16 (default on CUDA)")
@@ -315,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.distilled is None:
         args.distilled = not args.quick
     model, tok, draft = load(args)
-    args.distilled_draft = _distilled_draft(args, model)
+    args.distilled_draft = _distilled_draft(args, model, draft)
+    args.notes = _notes(draft, args.distilled_draft)
     names = workloads.WORKLOADS if args.workload == "all" else (args.workload,)
     rows, fingerprints = [], {}
     for name in names:
@@ -325,11 +345,23 @@ def main(argv: list[str] | None = None) -> dict:
     return _publish(rows, args, fingerprints, model)
 
 
+def _notes(draft, distilled) -> list[str]:
+    """What a reader of the JSON must know about the drafts (a feature draft has no HF row)."""
+    notes = []
+    for row, d in (("ours-draft", draft), ("ours-distilled", distilled)):
+        if d is not None and not hf_can_run(d):
+            notes.append(f"{row} uses an EAGLE-style feature draft ({type(d).__name__}), which HF assisted generation "
+                         "cannot run (it is no causal LM) and compile=True does not support yet (no +graphs row): "
+                         "its speedup_vs_assisted is against HF assisted generation with the other (layered) draft")
+    return notes
+
+
 def _publish(rows, args, fingerprints, model) -> dict:
     env = report.environment()
     result = dict(environment=env, command="specdec bench " + " ".join(_argv_echo(args)),
                   model=str(args.target or "SmolLM2-135M-Instruct (bundled)"), draft=args.draft, dtype=args.dtype,
-                  model_params=sum(p.numel() for p in model.parameters()), workloads=fingerprints, rows=rows)
+                  model_params=sum(p.numel() for p in model.parameters()), workloads=fingerprints,
+                  notes=getattr(args, "notes", []), rows=rows)
     out = Path(args.out)
     stem = f"{time.strftime('%Y-%m-%d')}-{_slug(env['device'])}-{args.workload}"
     report.write_json(result, out / f"{stem}.json")

@@ -9,6 +9,7 @@ across transformers versions) is absorbed here, so the loop has no per-model cas
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,7 @@ class ModelRunner:
     model: torch.nn.Module
     make_cache: object = None  # callable(model) -> Cache; default DynamicCache(config=...)
     _has_logits_to_keep: bool = field(init=False, default=False)
+    _features: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         config = self.model.config
@@ -71,6 +73,29 @@ class ModelRunner:
                          use_cache=True, **kwargs)
         logits = out.logits[:, -1:] if last_only else out.logits
         return logits.to(self.device)  # a model split over devices (device_map) ends elsewhere
+
+    @contextmanager
+    def watching_features(self):
+        """Inside: each forward keeps its last decoder layer's output at every position (read it
+        with ``take_features``), whatever ``last_only`` asked of the logits. The hook is removed on exit."""
+        from specdec.drafters import _find_layer_list
+
+        handle = _find_layer_list(self.model)[1][-1].register_forward_hook(self._keep_features)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            self._features = None
+
+    def _keep_features(self, module, args, output) -> None:
+        self._features = output[0] if isinstance(output, tuple) else output
+
+    def take_features(self) -> torch.Tensor:
+        """(B, n, H) the latest forward's last-layer outputs (before the final norm); once."""
+        features, self._features = self._features, None
+        if features is None:
+            raise RuntimeError("no features kept: run forward() inside ModelRunner.watching_features()")
+        return features
 
 
 def cache_length(cache) -> int:

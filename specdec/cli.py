@@ -20,7 +20,7 @@ Run `specdec COMMAND --help` for a command's options.
 Examples:
   specdec generate "Write a haiku about caching" --chat
   specdec generate "def fibonacci(n):" --draft self:8 --max-new-tokens 64
-  specdec generate "def fibonacci(n):" --draft distilled     (the draft shipped for the default model)
+  specdec generate "def fibonacci(n):" --draft distilled     (the best draft shipped for the default model)
   specdec bench --quick
 """
 
@@ -32,8 +32,9 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", type=_non_empty, help="the prompt text")
     p.add_argument("--target", default=None, help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
     p.add_argument("--draft", default=None,
-                   help="draft model path, 'self:N' for the target's first N layers, or 'distilled' for "
-                        "the shipped distilled draft (default: prompt lookup, no draft model)")
+                   help="draft model path (or a feature-draft file/directory), 'self:N' for the target's first N "
+                        "layers, or 'distilled' for the best shipped distilled draft ('distilled-feature', "
+                        "'distilled-layers': one kind) (default: prompt lookup, no draft model)")
     p.add_argument("--k", default="auto", type=_draft_length, help="draft length: an int >= 1 or 'auto' (default)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=_positive(int), default=128)
@@ -100,6 +101,7 @@ def run_generate(argv: list[str]) -> int:
 
     import specdec
     from integrations.models import load_model
+    from specdec.generate import DISTILLED_NAMES
 
     args = generate_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,8 +114,12 @@ def run_generate(argv: list[str]) -> int:
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
     k = args.k
     drafting = dict(draft_model=args.draft) if args.draft else dict(prompt_lookup_num_tokens=10)
-    if args.draft and not args.draft.startswith("self:") and args.draft != "distilled":
-        drafting = dict(draft_model=load_model(args.draft, dtype=dtype, device=device)[0])
+    if args.draft and not args.draft.startswith("self:") and args.draft not in DISTILLED_NAMES:
+        from specdec.distill.shipped import feature_draft_path, load_feature_draft
+
+        feature = feature_draft_path(args.draft)
+        draft = load_feature_draft(model, feature) if feature else load_model(args.draft, dtype=dtype, device=device)[0]
+        drafting = dict(draft_model=draft)
     sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     sampling = {key: v for key, v in sampling.items() if v is not None}
     _, stats = specdec.generate(model, ids, streamer=TextStreamer(tok, skip_prompt=True), tokenizer=tok,

@@ -10,6 +10,7 @@ One step, for all active rows at once:
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from specdec.adapter import ModelRunner, crop, select_rows
 from specdec.config import Settings, resolve
 from specdec.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal, cached_early_exit_model
+from specdec.feature_draft import FeatureDraft, FeatureDrafter
 from specdec.sampling import greedy, probabilities, sample, suppress_tokens
 from specdec.state import SlotBatch, positions_from_mask
 from specdec.stats import GenerationStats
@@ -65,10 +67,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         model: a decoder-only HF causal LM (the target).
         input_ids: (B, P) prompt token ids, left-padded when rows differ in length.
         attention_mask: (B, P), 0 on padding. Defaults to all ones.
-        draft_model: a causal LM sharing the target's vocabulary, ``"self:N"`` for the
-            target's own first N layers, or ``"distilled"`` for the draft distilled for it and
-            shipped in ``specdec/drafts`` (see ``specdec.distill``). ``assistant_model`` is HF's
-            name for it.
+        draft_model: a causal LM sharing the target's vocabulary, a ``FeatureDraft`` built on
+            this target (EAGLE-style: one layer reading the target's features), ``"self:N"`` for
+            the target's own first N layers, or ``"distilled"`` for the best draft distilled for
+            it and shipped in ``specdec/drafts`` (``"distilled-feature"`` / ``"distilled-layers"``
+            pick one kind; see ``specdec.distill``). ``assistant_model`` is HF's name for it.
         num_draft_tokens: draft length k (int >= 1) or ``"auto"`` (adaptive; see
             ``specdec.draft_length``).
         prompt_lookup_num_tokens: use prompt lookup (n-gram) drafting, proposing up to this
@@ -88,7 +91,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             forwards first fused by ``torch.compile`` (a compile of tens of seconds once per
             model; fastest for large models). Works with batches (a finished row idles in
             the static cache until the call ends) and with ``prefix_cache`` (a hit's suffix
-            runs as one graph); not yet with ``kv_quant``. See ``specdec.static``.
+            runs as one graph); not yet with ``kv_quant`` nor with feature drafts. See ``specdec.static``.
         **hf_kwargs: HF generation keywords (max_new_tokens, do_sample, temperature, top_k,
             top_p, min_p, eos_token_id, pad_token_id, min_new_tokens, stop_strings,
             return_dict_in_generate, ...). Options we cannot honour exactly raise
@@ -117,12 +120,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if compile:
             from specdec.static import use_static
 
+            if getattr(run.drafter, "wants_features", False):
+                raise ValueError("compile=True does not support feature drafts yet (draft_model='distilled' "
+                                 "loads one): pass compile=False, or draft_model='distilled-layers' with compile")
             k_max = _check_k(num_draft_tokens, prompt_lookup_num_tokens) if run.drafter is not None else 0
             use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
                        kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=_compile_mode(compile) == "inductor")
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
-        _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
-        _decode(run)
+        with _feature_tap(run):
+            _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
+            _decode(run)
     except torch.OutOfMemoryError as err:
         run = None  # noqa: F841 - this call's KV cache must not outlive it in the traceback
         raise _out_of_memory(err, input_ids, settings, prefix_cache) from err
@@ -226,19 +233,28 @@ def _check_inputs(model, input_ids, attention_mask):
     return input_ids.long().to(device), attention_mask.long().to(device)
 
 
+DISTILLED_NAMES = ("distilled", "distilled-feature", "distilled-layers")
+
+
 def _pick_draft(draft_model, assistant_model, target):
     if draft_model is not None and assistant_model is not None:
         raise ValueError("pass draft_model= or assistant_model= (HF's name for it), not both")
     draft = draft_model if draft_model is not None else assistant_model
     if isinstance(draft, str):
-        if draft == "distilled":
-            from specdec.distill.shipped import load_shipped_draft
+        if draft in DISTILLED_NAMES:
+            from specdec.distill.shipped import load_named
 
-            return load_shipped_draft(target)
+            return load_named(target, draft)
         if not draft.startswith("self:") or not draft[5:].isdigit():
-            raise ValueError(f"draft_model={draft!r}: a string must be 'self:N' (the target's first N layers) "
-                             "or 'distilled' (the draft shipped for the bundled default model)")
+            raise ValueError(f"draft_model={draft!r}: a string must be 'self:N' (the target's first N layers), "
+                             "'distilled' (the best draft shipped for the bundled default model), "
+                             "'distilled-feature' or 'distilled-layers' (one kind of it)")
         return cached_early_exit_model(target, int(draft[5:]))
+    if isinstance(draft, FeatureDraft):
+        if not draft.fits(target):
+            raise ValueError("this FeatureDraft was built around another target model's embeddings and head: "
+                             "load it for this target (specdec.distill.load_feature_draft(target, path))")
+        return draft
     if draft is not None and not (isinstance(draft, torch.nn.Module)
                                   and callable(getattr(draft, "get_input_embeddings", None))):
         raise TypeError(f"draft_model must be a causal LM sharing the target's tokenizer, or 'self:N', got "
@@ -300,7 +316,9 @@ def _make_drafter(run: _Run, draft_model, num_draft_tokens, lookup_tokens):
     k_max = _check_k(num_draft_tokens, lookup_tokens)
     if draft_model is not None and lookup_tokens:
         raise ValueError("pass either a draft model or prompt_lookup_num_tokens, not both")
-    if draft_model is not None:
+    if isinstance(draft_model, FeatureDraft):
+        drafter = FeatureDrafter(draft_model, run.runner.vocab_size)
+    elif draft_model is not None:
         drafter = ModelDrafter(draft_model, run.runner.vocab_size)
     elif lookup_tokens:
         drafter = PromptLookupDrafter(run.histories)
@@ -330,6 +348,7 @@ def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
     else:
         logits = run.runner.forward(input_ids, mask, positions_from_mask(mask), run.cache, last_only=True)
     run.batch.append(input_ids, mask.bool())
+    _observe(run, input_ids.shape[1])
     first = _choose_target(run, logits[:, -1:], torch.zeros_like(run.batch.produced))[:, 0]
     run.batch.pending = first
     run.batch.produced += 1
@@ -426,7 +445,7 @@ def _step(run: _Run) -> None:
     logits = run.runner.forward(tokens, batch.key_mask(k + 1), positions, run.cache)
     verdict = _verify(run, logits, proposal)
     t2 = _sync_time(batch.pending)
-    _advance(run, proposal, verdict)
+    _observe(run, _advance(run, proposal, verdict))
     _record(run, k, proposal, verdict, t1 - t0, t2 - t1, time.perf_counter() - t0)
     _emit(run, proposal.tokens, verdict.num_accepted, verdict.next_token)
 
@@ -517,8 +536,26 @@ def _record(run: _Run, k, proposal: Proposal, verdict, draft_s: float, verify_s:
         run.controller.update(k, accepted, proposed, draft_s, verify_s, step_s)
 
 
-def _advance(run: _Run, proposal: Proposal, verdict) -> None:
-    """Keep each row's pending token + accepted drafts in the caches; holes elsewhere."""
+def _feature_tap(run: _Run):
+    """Keep the target's last-layer outputs while decoding, if the drafter reads them."""
+    if getattr(run.drafter, "wants_features", False):
+        return run.runner.watching_features()
+    return contextlib.nullcontext()
+
+
+def _observe(run: _Run, num_slots: int) -> None:
+    """Hand a feature drafter the target's last-layer outputs of the ``num_slots`` slots just cached."""
+    if not getattr(run.drafter, "wants_features", False):
+        return
+    hidden = run.runner.take_features()[:, :num_slots]
+    if hidden.shape[1] < num_slots:  # a prefix-cache hit: cached slots were not run, so no features
+        hidden = torch.nn.functional.pad(hidden, (0, 0, num_slots - hidden.shape[1], 0))
+    run.drafter.observe(hidden)
+
+
+def _advance(run: _Run, proposal: Proposal, verdict) -> int:
+    """Keep each row's pending token + accepted drafts in the caches; holes elsewhere. Returns
+    how many slots the step added."""
     batch, n = run.batch, verdict.num_accepted
     kept = int(n.max()) + 1 if proposal.tokens.shape[1] else 1     # no device sync for a plain step
     slots = batch.num_slots + kept
@@ -530,6 +567,7 @@ def _advance(run: _Run, proposal: Proposal, verdict) -> None:
     batch.append(step_tokens, valid)
     batch.pending = verdict.next_token
     batch.produced = batch.produced + n + 1
+    return kept
 
 
 def _emit(run: _Run, drafts: torch.Tensor, num_accepted: torch.Tensor, next_token: torch.Tensor) -> None:

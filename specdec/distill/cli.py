@@ -12,32 +12,42 @@ log = logging.getLogger("specdec.distill")
 
 DESCRIPTION = """\
 Make a draft model for speculative decoding from a target model, with no data set and
-no network:
+no network. Two kinds (--kind):
 
-  1. build the draft: the target's architecture with N decoder layers (copied from the
-     target's layers, see --init), sharing the target's tokenizer, embeddings and head;
+  feature  EAGLE-style (Li et al. 2024): ONE decoder layer that reads the target's own
+           last-layer features (+ the next token) and predicts the next feature; the target's
+           final norm and head turn it into logits. Much higher acceptance per draft FLOP.
+  layers   the target's architecture with N decoder layers (copied from the target's layers,
+           see --init), sharing the target's tokenizer, embeddings and head (the default).
+
+Steps:
+  1. build the draft (its own weights only: the target's embeddings and head are shared);
   2. let the target write training text: it continues real prompts that ship with Python
      (stdlib function stubs, questions about the Python reference; the `code` and `chat`
      benchmark prompts are held out), plus stdlib source and any --text files;
-  3. train the draft to match the target's next-token distributions (KL, AdamW, cosine LR),
-     replaying its greedy acceptance (k=4) on held-out prompts every --eval-every steps;
-  4. save an HF model directory (+ distill.json, the training log) that
-     AutoModelForCausalLM.from_pretrained and specdec.generate(draft_model=...) load, and
-     measure acceptance with specdec.generate against the untrained self-draft self:N.
+  3. train it on the target's outputs (layers: KL to the next-token distributions; feature:
+     SmoothL1 to the next feature + KL, over --depths drafting steps at once), AdamW, cosine
+     LR, replaying its greedy acceptance (k=4) on held-out prompts every --eval-every steps;
+  4. save it to --out (layers: an HF model directory that AutoModelForCausalLM loads; feature:
+     feature-draft.safetensors, for specdec.distill.load_feature_draft) + distill.json (the
+     training log), and measure acceptance with specdec.generate against the untrained
+     self-draft self:4 (and, for feature, the shipped layered draft).
 
 A GPU makes this minutes; a CPU run is for small models or smoke tests."""
 
 EPILOG = """\
 examples:
+  specdec distill --kind feature --time-budget 270 --out drafts/smol-feature   # bundled SmolLM2-135M, GPU
   specdec distill --layers 4 --steps 2000 --out drafts/smol-L4          # bundled SmolLM2-135M, GPU
   specdec distill --target ./my-model --layers 2 --time-budget 600 --text notes.md --out ./my-draft
   specdec distill --layers 4 --steps 2000 --out d --ship d/smol-L4.safetensors   # + int4 file to ship
 then:
-  specdec generate "def fib(n):" --draft d
+  specdec generate "def fib(n):" --draft d          # a layers directory or a feature-draft file/directory
   specdec bench --workload code --draft d
 
 acceptance = drafted tokens the target kept / drafted tokens; a draft pays off when it is
-high and the draft is cheap: --layers trades one for the other (2-4 for a 30-layer target)."""
+high and the draft is cheap: --layers trades one for the other (2-4 for a 30-layer target);
+a feature draft costs one layer and accepts more, but needs the eager loop (no compile=True yet)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=None,
                    help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
-    p.add_argument("--out", required=True, help="directory to write the draft to (HF format + distill.json)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers of the draft (default 4)")
+    p.add_argument("--out", required=True, help="directory to write the draft to (HF format or "
+                   "feature-draft.safetensors, + distill.json)")
+    p.add_argument("--kind", default="layers", choices=("layers", "feature"),
+                   help="layers: a shallow copy of the target (default); feature: an EAGLE-style one-layer "
+                        "draft reading the target's features")
+    p.add_argument("--layers", type=int, default=4, help="layers kind: decoder layers of the draft (default 4)")
     p.add_argument("--init", default="spread", choices=("spread", "first"),
                    help="which target layers the draft starts from: evenly spaced first..last (default) or the first N")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the most, with --time-budget)")
@@ -55,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 32 on GPU, 4 on CPU)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 512 on GPU, 128 on CPU)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    for flag, kind, default, text in _FEATURE_OPTIONS:
+        p.add_argument(flag, type=kind, default=default, help=f"feature kind: {text}")
+    p.add_argument("--feature-init", default="last-layer", choices=("last-layer", "random"),
+                   help="feature kind: start the draft layer as a copy of the target's last decoder layer, fed "
+                        "the features at the residual stream's scale (default), or from random weights")
     p.add_argument("--eval-every", type=int, default=100, help="steps between acceptance replays (0: start and end)")
     p.add_argument("--text", nargs="*", default=[], metavar="FILE", help="extra plain-text files to train on")
     p.add_argument("--text-chars", type=int, default=None,
@@ -82,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ship", default=None, metavar="FILE",
                    help="also write the draft's own weights to this .safetensors file "
                         "(what specdec/drafts/ holds), quantized to --ship-bits")
-    p.add_argument("--ship-bits", type=int, default=4, choices=(4, 8),
-                   help="int4 (group 32; default, about half the bytes) or int8 (per channel) for --ship")
+    p.add_argument("--ship-bits", type=int, default=None, choices=(4, 8),
+                   help="int4 (group 32, about half the bytes) or int8 (per channel) for --ship "
+                        "(default: int4 for layers, int8 for feature)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="target dtype (the draft trains in float32 under autocast); "
@@ -93,13 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# feature-kind numeric options: flag, type, default, help
+_FEATURE_OPTIONS = (
+    ("--depths", int, 3, "drafting steps trained at once, each on the previous one's predicted features "
+                         "(default 3; 1 = EAGLE-1's training)"),
+    ("--kl-weight", float, 1.0, "weight of KL(target || draft) against SmoothL1 on features (default 1)"),
+    ("--noise", float, 0.1, "uniform noise U(-x, x) on the true input features (default 0.1)"),
+    ("--intermediate-size", int, None, "MLP width of the draft layer (default: the target's)"),
+)
+
+
 def _defaults(args) -> None:
     import torch
 
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.device = args.device or ("cuda" if gpu else "cpu")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    pick = {"batch_size": (32, 4), "seq_len": (512, 128), "text_chars": (6_000_000, 300_000),
+    args.ship_bits = args.ship_bits or (8 if args.kind == "feature" else 4)
+    pick = {"batch_size": (16 if args.kind == "feature" else 32, 4), "seq_len": (512, 128),
+            "text_chars": (6_000_000, 300_000),
             "gen_prompts": (2000, 16), "gen_time": (60.0, None), "gen_batch_size": (256, 8),
             "max_prompt_tokens": (None, 512), "eval_prompts": (4, 4), "eval_tokens": (128, 48),
             "final_prompts": (None, 2)}
@@ -111,7 +143,7 @@ def _defaults(args) -> None:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from specdec.distill import data, evaluate, model, save, shipped, train
+    from specdec.distill import data, evaluate, save, train
 
     args = build_parser().parse_args(argv)
     _defaults(args)
@@ -119,10 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     target, tok = _load_target(args)
-    n_target = target.config.get_text_config().num_hidden_layers
-    layers = model.pick_layers(n_target, args.layers, args.init)
-    log.info("target: %d layers; draft: %d layers initialised from target layers %s", n_target, len(layers), layers)
-
+    draft, task, layers = _build(target, args)
     held = {name: data.encode_prompts(prompts, tok, args.max_prompt_tokens)
             for name, prompts in data.held_out_prompts().items()}
     eval_sets = [evaluate.greedy_eval_set(target, name, ids[:args.eval_prompts], args.eval_tokens)
@@ -134,25 +163,24 @@ def main(argv: list[str] | None = None) -> dict:
              sum(len(s.ids) for s in texts))
     sampler = data.WindowSampler(generated, texts, args.seq_len, args.generated_fraction,
                                  pad_id=tok.pad_token_id or 0, seed=args.seed)
-    draft = model.build_draft(target, layers, dtype=torch.float32)
-    config = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-                               time_budget_s=args.time_budget)
-    trained = train.train(target, draft, sampler, config, eval_sets, progress=not args.quiet)
-    log.info("trained %d steps in %.0f s: KL %.3f, replayed acceptance %s", trained.steps, trained.seconds,
+    if args.kind == "feature" and args.feature_init == "last-layer":
+        _init_feature(target, draft, sampler, args)
+    trained = train.train(target, draft, sampler, task.config, eval_sets, progress=not args.quiet, task=task)
+    log.info("trained %d steps in %.0f s: loss %.3f, replayed acceptance %s", trained.steps, trained.seconds,
              trained.loss[-1][1] if trained.loss else float("nan"),
              trained.acceptance[-1][1] if trained.acceptance else "-")
-    _cast_own(draft, target)
+    _cast_own(draft, task.parameters(), target)
 
     record = _record(args, target, layers, generated, gen_s, texts, trained)
+    if args.kind == "feature":
+        record["draft"] = dict(kind="feature", config=draft.config.as_dict(), init=args.feature_init,
+                               feature_scale=getattr(args, "feature_scale", None),
+                               parameters=sum(p.numel() for p in draft.parameters()))
     if args.ship:
-        info = dict(steps=trained.steps, acceptance=trained.acceptance[-1][1] if trained.acceptance else None)
-        path = shipped.export_shipped(draft, target, args.ship, layers, name=Path(args.ship).stem, info=info,
-                                      bits=args.ship_bits)
-        record["shipped"] = dict(path=str(path), bytes=path.stat().st_size)
-        log.info("wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+        record["shipped"] = _ship(draft, target, layers, trained, args)
     if args.final_prompts != 0:
         record["final"] = _final_acceptance(target, draft, layers, held, args)
-    save.save_draft(draft, args.out, tok, dtype=getattr(torch, args.dtype))
+    _save(draft, target, tok, args)
     record["total_s"] = time.perf_counter() - started
     save.write_json(record, Path(args.out) / save.RECORD_NAME)
     log.info("wrote %s (%.0f s in all)", args.out, record["total_s"])
@@ -188,24 +216,88 @@ def _generate(target, tok, args):
     return generated, time.perf_counter() - start
 
 
-def _cast_own(draft, target) -> None:
-    """The draft's own tensors to the target's dtype (they trained in float32)."""
-    from specdec.distill.model import own_parameters
+def _build(target, args):
+    """(draft, training task, target layers it copies or None) for ``args.kind``."""
+    import torch
 
+    from specdec.distill import model, train
+
+    common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                  time_budget_s=args.time_budget)
+    if args.kind == "feature":
+        from specdec.distill import feature_train
+        from specdec.feature_draft import FeatureDraft, FeatureDraftConfig
+
+        draft = FeatureDraft(FeatureDraftConfig.from_target(target, args.intermediate_size), target).float()
+        config = feature_train.FeatureTrainConfig(**common, depths=args.depths, kl_weight=args.kl_weight,
+                                                  noise=args.noise)
+        log.info("feature draft: %s (%.1fM parameters)", draft.config, sum(p.numel() for p in draft.parameters()) / 1e6)
+        return draft, feature_train.FeatureTask(target, draft, config), None
+    n_target = target.config.get_text_config().num_hidden_layers
+    layers = model.pick_layers(n_target, args.layers, args.init)
+    log.info("target: %d layers; draft: %d layers initialised from target layers %s", n_target, len(layers), layers)
+    draft = model.build_draft(target, layers, dtype=torch.float32)
+    task = train.LayeredTask(target, draft)
+    task.config = train.TrainConfig(**common)
+    return draft, task, layers
+
+
+def _init_feature(target, draft, sampler, args) -> None:
+    from specdec.distill import feature_train
+    from specdec.feature_draft import init_from_last_layer
+
+    ids, mask = (t.to(args.device) for t in sampler.sample(min(args.batch_size, 8)))
+    args.feature_scale = feature_train.residual_scale(target, draft, ids, mask)
+    copied = init_from_last_layer(draft, args.feature_scale)
+    log.info("feature draft starts from the target's last layer (%s), features scaled by %.1f",
+             ", ".join(copied), args.feature_scale)
+
+
+def _ship(draft, target, layers, trained, args) -> dict:
+    from specdec.distill import shipped
+
+    info = dict(steps=trained.steps, acceptance=trained.acceptance[-1][1] if trained.acceptance else None)
+    name = Path(args.ship).stem
+    if args.kind == "feature":
+        path = shipped.export_feature(draft, target, args.ship, name=name, info=info, bits=args.ship_bits)
+    else:
+        path = shipped.export_shipped(draft, target, args.ship, layers, name=name, info=info, bits=args.ship_bits)
+    log.info("wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+    return dict(path=str(path), bytes=path.stat().st_size, bits=args.ship_bits)
+
+
+def _save(draft, target, tok, args) -> None:
+    import torch
+
+    from specdec.distill import save, shipped
+
+    if args.kind == "feature":
+        shipped.export_feature(draft, target, Path(args.out) / shipped.FEATURE_FILE, name="feature", bits=None)
+    else:
+        save.save_draft(draft, args.out, tok, dtype=getattr(torch, args.dtype))
+
+
+def _cast_own(draft, params, target) -> None:
+    """The draft's own tensors to the target's dtype (they trained in float32)."""
     dtype = target.get_input_embeddings().weight.dtype
-    for p in own_parameters(draft, target):
+    for p in params:
         p.data = p.data.to(dtype)
         p.requires_grad_(False)
 
 
 def _final_acceptance(target, draft, layers, held, args) -> dict:
-    """specdec.generate (greedy, k=4) on held-out prompts: distilled vs its shipped (quantized) file vs untrained self:N."""
+    """specdec.generate (greedy, k=4) on held-out prompts: the new draft vs its shipped (quantized) file
+    vs the untrained self:4 (and, for a feature draft, the shipped layered draft)."""
     import specdec
     from specdec.distill import evaluate, shipped
 
-    drafts = {"distilled": draft, f"self:{len(layers)}": specdec.early_exit_model(target, len(layers))}
+    name, n_self = ("feature", 4) if args.kind == "feature" else ("distilled", len(layers))
+    drafts = {name: draft, f"self:{n_self}": specdec.early_exit_model(target, n_self)}
     if args.ship:
-        drafts[f"distilled-int{args.ship_bits}"] = shipped.load_shipped_draft(target, args.ship)
+        load = shipped.load_feature_draft if args.kind == "feature" else shipped.load_shipped_draft
+        drafts[f"{name}-int{args.ship_bits}"] = load(target, args.ship)
+    if args.kind == "feature" and shipped.find_shipped(target, "layers") is not None:
+        drafts["distilled-layers (shipped)"] = shipped.load_shipped_draft(target)
     n = args.final_prompts
     out = {}
     for name, d in drafts.items():

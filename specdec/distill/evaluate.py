@@ -62,15 +62,25 @@ def simulate(matches: list[bool], k: int, limit: int | None = None) -> tuple[int
     left - 1), keeps the matching prefix, and the target adds one token; drafts past
     the continuation's end (its EOS) are rejected.
     """
+    total = len(matches)
+    return simulate_chains([matches[j + 1: j + 1 + k] for j in range(total)], k, limit)
+
+
+def simulate_chains(hits: list[list[bool]], k: int, limit: int | None = None) -> tuple[int, int]:
+    """:func:`simulate` for drafts whose guess depends on its depth within the step.
+
+    ``hits[j][d]``: in a step whose pending token is new token j, the draft's (d+1)-th token
+    equals new token j + d + 1. ``len(hits)`` = new tokens; missing entries count as misses.
+    """
     accepted = proposed = 0
-    pos, total = 1, len(matches)
+    pos, total = 1, len(hits)
     limit = total if limit is None else limit
     while pos < total:
         kk = min(k, limit - pos - 1)
         if kk <= 0:
             break
-        n = 0
-        while n < kk and pos + n < total and matches[pos + n]:
+        row, n = hits[pos - 1], 0
+        while n < kk and pos + n < total and n < len(row) and row[n]:
             n += 1
         accepted, proposed, pos = accepted + n, proposed + kk, pos + n + 1
     return accepted, proposed

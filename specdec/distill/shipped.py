@@ -1,5 +1,10 @@
 """Drafts small enough to ship: only the draft's own weights, int8 or int4, in one safetensors file.
 
+Two kinds share the format's machinery: layered drafts (``specdec-draft/1``, below) and
+EAGLE-style feature drafts (``specdec-feature-draft/1``, :func:`export_feature`: an fc and one
+decoder layer, see ``specdec.feature_draft``). ``draft_model="distilled"`` loads the one of them
+that fits the target with the highest recorded held-out acceptance (:func:`load_named`).
+
 A distilled draft shares its embeddings and head with the target, so what it adds is its
 decoder layers and norms. :func:`export_shipped` stores those (2-D weights int8 with one
 scale per output channel, ``quant.int8``, or int4 with a float16 scale and zero per group of
@@ -23,12 +28,15 @@ from quant.int8 import dequantize_int8, quantize_int8
 from specdec.distill.model import build_draft, own_parameters, own_state_dict
 
 FORMAT = "specdec-draft/1"
+FEATURE_FORMAT = "specdec-feature-draft/1"
+KINDS = {"layers": FORMAT, "feature": FEATURE_FORMAT}
+FEATURE_FILE = "feature-draft.safetensors"  # in the --out directory of `specdec distill --kind feature`
 DRAFTS_DIR = Path(__file__).resolve().parent.parent / "drafts"
 _SCALE = ".__scale__"
 _ZERO = ".__zero__"          # int4 only
 INT4_GROUP = 32
 _PROBE_ROWS = (1, 100, 1000)  # embedding rows (clamped to the vocabulary) in the fingerprint
-_cache: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_cache: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()
 
 
 def target_fingerprint(target) -> dict:
@@ -55,19 +63,7 @@ def export_shipped(draft, target, path: str | Path, layers: list[int], name: str
     """Write ``draft``'s own weights (int8 or int4 matrices, float32 vectors) to ``path`` (.safetensors)."""
     from safetensors.torch import save_file
 
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-    tensors = {}
-    for key, value in own_state_dict(draft, target).items():
-        value = value.detach().float().cpu()
-        if value.dim() == 2 and bits == 4:
-            packed, scales, zeros = quantize_int4(value.half(), group_size=INT4_GROUP)
-            tensors[key], tensors[key + _SCALE], tensors[key + _ZERO] = packed.contiguous(), scales, zeros
-        elif value.dim() == 2:
-            q, scales = quantize_int8(value)
-            tensors[key], tensors[key + _SCALE] = q.contiguous(), scales.float()
-        else:
-            tensors[key] = value.contiguous()
+    tensors = pack(own_state_dict(draft, target), bits)
     meta = dict(format=FORMAT, name=name, layers=json.dumps(layers), fingerprint=json.dumps(target_fingerprint(target)),
                 info=json.dumps(info or {}))
     path = Path(path)
@@ -76,16 +72,65 @@ def export_shipped(draft, target, path: str | Path, layers: list[int], name: str
     return path
 
 
+def export_feature(draft, target, path: str | Path, name: str = "", info: dict | None = None,
+                   bits: int | None = 8) -> Path:
+    """Write a ``FeatureDraft``'s weights (int8/int4 matrices, or float32 with ``bits=None``) to ``path``."""
+    from safetensors.torch import save_file
+
+    meta = dict(format=FEATURE_FORMAT, name=name, config=json.dumps(draft.config.as_dict()),
+                fingerprint=json.dumps(target_fingerprint(target)), info=json.dumps(info or {}))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(pack(draft.state_dict(), bits), str(path), metadata=meta)
+    return path
+
+
+def pack(state: dict[str, torch.Tensor], bits: int | None) -> dict[str, torch.Tensor]:
+    """2-D tensors int8 (per channel) or int4 (group 32) with their scales; the rest float32."""
+    if bits not in (4, 8, None):
+        raise ValueError(f"bits must be 8 or 4 (or None: float32), got {bits!r}")
+    tensors = {}
+    for key, value in state.items():
+        value = value.detach().float().cpu()
+        if value.dim() == 2 and bits == 4:
+            packed, scales, zeros = quantize_int4(value.half(), group_size=INT4_GROUP)
+            tensors[key], tensors[key + _SCALE], tensors[key + _ZERO] = packed.contiguous(), scales, zeros
+        elif value.dim() == 2 and bits == 8:
+            q, scales = quantize_int8(value)
+            tensors[key], tensors[key + _SCALE] = q.contiguous(), scales.float()
+        else:
+            tensors[key] = value.contiguous()
+    return tensors
+
+
+def unpack(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack`: float32 tensors by name."""
+    out = {}
+    for key, value in saved.items():
+        if key.endswith((_SCALE, _ZERO)):
+            continue
+        if key + _ZERO in saved:
+            value = dequantize_int4(value, saved[key + _SCALE], saved[key + _ZERO], torch.float32)
+        elif key + _SCALE in saved:
+            value = dequantize_int8(value, saved[key + _SCALE], torch.float32)
+        out[key] = value
+    return out
+
+
 def read_metadata(path: str | Path) -> dict:
-    """The file's metadata, JSON fields decoded (``layers``, ``fingerprint``, ``info``)."""
+    """The file's metadata, JSON fields decoded (``layers``, ``config``, ``fingerprint``, ``info``),
+    plus ``kind``: ``"layers"`` or ``"feature"``."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a specdec shipped draft (format {meta.get('format')!r}, expected {FORMAT!r})")
-    for key in ("layers", "fingerprint", "info"):
+    kinds = {fmt: kind for kind, fmt in KINDS.items()}
+    if meta.get("format") not in kinds:
+        raise ValueError(f"{path} is not a specdec shipped draft (format {meta.get('format')!r}, expected one of "
+                         f"{sorted(kinds)})")
+    for key in ("layers", "config", "fingerprint", "info"):
         meta[key] = json.loads(meta.get(key) or "null")
+    meta["kind"] = kinds[meta["format"]]
     return meta
 
 
@@ -94,12 +139,100 @@ def shipped_drafts() -> list[Path]:
     return sorted(DRAFTS_DIR.glob("*.safetensors"))
 
 
-def find_shipped(target) -> Path | None:
-    """The shipped draft file distilled for ``target`` (by fingerprint), or None."""
+def find_shipped(target, kind: str = "layers") -> Path | None:
+    """The shipped draft file of ``kind`` (``"layers"`` or ``"feature"``) made for ``target``, or None."""
     for path in shipped_drafts():
-        if _matches(read_metadata(path)["fingerprint"], target):
+        meta = read_metadata(path)
+        if meta["kind"] == kind and _matches(meta["fingerprint"], target):
             return path
     return None
+
+
+def feature_draft_path(path: str | Path) -> Path | None:
+    """``path`` if it is a feature-draft file, ``path``/feature-draft.safetensors (what ``specdec
+    distill --kind feature --out DIR`` writes) if that exists, else None."""
+    path = Path(path)
+    path = path / FEATURE_FILE if path.is_dir() else path
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    return path if read_metadata(path)["kind"] == "feature" else None
+
+
+def best_kind(target) -> str:
+    """The kind of the shipped draft for ``target`` with the highest recorded held-out acceptance
+    (``info["acceptance"]["mean"]``, greedy, k=4); ``"layers"`` when none fits (its loader then raises)."""
+    scored = []
+    for kind in KINDS:
+        path = find_shipped(target, kind)
+        if path is not None:
+            acceptance = (read_metadata(path)["info"] or {}).get("acceptance") or {}
+            scored.append((acceptance.get("mean", 0.0), kind))
+    return max(scored)[1] if scored else "layers"
+
+
+def load_named(target, name: str = "distilled") -> torch.nn.Module:
+    """``"distilled"``: the shipped draft for ``target`` that accepts most (:func:`best_kind`);
+    ``"distilled-feature"`` / ``"distilled-layers"``: that kind. Raises ValueError if none fits."""
+    kinds = {"distilled": None, "distilled-feature": "feature", "distilled-layers": "layers"}
+    if name not in kinds:
+        raise ValueError(f"unknown shipped draft name {name!r}: use 'distilled', 'distilled-feature' or "
+                         "'distilled-layers'")
+    kind = kinds[name] or best_kind(target)
+    return load_feature_draft(target) if kind == "feature" else load_shipped_draft(target)
+
+
+def load_feature_draft(target, path: str | Path | None = None) -> torch.nn.Module:
+    """The feature draft (``specdec.feature_draft.FeatureDraft``) for ``target``, on its device and dtype.
+
+    Args:
+        target: the loaded target model.
+        path: a file from ``export_feature`` (``specdec distill --kind feature``); default: the
+            one in ``specdec/drafts`` made for ``target`` (cached per target).
+    """
+    from specdec.feature_draft import FeatureDraft, FeatureDraftConfig
+
+    emb = target.get_input_embeddings().weight
+    cached = _cache.get(target, {}).get("feature")
+    if path is None and cached is not None and (cached.fc.weight.device, cached.fc.weight.dtype) == (emb.device, emb.dtype):
+        return cached
+    path = path or _shipped_or_raise(target, "feature")
+    meta = read_metadata(path)
+    if meta["kind"] != "feature" or not _matches(meta["fingerprint"], target):
+        raise ValueError(f"{path} is not a feature draft for this target ({meta['kind']}, {meta['fingerprint']}): "
+                         "make one with `specdec distill --kind feature`")
+    draft = FeatureDraft(FeatureDraftConfig(**meta["config"]), target)
+    _load_state(draft, path)
+    if Path(path).parent == DRAFTS_DIR:
+        _cache.setdefault(target, {})["feature"] = draft
+    return draft
+
+
+def _load_state(module: torch.nn.Module, path) -> None:
+    from safetensors.torch import load_file
+
+    state = unpack(load_file(str(path)))
+    wanted = set(module.state_dict())
+    if wanted != set(state):
+        raise ValueError(f"{path} does not fit this draft: missing {sorted(wanted - set(state))[:3]}, "
+                         f"unexpected {sorted(set(state) - wanted)[:3]}")
+    with torch.no_grad():
+        for key, tensor in module.state_dict().items():
+            tensor.copy_(state[key].to(tensor.dtype))
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+
+
+def _shipped_or_raise(target, kind: str) -> Path:
+    path = find_shipped(target, kind)
+    if path is None:
+        flag = "" if kind == "layers" else " --kind feature"
+        raise ValueError(
+            f"no shipped distilled {kind} draft fits this target (shipped: "
+            f"{', '.join(p.name for p in shipped_drafts()) or 'none'}): make one with `specdec distill{flag} "
+            "--target PATH --out DIR` and pass draft_model=AutoModelForCausalLM.from_pretrained(DIR)"
+            + ("" if kind == "layers" else " (layers) or load_feature_draft(target, DIR/feature-draft.safetensors)"))
+    return path
 
 
 def load_shipped_draft(target, path: str | Path | None = None) -> torch.nn.Module:
@@ -113,45 +246,35 @@ def load_shipped_draft(target, path: str | Path | None = None) -> torch.nn.Modul
         ValueError: no shipped draft fits ``target`` (make one with ``specdec distill``).
     """
     emb = target.get_input_embeddings().weight
-    cached = _cache.get(target)
+    cached = _cache.get(target, {}).get("layers")
     if path is None and cached is not None and _own_placement(cached, target) == (emb.device, emb.dtype):
         return cached
-    if path is None:
-        path = find_shipped(target)
-        if path is None:
-            raise ValueError(
-                "no shipped distilled draft fits this target (shipped: "
-                f"{', '.join(p.name for p in shipped_drafts()) or 'none'}): make one with `specdec distill "
-                "--target PATH --out DIR` and pass draft_model=AutoModelForCausalLM.from_pretrained(DIR)")
+    path = path or _shipped_or_raise(target, "layers")
     meta = read_metadata(path)
+    if meta["kind"] != "layers":
+        raise ValueError(f"{path} is a {meta['kind']} draft: load it with load_feature_draft")
     if not _matches(meta["fingerprint"], target):
         raise ValueError(f"{path} was distilled for another model ({meta['fingerprint']}): "
                          "make a draft for this target with `specdec distill`")
     draft = build_draft(target, meta["layers"], dtype=emb.dtype)
     _load_own(draft, target, path)
     if Path(path).parent == DRAFTS_DIR:
-        _cache[target] = draft
+        _cache.setdefault(target, {})["layers"] = draft
     return draft
 
 
 def _load_own(draft, target, path) -> None:
     from safetensors.torch import load_file
 
-    saved = load_file(str(path))
+    saved = unpack(load_file(str(path)))
     own = own_state_dict(draft, target)
     wanted = set(own)
-    stored = {k for k in saved if not k.endswith((_SCALE, _ZERO))}
-    if wanted != stored:
-        raise ValueError(f"{path} does not fit this target's draft: missing {sorted(wanted - stored)[:3]}, "
-                         f"unexpected {sorted(stored - wanted)[:3]}")
+    if wanted != set(saved):
+        raise ValueError(f"{path} does not fit this target's draft: missing {sorted(wanted - set(saved))[:3]}, "
+                         f"unexpected {sorted(set(saved) - wanted)[:3]}")
     with torch.no_grad():
         for key, tensor in own.items():
-            value = saved[key]
-            if key + _ZERO in saved:
-                value = dequantize_int4(value, saved[key + _SCALE], saved[key + _ZERO], torch.float32)
-            elif key + _SCALE in saved:
-                value = dequantize_int8(value, saved[key + _SCALE], torch.float32)
-            tensor.copy_(value.to(tensor.dtype))
+            tensor.copy_(saved[key].to(tensor.dtype))
     for p in own_parameters(draft, target):
         p.requires_grad_(False)
 

@@ -1,10 +1,13 @@
 """Train a draft on the target's next-token distributions.
 
-Loss: KL(p || q) per position, p = target (teacher), q = draft (student), summed over the
-whole vocabulary and averaged over real (unpadded) positions. AdamW on the draft's own
-tensors, linear warm-up then cosine decay, bf16 autocast when the target is not float32.
-Every ``eval_every`` steps the greedy acceptance on held-out prompts is replayed
-(:func:`specdec.distill.evaluate.replay_acceptance`), so the log has an acceptance curve.
+:func:`train` is the loop (AdamW, linear warm-up then cosine decay, a time budget, an
+acceptance curve); a *task* says what it optimizes and how acceptance is replayed:
+
+- :class:`LayeredTask` (the default): a layered draft (``specdec.distill.model``). Loss:
+  KL(p || q) per position, p = target (teacher), q = draft (student), summed over the whole
+  vocabulary and averaged over real (unpadded) positions, bf16 autocast when the target is
+  not float32; acceptance by :func:`specdec.distill.evaluate.replay_acceptance`.
+- ``specdec.distill.feature_train.FeatureTask``: an EAGLE-style feature draft.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class TrainLog:
     loss: list = field(default_factory=list)                 # [step, mean KL over the last log_every steps]
     acceptance: list = field(default_factory=list)           # [step, {eval set: replayed acceptance, "mean": ...}]
     lr: list = field(default_factory=list)                   # [step, learning rate]
+    detail: list = field(default_factory=list)               # [step, the task's loss parts], if it has any
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,23 +81,45 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class LayeredTask:
+    """A layered draft: KL of its logits to the target's, acceptance replayed teacher-forced."""
+
+    def __init__(self, target, draft):
+        self.target, self.draft, self.amp = target, draft, _autocast_dtype(target)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return own_parameters(self.draft, self.target)
+
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(ids.device.type, dtype=self.amp, enabled=self.amp is not None):
+            with torch.no_grad():
+                teacher = self.target(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            student = self.draft(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return kl_loss(teacher, student, mask)
+
+    def acceptance(self, eval_set: EvalSet, k: int) -> float:
+        return replay_acceptance(self.draft, eval_set, k, autocast_dtype=self.amp)
+
+
 def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] = (),
-          progress: bool = True) -> TrainLog:
-    """Distil ``target`` into ``draft`` (built by :func:`specdec.distill.model.build_draft`).
+          progress: bool = True, task=None) -> TrainLog:
+    """Distil ``target`` into ``draft`` (built by :func:`specdec.distill.model.build_draft`, or the
+    draft of ``task``).
 
     ``sampler.sample(batch_size)`` gives (ids, mask) batches (see ``WindowSampler``).
-    The target is only read. Returns the log; ``draft`` is trained in place, its own
-    tensors still in their training dtype.
+    ``task``: what to optimize (``parameters()``, ``loss(ids, mask)``, ``acceptance(eval_set,
+    k)``, optionally ``detail()``); default :class:`LayeredTask`. The target is only read.
+    Returns the log; ``draft`` is trained in place, its own tensors still in their training dtype.
     """
     from tqdm.auto import tqdm
 
     device = target.get_input_embeddings().weight.device
-    amp = _autocast_dtype(target)
-    params = own_parameters(draft, target)
+    task = task or LayeredTask(target, draft)
+    params = task.parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
                                   **({"fused": True} if device.type == "cuda" else {}))
     log, total, start = TrainLog(config=asdict(config)), config.steps, time.perf_counter()
-    _evaluate(draft, eval_sets, config, amp, log, 0)
+    _evaluate(task, eval_sets, config, log, 0)
     bar = tqdm(total=total, desc="distill", unit="step", disable=not progress)
     losses, step, paced = [], 0, None
     while step < total:  # draft stays in eval mode: no dropout (the shared modules are the target's)
@@ -101,7 +127,7 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
         for group in optimizer.param_groups:
             group["lr"] = lr
         ids, mask = (t.to(device) for t in sampler.sample(config.batch_size))
-        loss = _step(target, draft, ids, mask, params, optimizer, config, amp)
+        loss = _step(task, ids, mask, params, optimizer, config)
         losses.append(loss)
         log.tokens += int(mask.sum())
         step += 1
@@ -113,26 +139,23 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
         if step % config.log_every == 0 or step == total:
             log.loss.append([step, sum(losses) / len(losses)])
             log.lr.append([step, lr])
+            if callable(getattr(task, "detail", None)):
+                log.detail.append([step, task.detail()])
             losses = []
         if (config.eval_every and step % config.eval_every == 0) or step == total:
-            _evaluate(draft, eval_sets, config, amp, log, step)
+            _evaluate(task, eval_sets, config, log, step)
             if not progress:  # no bar: one line per evaluation
-                log_.info("step %d/%d  KL %.3f  acceptance %s  (%.0f s)", step, total, loss, _last_rates(log),
+                log_.info("step %d/%d  loss %.3f  acceptance %s  (%.0f s)", step, total, loss, _last_rates(log),
                           time.perf_counter() - start)
         bar.update(1)
-        bar.set_postfix(kl=f"{loss:.3f}", acc=_last_mean(log))
+        bar.set_postfix(loss=f"{loss:.3f}", acc=_last_mean(log))
     bar.close()
     log.steps, log.seconds = step, time.perf_counter() - start
     return log
 
 
-def _step(target, draft, ids, mask, params, optimizer, config: TrainConfig, amp) -> float:
-    device_type = ids.device.type
-    with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
-        with torch.no_grad():
-            teacher = target(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        student = draft(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    loss = kl_loss(teacher, student, mask)
+def _step(task, ids, mask, params, optimizer, config: TrainConfig) -> float:
+    loss = task.loss(ids, mask)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.grad_clip:
@@ -153,10 +176,10 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _evaluate(draft, eval_sets, config: TrainConfig, amp, log: TrainLog, step: int) -> None:
+def _evaluate(task, eval_sets, config: TrainConfig, log: TrainLog, step: int) -> None:
     if not eval_sets:
         return
-    rates = {e.name: replay_acceptance(draft, e, config.k, autocast_dtype=amp) for e in eval_sets}
+    rates = {e.name: task.acceptance(e, config.k) for e in eval_sets}
     rates["mean"] = sum(rates.values()) / len(rates)
     log.acceptance.append([step, rates])
 
