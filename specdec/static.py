@@ -23,6 +23,8 @@ does in well under one), and speculative decoding multiplies what a step costs. 
   few microseconds per kernel, and an eager Llama layer is ~40 kernels (norms, rotary,
   casts); fused, it is ~10, which matters most for large models where the step should
   cost only the weight reads. Costs a compile (tens of seconds) on a runner's first use.
+- Sibling projections (q/k/v, gate/up) are joined into one weight each
+  (``specdec.fused_linear``): one matrix-vector product instead of three or two.
 
 Where the static path does not fit (sliding-window or other non-plain cache layers, an
 attention implementation that cannot take a 4D mask, encoder-decoders), ``static_runner``
@@ -43,6 +45,7 @@ import torch
 from specdec.adapter import ModelRunner
 from quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
+from specdec.fused_linear import fused_projections, join_projections
 
 captures = 0                      # CUDA graphs captured so far in this process
 _compiled = 0                     # fused (torch.compile) forwards made so far
@@ -157,7 +160,7 @@ class StaticRunner:
     """``ModelRunner``'s interface over a preallocated HF ``StaticCache`` (+ CUDA graphs)."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int, use_graphs: bool | None = None,
-                 graph_max_tokens: int = 17, fuse: bool = False, kv_bits: int | None = None):
+                 graph_max_tokens: int = 17, fuse: bool = False, kv_bits: int | None = None, join: bool = True):
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
@@ -197,6 +200,7 @@ class StaticRunner:
         self._pool = None
         self._forward = _compiled_call() if fuse else _call
         self._fused = fuse
+        self._projections = join_projections(model) if join else []
 
     # -- ModelRunner interface -------------------------------------------------------------
 
@@ -370,7 +374,8 @@ class StaticRunner:
             # views made here, not inside the (compiled) forward: torch.compile sees the window as a
             # tensor size, which it can keep dynamic, rather than an int it would specialize on
             layer.window = self._window(layer) if self._ready(layer) else None
-        with attention_implementation(self.model, PACKED_GQA if self._packed_gqa else None):
+        with attention_implementation(self.model, PACKED_GQA if self._packed_gqa else None), \
+                fused_projections(self._projections):
             return self._forward(self.model, input_ids=tokens, attention_mask=self._mask(slots),
                                  position_ids=positions, past_key_values=self._hf_cache, use_cache=True, **kwargs)
 
@@ -481,6 +486,15 @@ def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: s
         weakref.finalize(model, _RUNNERS.pop, key, None)
     runner.graph_max_tokens = graph_max_tokens
     return runner
+
+
+def release(model: torch.nn.Module) -> int:
+    """Drop the static runners (caches, CUDA graphs) kept for ``model``; returns how many. Needed after
+    replacing the model's weights (``.to()``, quantizing, loading) between ``compile=True`` calls."""
+    keys = [key for key, runner in _RUNNERS.items() if runner._model_ref() is model]
+    for key in keys:
+        del _RUNNERS[key]
+    return len(keys)
 
 
 def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=None, fuse: bool = False) -> None:
