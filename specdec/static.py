@@ -276,8 +276,11 @@ class StaticRunner:
         runner = self
 
         def update(key_states, value_states, *args, **kwargs):
-            runner._store(layer, runner._write_slots, key_states, value_states)
             window = getattr(layer, "window", None)          # views of the slots attention reads (see _run)
+            # writing through the window, not the whole buffer: a compiled forward then sees one
+            # tensor (no aliased inputs), so Inductor writes the new slots in place instead of
+            # copying the whole buffer out and back (2 copies per layer per step otherwise)
+            runner._store(layer, runner._write_slots, key_states, value_states, into=window)
             if window is None:                                # storage allocated just now, by this forward
                 window = runner._window(layer, mark=False)
             if runner.kv_bits is None:
@@ -286,19 +289,21 @@ class StaticRunner:
 
         return update
 
-    def _store(self, layer, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V (B, heads, n, head_dim) at ``slots`` (n,): as they are, or quantized per token."""
+    def _store(self, layer, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, into: tuple | None = None) -> None:
+        """Write K/V (B, heads, n, head_dim) at ``slots`` (n,): as they are, or quantized per token.
+        ``into``: the layer's attention window (views covering ``slots``) to write through."""
         if self.kv_bits is None:
             if not layer.is_initialized:
                 layer.lazy_initialization(k, v)
-            layer.keys.index_copy_(2, slots, k.to(layer.keys.dtype))
-            layer.values.index_copy_(2, slots, v.to(layer.values.dtype))
+            keys, values = into if into is not None else (layer.keys, layer.values)
+            keys.index_copy_(2, slots, k.to(keys.dtype))
+            values.index_copy_(2, slots, v.to(values.dtype))
             return
         new = [quantize_token_groups(x.to(self._dtype), self.kv_bits) for x in (k, v)]
         if layer.codes is None:
             layer.codes = tuple(QTensor(*(t.new_zeros(*t.shape[:2], self.max_len, t.shape[3]) for t in q))
                                 for q in new)
-        for buffers, q in zip(layer.codes, new):
+        for buffers, q in zip(into if into is not None else layer.codes, new):
             for buffer, t in zip(buffers, q):
                 buffer.index_copy_(2, slots, t)
 
