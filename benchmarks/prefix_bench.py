@@ -121,18 +121,25 @@ def _miss_match_ms(cache, prefix: list[int], vocab: int) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
-def cache_op_times(model, lengths: list[int], device, repeats: int = 20) -> list[dict]:
+TINY_KV = (2, 1, 4)   # --tiny-kv: layers, heads, head_dim (fp32): the copy is negligible, what's left is host work
+
+
+def cache_op_times(model, lengths: list[int], device, repeats: int = 20, tiny: bool = False) -> list[dict]:
     """Milliseconds of the cache's own work for one prompt of each length, no model forward:
-    insert (K/V shaped like ``model``'s, zeros), a lookup that hits every block, one that misses
-    at block 0. Minimum over ``repeats`` (the cost without machine noise)."""
-    config = model.config.get_text_config()
-    heads = config.num_key_value_heads or config.num_attention_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dtype = model.get_input_embeddings().weight.dtype
+    insert (K/V shaped like ``model``'s, zeros; ``tiny``: TINY_KV-shaped, fp32), a lookup that hits
+    every block, one that misses at block 0. Minimum over ``repeats`` (the cost without machine
+    noise); ``insert_us_per_block`` is insert_ms per 16-token block."""
+    if tiny:
+        layers, (_, heads, dim), dtype = TINY_KV[0], TINY_KV, torch.float32
+    else:
+        config = model.config.get_text_config()
+        heads = config.num_key_value_heads or config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype, layers = model.get_input_embeddings().weight.dtype, config.num_hidden_layers
     rows = []
     for n in lengths:
         kv = [(torch.zeros(1, heads, n, dim, dtype=dtype, device=device),) * 2
-              for _ in range(config.num_hidden_layers)]
+              for _ in range(layers)]
         ids = torch.arange(n) % 1000
         other = ids.clone()
         other[0] += 1
@@ -150,7 +157,9 @@ def cache_op_times(model, lengths: list[int], device, repeats: int = 20) -> list
             t3 = time.perf_counter()
             for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
                 times[key].append(1e3 * dt)
-        rows.append(dict(tokens=n, blocks=n // 16, **{k: min(v) for k, v in times.items()}))
+        row = dict(tokens=n, blocks=n // 16, **{k: min(v) for k, v in times.items()})
+        row["insert_us_per_block"] = 1e3 * row["insert_ms"] / max(n // 16, 1)
+        rows.append(row)
     return rows
 
 
@@ -185,12 +194,18 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="compile=True for every call (CUDA graphs on GPU)")
     p.add_argument("--ops-only", action="store_true",
                    help="only time the cache's own work (insert, hit and miss lookups) per length, no forwards")
+    p.add_argument("--tiny-kv", action="store_true",
+                   help="with --ops-only: K/V of %d layers, %d head, head_dim %d, fp32 instead of the model's "
+                        "(no model is loaded): the cache's host time alone" % TINY_KV)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    model, tok = load(args.model, args.device, dtype)
+    if args.ops_only and args.tiny_kv:
+        model, tok, args.model, dtype = None, None, "tiny-kv", "float32"
+    else:
+        model, tok = load(args.model, args.device, dtype)
     if args.ops_only:
-        rows = cache_op_times(model, [int(n) for n in args.lengths.split(",")], args.device)
+        rows = cache_op_times(model, [int(n) for n in args.lengths.split(",")], args.device, tiny=args.tiny_kv)
         result = dict(environment=report.environment(), model=args.model, dtype=dtype, device=args.device,
                       command="python -m benchmarks.prefix_bench " + " ".join(sys.argv[1:] if argv is None else argv),
                       cache_ops=rows)

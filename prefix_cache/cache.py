@@ -130,7 +130,7 @@ class PrefixCache:
         usable = max(len(ids) - 1, 0) // self.block_size
         chain = BlockChain(ids[:usable * self.block_size], self.block_size, namespace)
         with self._lock:
-            path = self._tree.match(chain.iter_keys(), chain.iter_tokens())   # hashes stop at the first miss
+            path = self._tree.match(chain.iter_keys(), chain.iter_token_bytes())   # hashes stop at the first miss
             self._tree.lock(path)
             try:
                 self._reload(path, chain)
@@ -160,7 +160,7 @@ class PrefixCache:
         _check_kv(kv_layers, len(ids))
         chain = BlockChain(ids, self.block_size, namespace)
         with self._lock:
-            path = self._tree.match(chain.iter_keys(), chain.iter_tokens())
+            path = self._tree.match(chain.iter_keys(), chain.iter_token_bytes())
             self._tree.lock(path)
             try:
                 return self._store_new(path, chain, kv_layers) * self.block_size
@@ -188,29 +188,31 @@ class PrefixCache:
     # -- internals (called with the lock held) ------------------------------------------------
 
     def _store_new(self, path: list[Node], chain: BlockChain, kv_layers: KV) -> int:
-        """Append new blocks after ``path`` (locked, extended in place); returns how many.
+        """Append new blocks after ``path`` (locked); returns how many.
 
         All new blocks are views of one stack of the row's K/V (a ``Segment``): a copy per
-        insert, not per block or layer.
+        insert, not per block or layer. The host work per block is one hash, one ``Block`` and
+        one tree node: keys are hashed in one pass and the nodes built in one loop
+        (``RadixTree.extend``). Nothing can evict between building the nodes and returning, so
+        the new nodes are not locked.
         """
         start, bs = len(path), self.block_size
-        if start == len(chain) or chain.key(start) in (path[-1] if path else self._tree.root).children:
+        parent = path[-1] if path else self._tree.root
+        if start == len(chain) or chain.key(start) in parent.children:
             return 0                                        # nothing new, or a key collision
-        keys, blocks = chain.keys(), chain.all_tokens(start)
         per_block = block_nbytes(kv_layers, bs)
-        self._make_room((len(keys) - start) * per_block)
-        count = min(len(keys) - start, max(self.max_bytes - self._tree.nbytes, 0) // per_block)
+        self._make_room((len(chain) - start) * per_block)
+        count = min(len(chain) - start, max(self.max_bytes - self._tree.nbytes, 0) // per_block)
         if count == 0:
             return 0                                        # out of budget
         layout = layout_of(kv_layers)
         parts = stack_kv(kv_layers, start * bs, (start + count) * bs, layout)
-        parent = path[-1] if path else self._tree.root
-        for i, block in enumerate(cut_blocks(parts, bs, layout, fresh=True), start):
-            if len(self._spill):
-                self._spill.discard(keys[i])
-            parent = self._tree.insert(parent, keys[i], blocks[i - start], block, block.nbytes)
-            parent.lock_ref += 1                            # held like the matched path, until insert returns
-            path.append(parent)
+        blocks = cut_blocks(parts, bs, layout, fresh=True)
+        keys = chain.keys_range(start, start + count)
+        if len(self._spill):
+            for key in keys:
+                self._spill.discard(key)
+        self._tree.extend(parent, keys, chain.token_bytes_range(start, start + count), blocks, blocks[0].nbytes)
         self._stats.inserted_blocks += count
         return count
 
@@ -218,7 +220,7 @@ class PrefixCache:
         """Extend a locked match ``path`` with spilled blocks brought back to the device."""
         while len(self._spill) and len(path) < len(chain):
             i, parent = len(path), (path[-1] if path else self._tree.root)
-            key, tokens = chain.key(i), chain.tokens(i)
+            key, tokens = chain.key(i), chain.token_bytes(i)
             if not self._spill.contains(key, tokens) or key in parent.children:
                 break                                       # not spilled, or a key collision
             block = self._spill.pop(key)                    # popped first: making room may spill more
@@ -233,7 +235,7 @@ class PrefixCache:
             self._add(parent, key, tokens, home, path)
             self._stats.reloads += 1
 
-    def _add(self, parent: Node, key: int, tokens: tuple[int, ...], block: Block, path: list[Node]) -> None:
+    def _add(self, parent: Node, key: int, tokens: bytes, block: Block, path: list[Node]) -> None:
         node = self._tree.insert(parent, key, tokens, block, block.nbytes)
         self._tree.lock([node])
         path.append(node)
@@ -249,7 +251,7 @@ class PrefixCache:
     def _free(self, node: Node) -> None:
         """Tree callback for an evicted node: spill its block to CPU when there is a budget."""
         self._stats.evictions += 1
-        if self._spilling and self._spill.spill(node.key, node.tokens, node.handle):
+        if self._spilling and self._spill.spill(node.key, node._tokens, node.handle):
             self._stats.offloads += 1
         block, node.handle = node.handle, None
         block.alive = False
@@ -294,13 +296,14 @@ def _check_kv(kv_layers: KV, num_ids: int) -> None:
     lengths = set()
     for i, pair in enumerate(kv_layers):
         k, v = _layer_pair(pair, i)
-        if k.shape[0] != 1 or v.shape[0] != 1:
-            raise ValueError(f"layer {i}: batch size is {k.shape[0]}, must be 1; select one row "
+        ks, vs = k.shape, v.shape                          # one torch.Size each, not one per read
+        if ks[0] != 1 or vs[0] != 1:
+            raise ValueError(f"layer {i}: batch size is {ks[0]}, must be 1; select one row "
                              "(kv_from_cache(cache, row=r)) and insert rows one by one")
-        if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-            raise ValueError(f"layer {i}: key {tuple(k.shape)} and value {tuple(v.shape)} disagree "
+        if ks[1] != vs[1] or ks[2] != vs[2]:
+            raise ValueError(f"layer {i}: key {tuple(ks)} and value {tuple(vs)} disagree "
                              "on heads or sequence length")
-        lengths.add(k.shape[2])
+        lengths.add(ks[2])
     if len(lengths) > 1:
         raise ValueError(f"layers hold different sequence lengths {sorted(lengths)}; pass K/V of one "
                          "full-attention cache (sliding-window caches are not supported)")
@@ -310,8 +313,9 @@ def _check_kv(kv_layers: KV, num_ids: int) -> None:
 
 
 def _layer_pair(pair: object, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-            and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in pair)):
-        raise ValueError(f"layer {i}: expected a (key, value) pair of 4-D tensors shaped "
-                         "(1, heads, T, head_dim)")
-    return pair[0], pair[1]
+    if isinstance(pair, (list, tuple)) and len(pair) == 2:
+        k, v = pair
+        if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4 and v.dim() == 4:
+            return k, v
+    raise ValueError(f"layer {i}: expected a (key, value) pair of 4-D tensors shaped "
+                     "(1, heads, T, head_dim)")

@@ -8,6 +8,7 @@ under one namespace give equal chains, and no key is shared across namespaces.
 from __future__ import annotations
 
 import numbers
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,8 @@ import xxhash
 TokenIds = Sequence[int] | torch.Tensor
 
 _ROOT_SEED = b"specdec.prefix_cache.root"
+_PACK_KEY = struct.Struct("<Q").pack_into   # a parent key (u64 LE) written into a record in place
+_BATCH = 4                                   # hash this many blocks or more in one pass over a buffer
 
 
 def namespace_bytes(namespace: str | None) -> bytes:
@@ -84,7 +87,12 @@ class BlockChain:
     """The full blocks of one prompt, their chained keys computed on demand.
 
     A lookup walks the tree block by block and stops at the first miss, so a prompt that
-    shares nothing with the cache hashes one block, whatever its length.
+    shares nothing with the cache hashes one block, whatever its length. An insert hashes the
+    rest in one pass (``keys_range``): every block's record ``parent key || tokens || namespace``
+    laid out in one buffer by numpy, then per block only the parent key is written in place.
+
+    A block's tokens come as a tuple of ints (``tokens``) or as their int64 LE bytes
+    (``token_bytes``, what the cache's tree stores: one slice, no per-token objects).
     """
 
     def __init__(self, ids: np.ndarray, block_size: int, namespace: str | None = None) -> None:
@@ -101,27 +109,58 @@ class BlockChain:
 
     def key(self, i: int) -> int:
         """Key of block i (hashing blocks up to i the first time)."""
-        step, digest = 8 * self.block_size, xxhash.xxh3_64_intdigest
-        while len(self._keys) <= i:
-            lo = len(self._keys) * step
-            self._last = digest(self._last.to_bytes(8, "little") + self._raw[lo:lo + step] + self._ns)
-            self._keys.append(self._last)
+        if len(self._keys) <= i:
+            self._hash(i + 1)
         return self._keys[i]
+
+    def _hash(self, stop: int) -> None:
+        """Extend the keys up to block ``stop`` (exclusive)."""
+        first, step, digest = len(self._keys), 8 * self.block_size, xxhash.xxh3_64_intdigest
+        if stop - first < _BATCH:
+            for lo in range(first * step, stop * step, step):
+                self._last = digest(self._last.to_bytes(8, "little") + self._raw[lo:lo + step] + self._ns)
+                self._keys.append(self._last)
+            return
+        m, ns = stop - first, self._ns
+        rec = 8 + step + len(ns)
+        buf = np.empty((m, rec), dtype=np.uint8)                # per block: key slot | tokens | namespace
+        buf[:, 8:8 + step] = np.frombuffer(self._raw, np.uint8, m * step, first * step).reshape(m, step)
+        buf[:, 8 + step:] = np.frombuffer(ns, np.uint8)
+        mem, pack, last, keys = memoryview(buf).cast("B"), _PACK_KEY, self._last, self._keys
+        for off in range(0, m * rec, rec):
+            pack(mem, off, last)
+            last = digest(mem[off:off + rec])
+            keys.append(last)
+        self._last = last
 
     def tokens(self, i: int) -> tuple[int, ...]:
         """Token ids of block i."""
         return tuple(self._ids[i * self.block_size:(i + 1) * self.block_size].tolist())
 
+    def token_bytes(self, i: int) -> bytes:
+        """Token ids of block i as int64 LE bytes (equal bytes iff equal tokens)."""
+        step = 8 * self.block_size
+        return self._raw[i * step:(i + 1) * step]
+
     def keys(self) -> list[int]:
         """Keys of every block."""
-        if self.num_blocks:
-            self.key(self.num_blocks - 1)
-        return list(self._keys)
+        return self.keys_range(0, self.num_blocks)
+
+    def keys_range(self, first: int, stop: int) -> list[int]:
+        """Keys of blocks ``first..stop-1`` (hashing any not hashed yet in one pass)."""
+        if len(self._keys) < stop:
+            self._hash(stop)
+        return self._keys[first:stop]
 
     def all_tokens(self, first: int = 0) -> list[tuple[int, ...]]:
         """Token ids of blocks ``first..``."""
         rows = self._ids[first * self.block_size:].reshape(-1, self.block_size).tolist()
         return list(map(tuple, rows))
+
+    def token_bytes_range(self, first: int, stop: int) -> list[bytes]:
+        """``token_bytes`` of blocks ``first..stop-1``."""
+        step, raw = 8 * self.block_size, self._raw
+        return [raw[lo:lo + step] for lo in range(first * step, stop * step, step)]
 
     def iter_keys(self):
         """Keys in order, hashed lazily (for a walk that may stop early)."""
@@ -129,6 +168,10 @@ class BlockChain:
 
     def iter_tokens(self):
         return (self.tokens(i) for i in range(self.num_blocks))
+
+    def iter_token_bytes(self):
+        """``token_bytes`` in order, sliced lazily."""
+        return (self.token_bytes(i) for i in range(self.num_blocks))
 
 
 def block_keys(ids: TokenIds, block_size: int, namespace: str | None = None) -> list[int]:

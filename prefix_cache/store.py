@@ -55,7 +55,8 @@ def layout_of(kv_layers: KV) -> Layout:
     members: list[list[int]] = []
     slots = []
     for j, t in enumerate(t for pair in kv_layers for t in pair):
-        g = groups.setdefault((t.shape[1], t.shape[3], t.dtype), len(groups))
+        shape = t.shape                                  # one torch.Size per tensor, not one per read
+        g = groups.setdefault((shape[1], shape[3], t.dtype), len(groups))
         if g == len(members):
             members.append([])
         slots.append((g, len(members[g])))
@@ -64,20 +65,29 @@ def layout_of(kv_layers: KV) -> Layout:
                   devices=tuple(k.device for k, _ in kv_layers))
 
 
-@dataclass(eq=False)
 class Block:
     """One block's K/V for every layer: each part (members, heads, block_size, head_dim).
 
     Blocks cut by one insert are views of one shared ``Segment`` (one copy per insert, not
-    one per block); blocks reloaded from CPU own their storage (``segment`` is None).
+    one per block); blocks reloaded from CPU own their storage (``segment`` is None). A block
+    holds no tensor of its own in a segment: ``parts`` slices the segment when read. A plain
+    class with slots: an insert builds one per block.
     """
 
-    own: tuple[torch.Tensor, ...]          # the block's own parts; () when it lives in a segment
-    layout: Layout
-    nbytes: int                            # bytes of all parts
-    segment: Segment | None = None         # the storage this block is a slice of
-    index: int = 0                         # position in the segment, in blocks
-    alive: bool = True                     # False once evicted (its bytes leave the segment)
+    __slots__ = ("own", "layout", "nbytes", "segment", "index", "alive")
+
+    def __init__(self, own: tuple[torch.Tensor, ...], layout: Layout, nbytes: int, segment: Segment | None = None,
+                 index: int = 0, alive: bool = True) -> None:
+        self.own = own              # the block's own parts; () when it lives in a segment
+        self.layout = layout
+        self.nbytes = nbytes        # bytes of all parts
+        self.segment = segment      # the storage this block is a slice of
+        self.index = index          # position in the segment, in blocks
+        self.alive = alive          # False once evicted (its bytes leave the segment)
+
+    def __repr__(self) -> str:
+        return (f"Block(nbytes={self.nbytes}, index={self.index}, alive={self.alive}, "
+                f"in_segment={self.segment is not None})")
 
     @property
     def parts(self) -> tuple[torch.Tensor, ...]:
@@ -125,7 +135,8 @@ def kv_nbytes(kv: KV) -> int:
 def block_nbytes(kv_layers: KV, block_size: int) -> int:
     """Bytes one block of ``block_size`` positions cut from ``kv_layers`` will take."""
     def one(t: torch.Tensor) -> int:                     # t: (1, heads, T, head_dim)
-        return t.shape[0] * t.shape[1] * block_size * t.shape[3] * t.element_size()
+        b, h, _, d = t.shape
+        return b * h * block_size * d * t.element_size()
 
     return sum(one(k) + one(v) for k, v in kv_layers)
 
@@ -156,8 +167,8 @@ def cut_blocks(parts: Sequence[torch.Tensor], block_size: int, layout: Layout, f
                 for p in parts)
     segment = Segment(parts=own, blocks=[], block_size=block_size)
     per_block = parts_nbytes(own) // n if n else 0
-    segment.blocks = [Block(own=(), layout=layout, nbytes=per_block, segment=segment, index=i) for i in range(n)]
-    return list(segment.blocks)
+    segment.blocks = blocks = [Block((), layout, per_block, segment, i) for i in range(n)]
+    return list(blocks)
 
 
 def compact(segment: Segment) -> None:
@@ -231,10 +242,16 @@ def to_home(block: Block) -> Block:
     return Block(own=tuple(p.to(home) for p in block.parts), layout=block.layout, nbytes=block.nbytes)
 
 
+def _as_tokens(tokens: Sequence[int] | bytes) -> tuple[int, ...] | bytes:
+    """Tokens as stored: int64 LE bytes as they are (what the cache passes), else a tuple."""
+    return tokens if type(tokens) is bytes else tuple(tokens)
+
+
 class SpillStore:
     """Evicted blocks kept on CPU up to ``max_bytes``, least recently spilled dropped first.
 
-    Entries are keyed by the block's chained key; the tokens guard against collisions.
+    Entries are keyed by the block's chained key; the tokens (a tuple, or int64 LE bytes as
+    the cache passes them; one form per store) guard against collisions.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -252,14 +269,14 @@ class SpillStore:
         self.discard(key)
         while self.nbytes + block.nbytes > self.max_bytes:
             self._drop_oldest()
-        self._entries[key] = (tuple(tokens), to_cpu(block))
+        self._entries[key] = (_as_tokens(tokens), to_cpu(block))
         self.nbytes += block.nbytes
         return True
 
     def contains(self, key: int, tokens: Sequence[int]) -> bool:
         """Whether a block with this key and these tokens is spilled here."""
         entry = self._entries.get(key)
-        return entry is not None and entry[0] == tuple(tokens)
+        return entry is not None and entry[0] == _as_tokens(tokens)
 
     def pop(self, key: int) -> Block:
         """Remove a spilled block and return it (still on CPU; see ``to_home``)."""
@@ -269,7 +286,7 @@ class SpillStore:
 
     def restore(self, key: int, tokens: tuple[int, ...], block: Block) -> None:
         """Put back a block just popped (already on CPU), as the most recent entry."""
-        self._entries[key] = (tuple(tokens), block)
+        self._entries[key] = (_as_tokens(tokens), block)
         self.nbytes += block.nbytes
         while self.nbytes > self.max_bytes:
             self._drop_oldest()

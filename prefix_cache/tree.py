@@ -8,28 +8,55 @@ least-recently-used first, and a ``free`` callback receives each evicted node.
 from __future__ import annotations
 
 import heapq
+import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(eq=False, slots=True)
 class Node:
-    """One block of the tree."""
+    """One block of the tree.
 
-    key: int                                 # chained block key (0 for the root)
-    parent: Node | None                      # None only for the root
-    tokens: tuple[int, ...]                  # the block's token ids, guards against key collisions
-    handle: Any = None                       # opaque block handle (the store's Block)
-    nbytes: int = 0                          # bytes the handle holds
-    children: dict[int, Node] = field(default_factory=dict)  # child key -> child
-    lock_ref: int = 0                        # requests using this block; > 0 means not evictable
-    last_access: int = 0                     # logical clock of the last match/insert touching it
-    hit_count: int = 0                       # times a match reused this block
+    A plain class with slots (cheaper to build than a dataclass: an insert builds one per block).
+    ``tokens`` guards against key collisions; the tree stores them as given, a tuple of ints or
+    their int64 LE bytes (what ``PrefixCache`` passes: one slice per block, no per-token objects),
+    and ``Node.tokens`` reads both as a tuple.
+    """
+
+    __slots__ = ("key", "parent", "_tokens", "handle", "nbytes", "children", "lock_ref", "last_access",
+                 "hit_count")
+
+    def __init__(self, key: int, parent: Node | None, tokens: tuple[int, ...] | bytes, handle: Any = None,
+                 nbytes: int = 0, children: dict[int, Node] | None = None, lock_ref: int = 0,
+                 last_access: int = 0, hit_count: int = 0) -> None:
+        self.key = key                       # chained block key (0 for the root)
+        self.parent = parent                 # None only for the root
+        self._tokens = tokens                # the block's token ids (tuple, or int64 LE bytes)
+        self.handle = handle                 # opaque block handle (the store's Block)
+        self.nbytes = nbytes                 # bytes the handle holds
+        self.children = {} if children is None else children  # child key -> child
+        self.lock_ref = lock_ref             # requests using this block; > 0 means not evictable
+        self.last_access = last_access       # logical clock of the last match/insert touching it
+        self.hit_count = hit_count           # times a match reused this block
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The block's token ids."""
+        t = self._tokens
+        return struct.unpack(f"<{len(t) >> 3}q", t) if type(t) is bytes else t
 
     @property
     def is_leaf(self) -> bool:
         return not self.children
+
+    def __repr__(self) -> str:
+        return (f"Node(key={self.key:#x}, tokens={self.tokens!r}, nbytes={self.nbytes}, "
+                f"children={len(self.children)}, lock_ref={self.lock_ref}, last_access={self.last_access}, "
+                f"hit_count={self.hit_count})")
+
+
+def _as_tokens(tokens: Sequence[int] | bytes) -> tuple[int, ...] | bytes:
+    t = type(tokens)
+    return tokens if t is tuple or t is bytes else tuple(tokens)
 
 
 class RadixTree:
@@ -52,7 +79,7 @@ class RadixTree:
         node, path, now = self.root, [], self._tick()
         for key, tokens in zip(keys, tokens_per_block):
             child = node.children.get(key)
-            if child is None or child.tokens != tuple(tokens):
+            if child is None or child._tokens != _as_tokens(tokens):
                 break
             child.last_access = now
             path.append(child)
@@ -64,12 +91,35 @@ class RadixTree:
         parent = parent or self.root
         if key in parent.children:
             raise KeyError(f"block key {key:#x} already present under this parent")
-        node = Node(key, parent, tokens if type(tokens) is tuple else tuple(tokens), handle, nbytes,
-                    last_access=self._tick())
+        node = Node(key, parent, _as_tokens(tokens), handle, nbytes, None, 0, self._tick())
         parent.children[key] = node
         self.nbytes += nbytes
         self.num_nodes += 1
         return node
+
+    def extend(self, parent: Node | None, keys: Sequence[int], tokens: Sequence[tuple[int, ...] | bytes],
+               handles: Sequence[Any], nbytes: int) -> list[Node]:
+        """Add a chain of new blocks under ``parent`` (None: the root), each of ``nbytes``; returns
+        its nodes. The same as ``insert`` block by block (each block the child of the one before,
+        touched in order), in one loop: only the first key can already be present, under ``parent``.
+        ``tokens``: tuples or bytes, stored as they are."""
+        parent = parent or self.root
+        if not keys:
+            return []
+        if keys[0] in parent.children:
+            raise KeyError(f"block key {keys[0]:#x} already present under this parent")
+        nodes, clock = [], self._clock
+        append, new = nodes.append, Node
+        for key, toks, handle in zip(keys, tokens, handles):
+            clock += 1
+            node = new(key, parent, toks, handle, nbytes, None, 0, clock)
+            parent.children[key] = node
+            append(node)
+            parent = node
+        self._clock = clock
+        self.nbytes += nbytes * len(nodes)
+        self.num_nodes += len(nodes)
+        return nodes
 
     def lock(self, nodes: Sequence[Node]) -> None:
         """Mark nodes as in use: they cannot be evicted until released."""

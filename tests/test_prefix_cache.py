@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -483,3 +484,80 @@ def test_a_full_miss_hashes_one_block(monkeypatch):
     with cache.match(torch.arange(8192)) as m:
         assert m.num_tokens == 0
     assert len(calls) <= 2                                  # the namespace's root key + block 0
+
+
+# ---------------------------------------------------------------- the batched insert path
+
+@pytest.mark.parametrize("bs", [1, 3, 16])
+@pytest.mark.parametrize("ns", [None, "", "tenant-a"])
+def test_batched_hashing_equals_block_by_block(bs, ns):
+    """keys_range hashes many blocks in one pass over a buffer; the keys are block_key's chain,
+    whichever order blocks were hashed in (lazily one by one first, then the rest in a batch)."""
+    from prefix_cache.keys import BlockChain, token_array
+
+    ids = token_array([random.Random(bs).randrange(-2**40, 2**40) for _ in range(24 * bs - 1)])
+    want, key = [], root_key(ns)
+    for i in range(23):
+        key = block_key(key, ids[i * bs:(i + 1) * bs].tolist(), namespace_bytes(ns))
+        want.append(key)
+    assert BlockChain(ids, bs, ns).keys() == want
+    chain = BlockChain(ids, bs, ns)
+    assert [chain.key(i) for i in range(2)] == want[:2]                # lazy walk first
+    assert chain.keys_range(5, 9) == want[5:9] and chain.keys() == want
+    for i in range(23):
+        assert chain.token_bytes(i) == np.asarray(chain.tokens(i), dtype="<i8").tobytes()
+    assert chain.token_bytes_range(2, 5) == [chain.token_bytes(i) for i in range(2, 5)]
+
+
+def test_tree_extend_equals_block_by_block_insert():
+    """RadixTree.extend builds the same chain as insert block by block: keys, tokens, bytes, clock."""
+    ids = list(range(12))
+    keys, toks = block_keys(ids, 3), [tuple(ids[i:i + 3]) for i in range(0, 12, 3)]
+    one, many = RadixTree(), RadixTree()
+    nodes_one = _chain_tree(one, ids, 3)[2]
+    nodes_many = many.extend(None, keys, toks, toks, 1)
+    assert [(n.key, n.tokens, n.handle, n.last_access) for n in nodes_many] == \
+        [(n.key, n.tokens, n.handle, n.last_access) for n in nodes_one]
+    assert (many.nbytes, many.num_nodes, many._clock) == (one.nbytes, one.num_nodes, one._clock)
+    assert all(b.parent is a for a, b in zip(nodes_many, nodes_many[1:]))
+    assert many.match(keys, toks) == nodes_many and many.extend(nodes_many[-1], [], [], [], 1) == []
+    with pytest.raises(KeyError):
+        many.extend(None, keys[:1], toks[:1], [None], 1)
+
+
+def test_nodes_store_token_bytes_and_read_as_tuples():
+    """The cache stores a block's tokens as int64 bytes; Node.tokens reads them as the tuple, and a
+    collision guard, spill and reload compare them as before (negative and large ids included)."""
+    bs = 4
+    cache = PrefixCache(max_bytes=2 * block_bytes(bs), block_size=bs, offload_bytes=2 * block_bytes(bs))
+    a = [-5, 2**40, 7, 0, 1, 2, 3, 2**62]
+    b = [9] * 8
+    cache.insert(a, fake_kv(a))
+    nodes = list(cache._tree.nodes())
+    assert all(type(n._tokens) is bytes for n in nodes)
+    assert sorted(n.tokens for n in nodes) == sorted([tuple(a[:4]), tuple(a[4:])])
+    assert "tokens=" in repr(nodes[0]) and "nbytes=" in repr(nodes[0].handle)
+    cache.insert(b, fake_kv(b))                                           # a spills to CPU
+    assert cache.stats.offloaded_blocks == 2
+    with cache.match(a + [1]) as hit:                                     # reloaded: tokens compared as bytes
+        assert hit.num_tokens == 8 and cache.stats.reloads == 2
+        assert_kv_equal(hit.kv(), fake_kv(a))
+        assert [n.tokens for n in hit.nodes] == [tuple(a[:4]), tuple(a[4:])]
+    check_invariants(cache)
+
+
+def test_insert_after_partial_eviction_and_spill_extends_the_kept_path():
+    """An insert whose prefix is present, partly evicted and partly spilled: the kept blocks are
+    touched, spilled copies of the new blocks are discarded, the new blocks chain under the path."""
+    bs = 2
+    cache = PrefixCache(max_bytes=8 * block_bytes(bs), block_size=bs, offload_bytes=6 * block_bytes(bs))
+    ids = list(range(12))
+    cache.insert(ids, fake_kv(ids))
+    cache.evict(3 * block_bytes(bs))                                      # the last 3 blocks spill
+    assert cache.stats.offloaded_blocks == 3
+    assert cache.insert(ids + [50, 51], fake_kv(ids + [50, 51])) == 8     # 3 spilled + 1 new block back
+    assert cache.stats.offloaded_blocks == 0 and cache._spill.nbytes == 0
+    with cache.match(ids + [50, 51, 0]) as hit:
+        assert hit.num_tokens == 14
+        assert_kv_equal(hit.kv(), fake_kv(ids + [50, 51]))
+    check_invariants(cache)

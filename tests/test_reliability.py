@@ -194,7 +194,7 @@ def test_churn_small_budget_never_evicts_in_use_blocks_and_changes_nothing():
     model, block = target(), 8
     per_block = 3 * 2 * 2 * block * 16 * 4     # layers x (K, V) x kv heads x tokens x head_dim x fp32
     cache = PrefixCache(max_bytes=12 * per_block, block_size=block)
-    tree, free, insert = cache._tree, cache._tree.free, cache._tree.insert
+    tree, free, insert, extend = cache._tree, cache._tree.free, cache._tree.insert, cache._tree.extend
 
     def checked_free(node):
         assert node.lock_ref == 0, "evicted a block in use"
@@ -205,7 +205,12 @@ def test_churn_small_budget_never_evicts_in_use_blocks_and_changes_nothing():
         assert tree.nbytes <= cache.max_bytes
         return node
 
-    tree.free, tree.insert = checked_free, checked_insert
+    def checked_extend(*args):
+        nodes = extend(*args)
+        assert tree.nbytes <= cache.max_bytes
+        return nodes
+
+    tree.free, tree.insert, tree.extend = checked_free, checked_insert, checked_extend
     drafters = [{}, {"prompt_lookup_num_tokens": 3}, {"draft_model": "self:1", "num_draft_tokens": 2}]
     heads = [prompts(1, [17 + 6 * f], seed=20 + f)[0] for f in range(4)]
     for i in range(16):
