@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['after_us_per_block']:.2f} ({row['speedup']:.2f}x)", flush=True)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"environment": environment(), "command": "python -m benchmarks.prefix_insert_ab " + " ".join(argv or sys.argv[1:]),
-              "before": args.before, "after": f"{head} + working tree", "layers": args.layers, "repeats": args.repeats,
+              "before": args.before, "after": head + (" + uncommitted changes" if subprocess.run(["git", "status", "--porcelain", "prefix_cache"], capture_output=True, text=True).stdout else ""), "layers": args.layers, "repeats": args.repeats,
               "kv": "tiny: 1 head, head_dim 4, fp32, CPU, one torch thread", "rows": rows}
     out = Path(args.out) / f"prefix-insert-ab-L{args.layers}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
