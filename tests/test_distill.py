@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -23,6 +25,90 @@ def _sampler(target, n=6, seq_len=24):
     g = torch.Generator().manual_seed(5)
     texts = [data.Sequence(torch.randint(3, VOCAB, (40,), generator=g).tolist(), 40, "text") for _ in range(3)]
     return generated, data.WindowSampler(generated, texts, seq_len, seed=0)
+
+
+def _numbered(prompt_lens: list[tuple[int, int]]) -> list:
+    """Generated sequences whose token ids say where they are: 1000 * (index + 1) + position."""
+    return [data.Sequence([1000 * (k + 1) + j for j in range(n)], p, "code") for k, (n, p) in enumerate(prompt_lens)]
+
+
+def test_sampler_weights_prompt_slots_of_generated_rows():
+    lens = [(10, 4), (30, 20), (40, 35), (16, 16)]  # short, cut in the prompt / the continuation, no new tokens
+    texts = [data.Sequence(list(range(1, 60)), 59, "text")]
+    sampler = data.WindowSampler(_numbered(lens), texts, 16, head=4, seed=0, prompt_weight=0.25)
+    ids, mask, weight = sampler.sample_weighted(64)
+    assert weight.dtype == torch.float32 and weight.shape == ids.shape == (64, 16)
+    assert (weight[mask == 0] == 0).all() and (mask == 0).any()
+    for t, m, w in zip(ids.flatten().tolist(), mask.flatten().tolist(), weight.flatten().tolist()):
+        if m and t < 1000:  # plain text
+            assert w == 1.0
+        elif m:
+            k, position = divmod(t, 1000)
+            assert w == (0.25 if position < lens[k - 1][1] else 1.0), (t, w)
+    assert set(weight[mask.bool()].tolist()) == {0.25, 1.0}
+    again = data.WindowSampler(_numbered(lens), texts, 16, head=4, seed=0).sample(64)  # same rows as before
+    assert torch.equal(again[0], ids) and torch.equal(again[1], mask)
+
+
+def test_continue_prompts_temperature_zero_is_greedy(target):
+    ids, mask = prompts(3, [6, 6, 6], seed=2)
+    rows = [r.tolist() for r in ids]
+    out = data.continue_prompts(target, rows, max_new_tokens=8, temperature=0, batch_size=2, progress=False)
+    assert [s.ids for s in out] == hf_greedy(target, ids, mask, 8).tolist() and out[0].prompt_len == 6
+    with pytest.raises(ValueError, match=">= 0"):
+        data.continue_prompts(target, rows, temperature=-1, progress=False)
+
+
+def _prompt_batch(prompt_weight: float, seq_len: int = 24):
+    """(ids, mask, weight) of random tokens, with prompt slots (half of each generated row) and padding."""
+    g = torch.Generator().manual_seed(4)
+    generated = [data.Sequence(torch.randint(3, VOCAB, (n,), generator=g).tolist(), n // 2, "code")
+                 for n in (14, 20, 30)]
+    texts = [data.Sequence(torch.randint(3, VOCAB, (40,), generator=g).tolist(), 40, "text")]
+    ids, mask, weight = data.WindowSampler(generated, texts, seq_len, seed=1, prompt_weight=prompt_weight
+                                           ).sample_weighted(6)
+    assert ((weight == prompt_weight) & mask.bool()).any() and (weight == 1).any() and (mask == 0).any()
+    return ids, mask, weight
+
+
+def perturbed_where(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``logits`` (B, T, V) with large noise added at the slots where ``where`` (B, T) is True."""
+    noise = 10 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    return torch.where(where[..., None], logits + noise, logits)
+
+
+def test_layered_loss_weights(target):
+    draft = model.build_draft(target, [0, 3], dtype=torch.float32)
+    task = train.LayeredTask(target, draft)
+    ids, mask, weight = _prompt_batch(0.0)
+    with torch.no_grad():
+        old = train.kl_loss(target(input_ids=ids, attention_mask=mask).logits,
+                            draft(input_ids=ids, attention_mask=mask).logits, mask)
+        ones = task.loss(ids, mask, torch.ones_like(weight))
+        assert float(ones) == pytest.approx(float(old)) and float(task.loss(ids, mask)) == pytest.approx(float(old))
+        weighted = task.loss(ids, mask, weight)
+        prompt = weight == 0  # prompt slots (and padding): their teacher logits must not count
+        task.target = lambda **kw: SimpleNamespace(logits=perturbed_where(target(**kw).logits, prompt))
+        assert float(task.loss(ids, mask, weight)) == pytest.approx(float(weighted), rel=1e-5)
+        assert float(task.loss(ids, mask, torch.ones_like(weight))) > 2 * float(ones)  # the noise does count there
+    detail = task.detail()
+    assert set(detail) == {"kl", "top1"} and 0 <= detail["top1"] <= 1 and task.detail() == {}
+
+
+def test_cli_prompt_weight_and_greedy_temperature():
+    from specdec.distill.cli import _defaults, build_parser
+
+    def parsed(*argv):
+        args = build_parser().parse_args(["--out", "x", "--device", "cpu", *argv])
+        _defaults(args)
+        return args
+
+    assert parsed().temperature == 0.8 and parsed().prompt_weight == 0.1  # layers: unchanged defaults
+    assert parsed("--kind", "feature").temperature == 0.0
+    args = parsed("--prompt-weight", "0", "--temperature", "0")
+    assert args.prompt_weight == 0.0 and args.temperature == 0.0
+    with pytest.raises(SystemExit):
+        parsed("--prompt-weight", "-1")
 
 
 def test_pick_layers():

@@ -116,6 +116,45 @@ def test_depth_allowed_reads_true_keys_then_its_own_step():
     assert two[0].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]  # no step starts before slot 0: itself only
 
 
+def test_step_weights_use_the_step_start():
+    weight = torch.tensor([[0.25, 0.25, 0.25, 1.0, 1.0, 1.0, 0.0]])  # prompt 0..2, new tokens 3..5, padding 6
+    real = weight > 0
+    assert ft.step_weights(weight, real, 1).tolist() == [[0.0, 0.25, 0.25, 1.0, 1.0, 1.0, 0.0]]
+    # depth 2 at slot 3 guesses token 4 in the step started at slot 2, a prompt token: never asked when decoding
+    assert ft.step_weights(weight, real, 2).tolist() == [[0.0, 0.0, 0.25, 0.25, 1.0, 1.0, 0.0]]
+    assert ft.step_weights(weight, real, 9).sum() == 0
+
+
+def test_feature_loss_weights(target, monkeypatch):
+    from test_distill import _prompt_batch, perturbed_where
+
+    draft = _draft(target).float()
+    config = ft.FeatureTrainConfig(depths=2, noise=0.0)
+    task = ft.FeatureTask(target, draft, config)
+    ids, mask, weight = _prompt_batch(0.0)
+    real, positions = mask.bool(), mask.cumsum(-1) - 1
+    with torch.no_grad():  # the unweighted loss: every real slot s >= d at depth d
+        hidden, teacher = ft.target_outputs(target, ids, mask, positions)
+        feats = draft.features(hidden)
+        outs = ft.depth_features(draft, ids, feats, real, positions, 2)
+        old = sum(config.depth_decay ** (d - 1) * ft.feature_loss(
+            draft, f, feats, teacher.log_softmax(-1), real & (torch.arange(ids.shape[1]) >= d), 1.0)[0]
+            for d, f in enumerate(outs, start=1))
+        assert float(task.loss(ids, mask, torch.ones_like(weight))) == pytest.approx(float(old), rel=1e-5)
+        assert float(task.loss(ids, mask)) == pytest.approx(float(old), rel=1e-5)
+        weighted = task.loss(ids, mask, weight)
+        outputs = ft.target_outputs
+
+        def perturbed(*args, **kwargs):  # the teacher's logits scrambled on prompt slots (weight 0)
+            hidden, logits = outputs(*args, **kwargs)
+            return hidden, perturbed_where(logits, weight == 0)
+
+        monkeypatch.setattr(ft, "target_outputs", perturbed)
+        assert float(task.loss(ids, mask, weight)) == pytest.approx(float(weighted), rel=1e-5)
+        assert float(task.loss(ids, mask, torch.ones_like(weight))) > 1.2 * float(old)  # the noise counts there
+    assert 0 <= task.detail()["top1_d2"] <= 1
+
+
 @pytest.mark.parametrize("batch,lengths", [(1, [8]), (2, [5, 9])])
 def test_greedy_equals_hf_untrained(target, batch, lengths):
     ids, mask = prompts(batch, lengths, seed=4)

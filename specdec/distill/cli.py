@@ -28,6 +28,7 @@ Steps:
   3. train it on the target's outputs (layers: KL to the next-token distributions; feature:
      SmoothL1 to the next feature + KL, over --depths drafting steps at once), AdamW, cosine
      LR, replaying its greedy acceptance (k=4) on held-out prompts every --eval-every steps;
+     the prompts of the target's text weigh --prompt-weight (decoding never drafts a prompt);
   4. save it to --out (layers: an HF model directory that AutoModelForCausalLM loads; feature:
      feature-draft.safetensors, for specdec.distill.load_feature_draft) + distill.json (the
      training log), and measure acceptance with specdec.generate against the untrained
@@ -85,8 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=160, help="tokens the target writes per prompt (default 160)")
     p.add_argument("--gen-batch-size", type=int, default=None,
                    help="prompts per generation batch (default: 256 on GPU, 8 on CPU)")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="sampling temperature of the target's text (default 0.8)")
+    p.add_argument("--temperature", type=_non_negative, default=None,
+                   help="sampling temperature of the target's text, 0 = greedy (default: 0.8 for layers; "
+                        "0 for feature, as greedy decoding and the acceptance replay see)")
+    p.add_argument("--prompt-weight", type=_non_negative, default=0.1,
+                   help="loss weight of the prompt tokens of the target's text (default 0.1): decoding only "
+                        "drafts what the target writes, and templated, repeated prompts are easy to fit; "
+                        "the target's tokens and plain text weigh 1")
     p.add_argument("--generated-fraction", type=float, default=0.6,
                    help="share of training rows taken from the target's own text (rest: plain text; default 0.6)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -113,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 # feature-kind numeric options: flag, type, default, help
 _FEATURE_OPTIONS = (
     ("--depths", int, 3, "drafting steps trained at once, each on the previous one's predicted features "
@@ -130,6 +143,8 @@ def _defaults(args) -> None:
     args.device = args.device or ("cuda" if gpu else "cpu")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.ship_bits = args.ship_bits or (8 if args.kind == "feature" else 4)
+    if args.temperature is None:  # feature: greedy text, like what it drafts (a layered draft kept 0.8)
+        args.temperature = 0.0 if args.kind == "feature" else 0.8
     pick = {"batch_size": (16 if args.kind == "feature" else 32, 4), "seq_len": (512, 128),
             "text_chars": (6_000_000, 300_000),
             "gen_prompts": (2000, 16), "gen_time": (60.0, None), "gen_batch_size": (256, 8),
@@ -162,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
              len(generated), sum(len(s.ids) - s.prompt_len for s in generated), gen_s, len(texts),
              sum(len(s.ids) for s in texts))
     sampler = data.WindowSampler(generated, texts, args.seq_len, args.generated_fraction,
-                                 pad_id=tok.pad_token_id or 0, seed=args.seed)
+                                 pad_id=tok.pad_token_id or 0, seed=args.seed, prompt_weight=args.prompt_weight)
     if args.kind == "feature" and args.feature_init == "last-layer":
         _init_feature(target, draft, sampler, args)
     trained = train.train(target, draft, sampler, task.config, eval_sets, progress=not args.quiet, task=task)
@@ -324,7 +339,7 @@ def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
                 init=args.init, dtype=args.dtype, seq_len=args.seq_len, seed=args.seed,
                 data=dict(generated=len(generated), generated_by_kind=by_source,
                           generated_tokens=sum(len(s.ids) - s.prompt_len for s in generated), generation_s=gen_s,
-                          temperature=args.temperature, text_pieces=len(texts),
+                          temperature=args.temperature, prompt_weight=args.prompt_weight, text_pieces=len(texts),
                           text_tokens=sum(len(s.ids) for s in texts), generated_fraction=args.generated_fraction,
                           held_out="benchmarks.workloads code (all 10) and chat (all 12) prompts"),
                 train=trained.as_dict())

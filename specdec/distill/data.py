@@ -263,7 +263,8 @@ def tokenize_texts(texts: list[str], tokenizer) -> list[Sequence]:
 def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 160, temperature: float = 0.8,
                      top_p: float = 0.95, batch_size: int = 16, time_budget_s: float | None = None,
                      seed: int = 0, sources: list[str] | None = None, progress: bool = True) -> list[Sequence]:
-    """Sample the target's continuations of ``prompts`` (token ids), batched.
+    """Sample the target's continuations of ``prompts`` (token ids), batched; ``temperature=0``:
+    greedy ones (what greedy decoding, and so the acceptance replay, sees).
 
     Batches are formed in prompt order (rows sorted by length within groups of four
     batches, to limit padding). With ``time_budget_s``, no new batch starts once it is
@@ -272,8 +273,11 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
     import specdec
     from tqdm.auto import tqdm
 
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     device = target.get_input_embeddings().weight.device
     sources = sources or ["prompt"] * len(prompts)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     order = _length_grouped(prompts, batch_size)
     out, start = [], time.perf_counter()
     bar = tqdm(total=len(prompts), desc="target writes training text", unit="seq", disable=not progress)
@@ -282,8 +286,8 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
             break
         ids, mask = left_pad([prompts[r] for r in rows], 0, device)
         generator = torch.Generator().manual_seed(seed * 100_003 + b)
-        seqs, stats = specdec.generate(target, ids, mask, do_sample=True, temperature=temperature, top_p=top_p,
-                                       max_new_tokens=max_new_tokens, generator=generator, return_stats=True)
+        seqs, stats = specdec.generate(target, ids, mask, **sampling, max_new_tokens=max_new_tokens,
+                                       generator=generator, return_stats=True)
         new = seqs[:, ids.shape[1]:].tolist()
         for r, row_new, n in zip(rows, new, stats.new_tokens):
             out.append(Sequence(list(prompts[r]) + row_new[:n], len(prompts[r]), sources[r]))
@@ -315,32 +319,54 @@ class WindowSampler:
     (its last ``seq_len`` tokens, keeping the first ``head`` tokens of the prompt: a short
     stand-in for a long prompt's start), else from plain text (a random window, texts
     weighted by length). Short rows are padded on the right (mask 0).
+
+    :meth:`sample_weighted` also gives per-slot loss weights: ``prompt_weight`` on the prompt
+    tokens of the target's continuations (the decode loop never drafts a prompt, and the
+    prompts are templated and repeated, so they are easy to fit and would dominate the loss),
+    1 on the target's own tokens and on plain text, 0 on padding.
     """
 
     def __init__(self, generated: list[Sequence], texts: list[Sequence], seq_len: int,
-                 generated_fraction: float = 0.6, head: int = 8, pad_id: int = 0, seed: int = 0):
+                 generated_fraction: float = 0.6, head: int = 8, pad_id: int = 0, seed: int = 0,
+                 prompt_weight: float = 0.1):
         if not generated and not texts:
             raise ValueError("no training text: give prompts to continue or text files (--text)")
         self.generated, self.texts, self.seq_len, self.head, self.pad_id = generated, texts, seq_len, head, pad_id
+        self.prompt_weight = prompt_weight
         self.fraction = generated_fraction if generated and texts else float(bool(generated))
         self.rng = random.Random(seed)
         self._text_weights = [len(s.ids) for s in texts]
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask), both (batch_size, seq_len) int64."""
+        ids, mask, _ = self.sample_weighted(batch_size)
+        return ids, mask
+
+    def sample_weighted(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, mask, weight): ids and mask as :meth:`sample` (the same rows for the same seed),
+        weight (batch_size, seq_len) float32, the loss weight of each slot (see the class)."""
         rows = [self._row() for _ in range(batch_size)]
         ids = torch.full((batch_size, self.seq_len), self.pad_id, dtype=torch.long)
         mask = torch.zeros(batch_size, self.seq_len, dtype=torch.long)
-        for i, r in enumerate(rows):
+        weight = torch.zeros(batch_size, self.seq_len)
+        for i, (r, w) in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, :len(r)] = 1
-        return ids, mask
+            weight[i, :len(r)] = torch.tensor(w)
+        return ids, mask, weight
 
-    def _row(self) -> list[int]:
+    def _row(self) -> tuple[list[int], list[float]]:
         T = self.seq_len
         if self.rng.random() < self.fraction:
-            ids = self.rng.choice(self.generated).ids
-            return ids if len(ids) <= T else ids[:self.head] + ids[len(ids) - (T - self.head):]
+            seq = self.rng.choice(self.generated)
+            weight = [self.prompt_weight] * seq.prompt_len + [1.0] * (len(seq.ids) - seq.prompt_len)
+            return self._cut(seq.ids), self._cut(weight)
         ids = self.rng.choices(self.texts, weights=self._text_weights)[0].ids
         start = self.rng.randrange(max(len(ids) - T, 0) + 1)
-        return ids[start:start + T]
+        window = ids[start:start + T]
+        return window, [1.0] * len(window)
+
+    def _cut(self, items: list) -> list:
+        """The first ``head`` and the last ``seq_len - head`` items of a longer row."""
+        T = self.seq_len
+        return items if len(items) <= T else items[:self.head] + items[len(items) - (T - self.head):]

@@ -12,6 +12,8 @@ EAGLE-3, where EAGLE-1 trained step 1 only):
 
 Loss per depth: SmoothL1(f̂, f) + ``kl_weight`` * KL(teacher || head(f̂)), weighted by
 ``depth_decay ** (d - 1)`` (a deeper guess only counts when the earlier ones were accepted).
+Slots are weighted by the sampler's per-slot weights (:func:`step_weights`): the prompts of
+the target's continuations, never drafted when decoding, count little.
 Acceptance is replayed the same way (:func:`replay_feature_acceptance`): exact for greedy
 decoding, since a depth-d guess only matters when depths 1..d-1 matched the target's tokens.
 """
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from specdec.adapter import ModelRunner
 from specdec.distill.evaluate import EvalSet, left_pad, simulate_chains
-from specdec.distill.train import TrainConfig, _autocast_dtype
+from specdec.distill.train import TrainConfig, _autocast_dtype, mean_parts, slot_weights, weighted_mean
 from specdec.feature_draft import FeatureDraft, previous_features
 from specdec.state import positions_from_mask
 
@@ -89,19 +91,33 @@ def depth_features(draft: FeatureDraft, ids: torch.Tensor, features: torch.Tenso
     return outs
 
 
+def step_weights(weight: torch.Tensor, real: torch.Tensor, depth: int) -> torch.Tensor:
+    """(B, T) loss weight of the depth-``depth`` query at each slot s: the weight of slot
+    c = s - depth + 1, where its step starts, on real slots s with c >= 1 (else 0).
+
+    The query guesses token s+1, but decoding only asks it when the step's pending token (slot
+    c) is one the target wrote, the prefill's token included: c, not s+1, tells whether the
+    query is ever made (s+1 would also count the d queries at the end of the prompt).
+    weight: (B, T) per-slot weights (``WindowSampler.sample_weighted``; a 0/1 mask for all).
+    """
+    out, T = torch.zeros_like(weight, dtype=torch.float32), weight.shape[1]
+    if depth < T:
+        out[:, depth:] = weight[:, 1:T - depth + 1].float()  # a step starts at slot >= 1
+    return out * real.float()
+
+
 def feature_loss(draft: FeatureDraft, f_hat: torch.Tensor, features: torch.Tensor, teacher_logp: torch.Tensor,
-                 valid: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
-    """SmoothL1(f̂, f) + kl_weight * KL(teacher || draft) averaged over ``valid`` (B, T) slots, and
-    its parts (detached 0-d tensors: smooth_l1, kl, top1 = argmax agreement).
+                 weight: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
+    """SmoothL1(f̂, f) + kl_weight * KL(teacher || draft) averaged over slots with ``weight`` (B, T;
+    a bool mask or float weights, normalised by their sum), and its parts (detached 0-d tensors:
+    smooth_l1, kl, top1 = argmax agreement), weighted the same way.
 
     teacher_logp: (B, T, V) float32 log-probabilities of the target.
     """
-    w = valid.float()
-    count = w.sum().clamp(min=1)
-    regress = (F.smooth_l1_loss(f_hat.float(), features.float(), reduction="none").mean(-1) * w).sum() / count
+    regress = weighted_mean(F.smooth_l1_loss(f_hat.float(), features.float(), reduction="none").mean(-1), weight)
     q_log = F.log_softmax(draft.logits(f_hat).float(), dim=-1)
-    kl = ((teacher_logp.exp() * (teacher_logp - q_log)).sum(-1) * w).sum() / count
-    top1 = ((q_log.argmax(-1) == teacher_logp.argmax(-1)).float() * w).sum() / count
+    kl = weighted_mean((teacher_logp.exp() * (teacher_logp - q_log)).sum(-1), weight)
+    top1 = weighted_mean((q_log.argmax(-1) == teacher_logp.argmax(-1)).float(), weight)
     return regress + kl_weight * kl, {"smooth_l1": regress.detach(), "kl": kl.detach(), "top1": top1}
 
 
@@ -115,8 +131,10 @@ class FeatureTask:
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.draft.parameters())
 
-    def loss(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of a batch; ``weight`` (B, T) per slot (None: every real slot 1), see :func:`step_weights`."""
         c, real = self.config, mask.bool()
+        w = slot_weights(mask, weight)
         positions = positions_from_mask(mask)
         with torch.autocast(ids.device.type, dtype=self.amp, enabled=self.amp is not None):
             hidden, teacher = target_outputs(self.target, ids, mask, positions)
@@ -126,8 +144,8 @@ class FeatureTask:
             outs = depth_features(self.draft, ids, feats, real, positions, c.depths, c.noise)
             total, parts = 0.0, {}
             for d, f_hat in enumerate(outs, start=1):
-                valid = real & (torch.arange(ids.shape[1], device=ids.device) >= d)  # a step starts at slot >= 1
-                loss, part = feature_loss(self.draft, f_hat, feats, teacher_logp, valid, c.kl_weight)
+                loss, part = feature_loss(self.draft, f_hat, feats, teacher_logp, step_weights(w, real, d),
+                                          c.kl_weight)
                 total = total + c.depth_decay ** (d - 1) * loss
                 parts.update({f"{k}_d{d}": v for k, v in part.items()})
         self._parts.append(parts)
@@ -136,7 +154,7 @@ class FeatureTask:
     def detail(self) -> dict:
         """Mean loss parts (per depth) since the last call."""
         parts, self._parts = self._parts, []
-        return {k: float(sum(p[k] for p in parts)) / len(parts) for k in parts[0]} if parts else {}
+        return mean_parts(parts)
 
     def acceptance(self, eval_set: EvalSet, k: int) -> float:
         return replay_feature_acceptance(self.target, self.draft, eval_set, k, autocast_dtype=self.amp)

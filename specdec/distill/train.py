@@ -5,8 +5,10 @@ acceptance curve); a *task* says what it optimizes and how acceptance is replaye
 
 - :class:`LayeredTask` (the default): a layered draft (``specdec.distill.model``). Loss:
   KL(p || q) per position, p = target (teacher), q = draft (student), summed over the whole
-  vocabulary and averaged over real (unpadded) positions, bf16 autocast when the target is
-  not float32; acceptance by :func:`specdec.distill.evaluate.replay_acceptance`.
+  vocabulary and averaged over real (unpadded) positions with the sampler's per-slot weights
+  (``WindowSampler.sample_weighted``: prompts of the target's continuations count less), bf16
+  autocast when the target is not float32; acceptance by
+  :func:`specdec.distill.evaluate.replay_acceptance`.
 - ``specdec.distill.feature_train.FeatureTask``: an EAGLE-style feature draft.
 """
 
@@ -60,15 +62,28 @@ class TrainLog:
 
 
 def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over positions with ``mask`` of KL(softmax(teacher) || softmax(student)), in float32.
+    """Mean over positions, weighted by ``mask``, of KL(softmax(teacher) || softmax(student)), in float32.
 
-    teacher_logits, student_logits: (B, T, V); mask: (B, T) 1 on real tokens.
+    teacher_logits, student_logits: (B, T, V); mask: (B, T) 1 on real tokens, 0 on padding, or
+    float per-position weights (the mean is normalised by their sum).
     """
     p_log = F.log_softmax(teacher_logits.float(), dim=-1)
     q_log = F.log_softmax(student_logits.float(), dim=-1)
     per_position = (p_log.exp() * (p_log - q_log)).sum(-1)  # (B, T)
-    weights = mask.to(per_position.dtype)
-    return (per_position * weights).sum() / weights.sum().clamp(min=1)
+    return weighted_mean(per_position, mask)
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum(values * weight) / sum(weight), 0 when every weight is 0; values and weight (B, T)."""
+    weight = weight.to(values.dtype)
+    return (values * weight).sum() / weight.sum().clamp(min=1e-6)
+
+
+def slot_weights(mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) float32 loss weight of each slot: ``weight`` (a sampler's, e.g. low on prompt slots)
+    on real slots, 0 on padding; ``weight=None``: the mask itself (every real slot counts 1)."""
+    real = mask.float()
+    return real if weight is None else real * weight.float()
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
@@ -86,16 +101,33 @@ class LayeredTask:
 
     def __init__(self, target, draft):
         self.target, self.draft, self.amp = target, draft, _autocast_dtype(target)
+        self._parts: list[dict] = []
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return own_parameters(self.draft, self.target)
 
-    def loss(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted KL; ``weight`` (B, T) per slot (None: every real slot 1).
+
+        The logits at slot s guess token s+1, and decoding asks for them only once the target
+        has written the token at slot s (from the prefill's token on): so slot s's own weight
+        counts, not slot s+1's. The last prompt slot guesses the prefill's token, never drafted.
+        """
         with torch.autocast(ids.device.type, dtype=self.amp, enabled=self.amp is not None):
             with torch.no_grad():
                 teacher = self.target(input_ids=ids, attention_mask=mask, use_cache=False).logits
             student = self.draft(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return kl_loss(teacher, student, mask)
+        w = slot_weights(mask, weight)
+        loss = kl_loss(teacher, student, w)
+        with torch.no_grad():
+            top1 = weighted_mean((student.argmax(-1) == teacher.argmax(-1)).float(), w)
+        self._parts.append({"kl": loss.detach(), "top1": top1})
+        return loss
+
+    def detail(self) -> dict:
+        """Mean loss parts (weighted KL and top-1 agreement) since the last call."""
+        parts, self._parts = self._parts, []
+        return mean_parts(parts)
 
     def acceptance(self, eval_set: EvalSet, k: int) -> float:
         return replay_acceptance(self.draft, eval_set, k, autocast_dtype=self.amp)
@@ -106,9 +138,11 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
     """Distil ``target`` into ``draft`` (built by :func:`specdec.distill.model.build_draft`, or the
     draft of ``task``).
 
-    ``sampler.sample(batch_size)`` gives (ids, mask) batches (see ``WindowSampler``).
-    ``task``: what to optimize (``parameters()``, ``loss(ids, mask)``, ``acceptance(eval_set,
-    k)``, optionally ``detail()``); default :class:`LayeredTask`. The target is only read.
+    ``sampler.sample_weighted(batch_size)`` gives (ids, mask, per-slot loss weight) batches (see
+    ``WindowSampler``); a sampler with only ``sample(batch_size)`` -> (ids, mask) weighs every
+    real slot 1. ``task``: what to optimize (``parameters()``, ``loss(ids, mask, weight)``,
+    ``acceptance(eval_set, k)``, optionally ``detail()``); default :class:`LayeredTask`. The
+    target is only read.
     Returns the log; ``draft`` is trained in place, its own tensors still in their training dtype.
     """
     from tqdm.auto import tqdm
@@ -126,8 +160,8 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
         lr = lr_at(step, total, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids, mask = (t.to(device) for t in sampler.sample(config.batch_size))
-        loss = _step(task, ids, mask, params, optimizer, config)
+        ids, mask, weight = _batch(sampler, config.batch_size, device)
+        loss = _step(task, ids, mask, weight, params, optimizer, config)
         losses.append(loss)
         log.tokens += int(mask.sum())
         step += 1
@@ -154,8 +188,17 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
     return log
 
 
-def _step(task, ids, mask, params, optimizer, config: TrainConfig) -> float:
-    loss = task.loss(ids, mask)
+def _batch(sampler, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(ids, mask, weight or None) on ``device``: the sampler's per-slot weights where it gives them."""
+    if callable(getattr(sampler, "sample_weighted", None)):
+        ids, mask, weight = sampler.sample_weighted(batch_size)
+        return ids.to(device), mask.to(device), weight.to(device)
+    ids, mask = sampler.sample(batch_size)
+    return ids.to(device), mask.to(device), None
+
+
+def _step(task, ids, mask, weight, params, optimizer, config: TrainConfig) -> float:
+    loss = task.loss(ids, mask, weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.grad_clip:
@@ -182,6 +225,11 @@ def _evaluate(task, eval_sets, config: TrainConfig, log: TrainLog, step: int) ->
     rates = {e.name: task.acceptance(e, config.k) for e in eval_sets}
     rates["mean"] = sum(rates.values()) / len(rates)
     log.acceptance.append([step, rates])
+
+
+def mean_parts(parts: list[dict]) -> dict:
+    """Per-key means of a task's loss parts (0-d tensors) over steps; {} for none."""
+    return {k: float(sum(p[k] for p in parts)) / len(parts) for k in parts[0]} if parts else {}
 
 
 def _last_rates(log: TrainLog) -> str:
