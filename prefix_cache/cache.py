@@ -95,10 +95,16 @@ class PrefixCache:
         max_bytes: device bytes the cached K/V may take.
         block_size: tokens per block; matches and inserts work in whole blocks.
         offload_bytes: CPU bytes for evicted blocks (0: evicted blocks are dropped).
+        cache_drafts: whether ``specdec.generate`` also keeps a draft model's K/V here (under a
+            namespace of its own, sharing this budget), so that a hit skips the draft's prefill of
+            the shared prefix as well as the target's. False: only the target's K/V is cached and
+            the draft model runs over the whole prompt on every call.
     """
 
-    def __init__(self, max_bytes: int, block_size: int = 16, offload_bytes: int = 0) -> None:
+    def __init__(self, max_bytes: int, block_size: int = 16, offload_bytes: int = 0,
+                 cache_drafts: bool = True) -> None:
         _check_sizes(max_bytes, block_size, offload_bytes)
+        self.cache_drafts = bool(cache_drafts)
         self.max_bytes = int(max_bytes)
         self.block_size = int(block_size)
         self.offload_bytes = int(offload_bytes)

@@ -69,6 +69,40 @@ class ModelDrafter:
         out = torch.stack(drafted, 1) if drafted else batch.pending.new_zeros(batch.size, 0)
         return Proposal(out, stacked, torch.full((batch.size,), k, device=out.device))
 
+    @property
+    def reusable_cache(self) -> bool:
+        """Whether a prefix cache may load and store this drafter's K/V (``specdec.prefill``).
+
+        Only an eager runner's plain DynamicCache of full-attention layers: a static runner
+        (``compile=True``) keeps prefilling its draft over the whole prompt, and so does a draft
+        whose layers cannot be cut into blocks (sliding window, recurrent).
+        """
+        if not isinstance(self.runner, ModelRunner) or self.runner.make_cache is not None:
+            return False
+        from prefix_cache.hf_cache import check_supported
+
+        try:
+            check_supported(self.runner.model.config)
+        except ValueError:       # reusing the draft's K/V is only a speed-up: prefill it instead of refusing
+            return False
+        return True
+
+    def load_prefix(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Start from a prefix-cache hit: per layer (key, value) (B, heads, n, head_dim) for slots
+        0..n-1. The next ``propose`` forwards only the slots after them (its usual catch-up)."""
+        from prefix_cache.hf_cache import cache_with_kv
+
+        self.cache = cache_with_kv(kv_layers, self.runner.model.config)
+
+    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key, value) (1, heads, T, head_dim) of batch row ``row`` (views), T the slots this
+        drafter has run so far (it may lag the target by a slot or two); [] before its first forward."""
+        if not cache_length(self.cache):
+            return []
+        from prefix_cache.hf_cache import kv_from_cache
+
+        return kv_from_cache(self.cache, row=row)
+
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         # A draft head wider than the target's vocabulary must never propose those ids.
         return logits[:, : self.target_vocab]

@@ -47,6 +47,7 @@ class _Run:
     controller: object = None
     prefix_cache: object = None     # rows store prompt + output KV here when they finish
     namespace: str | None = None
+    draft_namespace: str | None = None  # the draft model's K/V namespace in prefix_cache (None: not cached)
     eos: torch.Tensor | None = None  # (n,) EOS ids inside the vocabulary (for min_new_tokens)
     room: int = 0                   # most tokens any active row may still emit (caps k: no wasted drafts)
     rows_host: list = None          # batch.rows as a list (read without a device sync)
@@ -82,7 +83,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             repeat exactly with a fixed ``num_draft_tokens``; ``"auto"`` picks k from measured
             timings, so only the distribution repeats.
         generation_config: an HF ``GenerationConfig``; keywords override it.
-        prefix_cache: a ``prefix_cache.PrefixCache`` reused across calls.
+        prefix_cache: a ``prefix_cache.PrefixCache`` reused across calls. A hit skips the prefill
+            of the shared prefix for the target and, for a draft model (a causal LM or ``"self:N"``,
+            not a feature draft nor a ``compile`` static draft runner), for the draft too: its K/V is cached under a
+            namespace of its own (turn that off with ``PrefixCache(..., cache_drafts=False)``).
         cache_namespace: tenant key for the prefix cache (no cross-tenant hits).
         kv_quant: None, ``"int8"`` or ``"int4"`` quantized KV cache for the target.
         return_stats: also return a ``GenerationStats``.
@@ -127,6 +131,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
                        kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=_compile_mode(compile) == "inductor")
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
+        if prefix_cache is not None:
+            from specdec.prefill import draft_namespace
+
+            run.draft_namespace = draft_namespace(run.drafter, prefix_cache, cache_namespace)
         with _feature_tap(run):
             _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
             _decode(run)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import specdec
-from conftest import hf_greedy, prompts, tiny_model
+from conftest import VOCAB, hf_greedy, prompts, tiny_model
 from prefix_cache import PrefixCache
 
 
@@ -115,3 +115,116 @@ def test_sliding_window_model_is_refused():
     with pytest.raises(ValueError, match="sliding"):
         specdec.generate(model, torch.ones(1, 4, dtype=torch.long), max_new_tokens=2,
                          prefix_cache=PrefixCache(max_bytes=1 << 20))
+
+
+# -- the draft model's K/V in the prefix cache ---------------------------------------------------
+
+def _draft_module(model, draft):
+    """The module a draft_model= argument runs ("self:N" is the target's cached early-exit copy)."""
+    return specdec.drafters.cached_early_exit_model(model, int(draft[5:])) if isinstance(draft, str) else draft
+
+
+def _shared_prompts(shared_len=512, seed=4):
+    shared = prompts(1, [shared_len], seed=seed)[0]
+    return torch.cat([shared, torch.tensor([[5, 6, 7]])], dim=1), torch.cat([shared, torch.tensor([[9, 10, 11, 12]])], dim=1)
+
+
+@pytest.mark.parametrize("draft_kind", ["model", "self:1"])
+@pytest.mark.parametrize("cache_drafts", [True, False])
+def test_draft_hit_runs_only_the_suffix_through_the_draft(draft_kind, cache_drafts):
+    model = tiny_model("llama")
+    draft = tiny_model("llama", seed=1, layers=1) if draft_kind == "model" else draft_kind
+    first, second = _shared_prompts()
+    kw = dict(max_new_tokens=8, draft_model=draft, num_draft_tokens=3)
+    cache = PrefixCache(max_bytes=64 << 20, block_size=16, cache_drafts=cache_drafts)
+    specdec.generate(model, first, prefix_cache=cache, **kw)
+    seen, restore = _count_tokens(_draft_module(model, draft))
+    out, stats = specdec.generate(model, second, prefix_cache=cache, return_stats=True, **kw)
+    restore()
+    assert torch.equal(out, specdec.generate(model, second, **kw))     # the no-cache call
+    assert torch.equal(out, hf_greedy(model, second, torch.ones_like(second), 8))
+    assert stats.cached_prompt_tokens == [512]
+    # the draft's catch-up forward: the 4 new prompt tokens + the pending one; all 517 when not cached
+    assert seen[0] == (5 if cache_drafts else 517)
+
+
+def test_draft_batch_rows_hit_different_prefix_lengths():
+    model, draft = tiny_model("llama"), tiny_model("llama", seed=1, layers=1)
+    cache = PrefixCache(max_bytes=64 << 20, block_size=8)
+    long, short = prompts(1, [64], seed=6)[0], prompts(1, [48], seed=7)[0]
+    kw = dict(max_new_tokens=8, draft_model=draft, num_draft_tokens=3)
+    specdec.generate(model, torch.cat([long, torch.tensor([[3, 4, 5]])], dim=1), prefix_cache=cache, **kw)
+    specdec.generate(model, torch.cat([short, torch.tensor([[8, 9]])], dim=1), prefix_cache=cache, **kw)
+    ids = torch.zeros(2, 70, dtype=torch.long)
+    ids[0] = torch.cat([long[0], torch.tensor([11, 12, 13, 14, 15, 16])])
+    ids[1, 20:] = torch.cat([short[0], torch.tensor([17, 18])])
+    mask = (torch.arange(70) >= torch.tensor([[0], [20]])).long()
+    seen, restore = _count_tokens(draft)
+    out, stats = specdec.generate(model, ids, mask, prefix_cache=cache, return_stats=True, **kw)
+    restore()
+    assert torch.equal(out, specdec.generate(model, ids, mask, **kw))
+    assert torch.equal(out, hf_greedy(model, ids, mask, 8))
+    assert stats.cached_prompt_tokens == [64, 44]   # start = min(0 + 64, 20 + 48): row 1 recomputes 4 slots
+    assert seen[0] == 70 - 64 + 1                   # the draft starts from slot 64 too
+
+
+def test_two_draft_objects_never_share_blocks():
+    from specdec.drafters import ModelDrafter
+    from specdec.prefill import draft_namespace
+
+    model = tiny_model("llama")
+    a, b = tiny_model("llama", seed=1, layers=1), tiny_model("llama", seed=1, layers=1)   # equal weights, shapes
+    cache = PrefixCache(max_bytes=64 << 20, block_size=16)
+    ids = _shared_prompts(128)[0]
+    kw = dict(max_new_tokens=6, num_draft_tokens=3, prefix_cache=cache)
+    specdec.generate(model, ids, draft_model=a, **kw)
+    blocks_after_a = cache.stats.blocks
+    seen, restore = _count_tokens(b)
+    out = specdec.generate(model, ids, draft_model=b, **kw)
+    restore()
+    assert seen[0] == ids.shape[1] + 1                          # b found none of a's blocks
+    assert cache.stats.blocks > blocks_after_a                  # and stored its own
+    assert torch.equal(out, hf_greedy(model, ids, torch.ones_like(ids), 6))
+    ns = lambda m, tenant=None: draft_namespace(ModelDrafter(m, VOCAB), cache, tenant)  # noqa: E731
+    assert ns(a) == ns(a) != ns(b)   # equal weights and shapes, other objects
+    assert ns(a, "alice") != ns(a, "bob") and ns(a, "") != ns(a, None)
+    old = ns(tiny_model("llama", seed=1, layers=1))              # collected now: its id() may come back
+    assert all(ns(tiny_model("llama", seed=1, layers=1)) != old for _ in range(3))
+
+
+def test_draft_blocks_are_per_tenant():
+    model, draft = tiny_model("llama"), tiny_model("llama", seed=1, layers=1)
+    cache = PrefixCache(max_bytes=64 << 20, block_size=16)
+    ids = _shared_prompts(96)[0]
+    kw = dict(max_new_tokens=4, draft_model=draft, num_draft_tokens=3, prefix_cache=cache)
+    specdec.generate(model, ids, cache_namespace="alice", **kw)
+    seen, restore = _count_tokens(draft)
+    firsts = []
+    for tenant in ("bob", "alice"):
+        seen.clear()
+        specdec.generate(model, ids, cache_namespace=tenant, **kw)
+        firsts.append(seen[0])
+    restore()
+    assert firsts == [ids.shape[1] + 1, ids.shape[1] + 1 - 96]     # bob misses, alice hits 96 tokens
+
+
+def _blocks_after_two_calls(model, **kw) -> int:
+    cache = PrefixCache(max_bytes=64 << 20, block_size=4)
+    first, second = _shared_prompts(40, seed=11)
+    for ids in (first, second):
+        out = specdec.generate(model, ids, max_new_tokens=8, prefix_cache=cache, **kw)
+        assert torch.equal(out, hf_greedy(model, ids, torch.ones_like(ids), 8)), kw
+    return cache.stats.blocks
+
+
+@pytest.mark.parametrize("kw", [dict(compile=True, draft_model="self:1", num_draft_tokens=3),
+                                dict(prompt_lookup_num_tokens=3), "feature"])
+def test_static_feature_and_lookup_drafters_keep_prefilling(kw):
+    model = tiny_model("llama", layers=4) if kw == "feature" else tiny_model("llama")
+    if kw == "feature":
+        from specdec.feature_draft import FeatureDraft, FeatureDraftConfig
+
+        torch.manual_seed(0)
+        kw = dict(draft_model=FeatureDraft(FeatureDraftConfig.from_target(model), model), num_draft_tokens=3)
+    target_only = _blocks_after_two_calls(model, compile=kw.get("compile", False))
+    assert _blocks_after_two_calls(model, **kw) == target_only       # no draft blocks stored
