@@ -35,6 +35,7 @@ leaves that runner eager over its static cache.
 from __future__ import annotations
 
 import inspect
+import itertools
 import types
 import warnings
 import weakref
@@ -201,6 +202,7 @@ class StaticRunner:
         self._forward = _compiled_call() if fuse else _call
         self._fused = fuse
         self._projections = join_projections(model) if join else []
+        self._signature = weights_signature(model)   # after joining, which moves the joined weights
 
     # -- ModelRunner interface -------------------------------------------------------------
 
@@ -480,6 +482,9 @@ def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: s
     emb = model.get_input_embeddings().weight
     key = (id(model), role, batch_size, emb.dtype, emb.device, fuse, kv_bits, _bucket(max_len))
     runner = _RUNNERS.get(key)
+    if runner is not None and runner._model_ref() is model and runner._signature != weights_signature(model):
+        del _RUNNERS[key]     # weights replaced since (quantized, .to(), reloaded): its graphs read old memory
+        runner = None
     if runner is None or runner._model_ref() is not model:
         try:
             runner = StaticRunner(model, batch_size, key[-1], graph_max_tokens=graph_max_tokens, fuse=fuse,
@@ -491,6 +496,12 @@ def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: s
         weakref.finalize(model, _RUNNERS.pop, key, None)
     runner.graph_max_tokens = graph_max_tokens
     return runner
+
+
+def weights_signature(model: torch.nn.Module) -> tuple:
+    """Where every parameter and buffer lives: a captured graph reads these addresses, so a runner
+    whose model no longer matches (a module swapped, a tensor moved) must not replay."""
+    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def release(model: torch.nn.Module) -> int:

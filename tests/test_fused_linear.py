@@ -110,3 +110,17 @@ def test_torch_compile_traces_the_joined_group(model):
     with fused_projections(groups), torch.no_grad():
         got = compiled(model, ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_model_gets_a_new_runner(model):
+    """Quantizing after compile=True replaces the linears: the old runner (its graphs read the old
+    weights' memory) is dropped and a new one built, and the output is the quantized model's."""
+    from quant import quantize
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+    specdec.generate(model, ids, max_new_tokens=4, compile=True)
+    before = dict(static._RUNNERS)
+    quantize(model, bits=8)
+    fast = specdec.generate(model, ids, max_new_tokens=8, compile=True)
+    assert not set(static._RUNNERS.values()) & set(before.values())
+    assert torch.equal(fast, specdec.generate(model, ids, max_new_tokens=8))
