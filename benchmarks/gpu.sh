@@ -19,6 +19,8 @@
 # These need no GGUF (random-weight models), so ONE call does them (carry .whl only):
 #   fastpath:      8B-shaped roofline (HF eager, ours graphs, ours inductor + coordinate
 #                  descent) and the GPU tests (pytest -m gpu); ~8 min
+#   fastpath-profile: 8B roofline (HF eager, ours inductor + coordinate descent) and the kernel
+#                  profile of one compiled step (benchmarks/step_kernels.py, reusing the compile); ~7 min
 #   prefix-random: prefix cache TTFT hit/miss/overhead on 1B (eager and compile=True) and 8B shapes; ~5 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,10 +31,10 @@ case "${1:-run}" in
 stage)
     cp .gguf1/* "$M/"; ls -la "$M"; exit 0 ;;
 run) ;;
-*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-bench|distill-feature|distill-feature-bench|fastpath|prefix-random]"; exit 2 ;;
+*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-bench|distill-feature|distill-feature-bench|fastpath|fastpath-profile|prefix-random]"; exit 2 ;;
 esac
 WHAT="${2:-bench}"
-if [[ "$WHAT" != fastpath && "$WHAT" != prefix-random && ! -s "$GGUF" ]]; then
+if [[ "$WHAT" != fastpath* && "$WHAT" != prefix-random && ! -s "$GGUF" ]]; then
     [ -d .gguf2 ] && cp .gguf2/* "$M/"
     cat "$M"/gguf.part.* > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"   # no empty file left behind on failure
 fi
@@ -64,6 +66,11 @@ if [[ "$WHAT" == fastpath ]]; then
         -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/gpu-tests.txt" || true
     python3 -m benchmarks.roofline --shapes llama-8b --variants hf-eager ours-graphs ours-inductor \
         --coordinate-descent --name roofline-8b-fastpath.json --out "$OUT" 2>&1 | grep -v "Loading weights" | tail -20 || true
+fi
+if [[ "$WHAT" == fastpath-profile ]]; then
+    python3 -m benchmarks.roofline --shapes llama-8b --variants hf-eager ours-inductor --coordinate-descent \
+        --name roofline-8b-fastpath.json --out "$OUT" 2>&1 | grep -v "Loading weights" | tail -4 || true
+    python3 -m benchmarks.step_kernels --shape llama-8b --out "$OUT" 2>&1 | grep -v "Loading weights" | tail -20 || true
 fi
 if [[ "$WHAT" == prefix-random ]]; then
     python3 -m benchmarks.prefix_bench --device cuda --model 1b --out "$OUT" 2>&1 | tail -4 || true
