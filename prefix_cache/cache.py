@@ -104,7 +104,9 @@ class PrefixCache:
     def __init__(self, max_bytes: int, block_size: int = 16, offload_bytes: int = 0,
                  cache_drafts: bool = True) -> None:
         _check_sizes(max_bytes, block_size, offload_bytes)
-        self.cache_drafts = bool(cache_drafts)
+        if not isinstance(cache_drafts, bool):
+            raise TypeError(f"cache_drafts must be True or False, got {cache_drafts!r}")
+        self.cache_drafts = cache_drafts
         self.max_bytes = int(max_bytes)
         self.block_size = int(block_size)
         self.offload_bytes = int(offload_bytes)

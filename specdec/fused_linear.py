@@ -43,13 +43,13 @@ class ProjectionGroup:
 
     def intact(self) -> bool:
         """Every member's parameters are still the views this group made (nothing replaced them)."""
-        for member, (lo, hi) in zip(self.members, self.bounds):
-            if member.weight.data_ptr() != self.weight[lo:hi].data_ptr() or member.weight.shape != (hi - lo,
-                                                                                                     self.weight.shape[1]):
-                return False
-            if self.bias is not None and (member.bias is None or member.bias.data_ptr() != self.bias[lo:hi].data_ptr()):
-                return False
-        return True
+        return all(_is_view(member.weight, self.weight[lo:hi])
+                   and (self.bias is None or (member.bias is not None and _is_view(member.bias, self.bias[lo:hi])))
+                   for member, (lo, hi) in zip(self.members, self.bounds))
+
+
+def _is_view(param: torch.Tensor, part: torch.Tensor) -> bool:
+    return param.data_ptr() == part.data_ptr() and param.shape == part.shape
 
 
 class _FusedLinear(nn.Linear):
@@ -77,6 +77,8 @@ class _FusedLinear(nn.Linear):
 def join_projections(model: nn.Module) -> list[ProjectionGroup]:
     """Join every sibling group of ``model`` that qualifies (see the module docstring); groups already
     joined are returned as they are. Returns the groups."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"join_projections needs a torch.nn.Module, got {type(model).__name__}")
     groups = []
     for parent in model.modules():
         for names in _SIBLINGS:

@@ -507,6 +507,8 @@ def weights_signature(model: torch.nn.Module) -> tuple:
 def release(model: torch.nn.Module) -> int:
     """Drop the static runners (caches, CUDA graphs) kept for ``model``; returns how many. Needed after
     replacing the model's weights (``.to()``, quantizing, loading) between ``compile=True`` calls."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"release needs the model (a torch.nn.Module) passed to generate, got {type(model).__name__}")
     keys = [key for key, runner in _RUNNERS.items() if runner._model_ref() is model]
     for key in keys:
         del _RUNNERS[key]

@@ -307,3 +307,9 @@ def test_shipped_default_draft_is_lossless_and_accepted():
     # the untrained self:4 draft accepts ~0.01
     assert stats.acceptance_rate > 0.1, stats.summary()
     assert shipped.load_shipped_draft(target) is shipped.load_shipped_draft(target)  # cached per target
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5])
+def test_prompt_weight_out_of_range_is_refused(weight):
+    with pytest.raises(ValueError, match="prompt_weight must be in"):
+        data.WindowSampler(_numbered([(10, 4)]), [], 16, head=4, seed=0, prompt_weight=weight)

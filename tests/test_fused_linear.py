@@ -124,3 +124,10 @@ def test_a_quantized_model_gets_a_new_runner(model):
     fast = specdec.generate(model, ids, max_new_tokens=8, compile=True)
     assert not set(static._RUNNERS.values()) & set(before.values())
     assert torch.equal(fast, specdec.generate(model, ids, max_new_tokens=8))
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        join_projections("model")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        static.release(None)

@@ -228,3 +228,8 @@ def test_static_feature_and_lookup_drafters_keep_prefilling(kw):
         kw = dict(draft_model=FeatureDraft(FeatureDraftConfig.from_target(model), model), num_draft_tokens=3)
     target_only = _blocks_after_two_calls(model, compile=kw.get("compile", False))
     assert _blocks_after_two_calls(model, **kw) == target_only       # no draft blocks stored
+
+
+def test_cache_drafts_must_be_a_bool():
+    with pytest.raises(TypeError, match="cache_drafts must be True or False"):
+        PrefixCache(max_bytes=1 << 20, cache_drafts="no")

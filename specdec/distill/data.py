@@ -332,6 +332,8 @@ class WindowSampler:
         if not generated and not texts:
             raise ValueError("no training text: give prompts to continue or text files (--text)")
         self.generated, self.texts, self.seq_len, self.head, self.pad_id = generated, texts, seq_len, head, pad_id
+        if not 0.0 <= prompt_weight <= 1.0:
+            raise ValueError(f"prompt_weight must be in [0, 1] (the loss weight of prompt slots), got {prompt_weight!r}")
         self.prompt_weight = prompt_weight
         self.fraction = generated_fraction if generated and texts else float(bool(generated))
         self.rng = random.Random(seed)
