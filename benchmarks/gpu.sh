@@ -19,8 +19,9 @@
 # These need no GGUF (random-weight models), so ONE call does them (carry .whl only):
 #   fastpath:      8B-shaped roofline (HF eager, ours graphs, ours inductor + coordinate
 #                  descent) and the GPU tests (pytest -m gpu); ~8 min
-#   fastpath-profile: 8B roofline (HF eager, ours inductor + coordinate descent) and the kernel
-#                  profile of one compiled step (benchmarks/step_kernels.py, reusing the compile); ~7 min
+#   fastpath-profile: 8B roofline (HF eager, ours inductor + coordinate descent), the kernel
+#                  profile of one compiled step (benchmarks/step_kernels.py, reusing the compile) and
+#                  a repeat of the roofline in a new process (REPEAT=0 skips it); ~8 min
 #   prefix-random: prefix cache TTFT hit/miss/overhead on 1B (eager and compile=True) and 8B shapes; ~5 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +72,10 @@ if [[ "$WHAT" == fastpath-profile ]]; then
     python3 -m benchmarks.roofline --shapes llama-8b --variants hf-eager ours-inductor --coordinate-descent \
         --name roofline-8b-fastpath.json --out "$OUT" 2>&1 | grep -v "Loading weights" | tail -4 || true
     python3 -m benchmarks.step_kernels --shape llama-8b --out "$OUT" 2>&1 | grep -v "Loading weights" | tail -20 || true
+    if [[ "${REPEAT:-1}" == 1 ]]; then  # a second process (warm Inductor cache): is the fraction repeatable?
+        python3 -m benchmarks.roofline --shapes llama-8b --variants ours-inductor --coordinate-descent --reps 3 \
+            --name roofline-8b-fastpath-repeat.json --out "$OUT" 2>&1 | grep -v "Loading weights" | tail -4 || true
+    fi
 fi
 if [[ "$WHAT" == prefix-random ]]; then
     python3 -m benchmarks.prefix_bench --device cuda --model 1b --out "$OUT" 2>&1 | tail -4 || true
