@@ -2,12 +2,18 @@
 # The whole GPU benchmark on a bare GPU machine with no network (see README "GPU results").
 # The default model's GGUF (98 MB) travels in two halves (.gguf1/, .gguf2/, split -b 48M),
 # the gguf wheel in .whl/. Usage, as two calls on one warm machine:
-#   bash benchmarks/gpu.sh stage      # carry .gguf1: keeps the first half in /root/m
+#   bash benchmarks/gpu.sh stage      # carry .gguf1: keeps the first half in /root/m (and .resume/, if carried)
 #   bash benchmarks/gpu.sh run [WHAT] # carry .gguf2 .whl: joins the file, runs WHAT, writes JSON to $OUT
 # WHAT: bench (default) | bench2 | sweep | batch | quant | prefix | all | distill | distill-bench
-#   distill: distil a 4-layer draft of the default model (~2.5 min of training, DISTILL_TRAIN_S),
-#     measure its acceptance vs self:4, then bench code + chat with it (DISTILL_BENCH=0 skips that).
-#     $OUT gets distill-train.json, distill-acceptance.json, the shipped int4 weights and 2 bench JSONs.
+#   distill: distil a 4-layer draft of the default model (greedy text for DISTILL_GEN_S=70 s, then
+#     DISTILL_TRAIN_S=300 s of training; more `specdec distill` options in DISTILL_ARGS, later ones win),
+#     measure its acceptance vs self:4 (~8 min in all), then bench code + chat with it (DISTILL_BENCH=1;
+#     that does not fit in the same 10-minute call: run `distill-bench` next, warm, instead).
+#     $OUT gets distill-train.json, distill-acceptance.json, distill-log.txt, the shipped int4 weights
+#     and the target's text (distill-generated.pt): put those two in .resume/ for distill-resume.
+#   distill-resume: train on from .resume/*.safetensors on .resume/*.pt (no generation), three calls on one
+#     warm machine: `stage` carrying .gguf1, `stage` carrying .resume, `run distill-resume` carrying
+#     .gguf2 .whl (DISTILL_TRAIN_S=420); $OUT gets the same files as distill.
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
 #   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
@@ -29,10 +35,13 @@ M=/root/m
 GGUF=$M/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$M"
 case "${1:-run}" in
-stage)
-    cp .gguf1/* "$M/"; ls -la "$M"; exit 0 ;;
+stage)  # whatever of .gguf1/ (the GGUF's first half) and .resume/ (see distill-resume) was carried
+    [ -d .gguf1 ] && cp .gguf1/* "$M/"
+    [ -d .resume ] && mkdir -p /root/resume && cp .resume/* /root/resume/
+    ls -la "$M" /root/resume 2>/dev/null || true
+    exit 0 ;;
 run) ;;
-*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-bench|distill-feature|distill-feature-bench|fastpath|fastpath-profile|prefix-random]"; exit 2 ;;
+*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-resume|distill-bench|distill-feature|distill-feature-bench|fastpath|fastpath-profile|prefix-random]"; exit 2 ;;
 esac
 WHAT="${2:-bench}"
 if [[ "$WHAT" != fastpath* && "$WHAT" != prefix-random && ! -s "$GGUF" ]]; then
@@ -86,13 +95,23 @@ if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
     [ -f benchmarks/prefix_bench.py ] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
 fi
 SHIP=smollm2-135m-instruct-L4.safetensors
-if [[ "$WHAT" == distill ]]; then
+if [[ "$WHAT" == distill || "$WHAT" == distill-resume ]]; then
     start=$(date +%s)
-    python3 -m specdec.cli distill --layers 4 --steps 4000 --time-budget "${DISTILL_TRAIN_S:-150}" \
-        --gen-time "${DISTILL_GEN_S:-45}" --eval-every 100 --out /root/distilled --ship "/root/distilled-ship/$SHIP" \
-        --quiet 2>&1 | grep -v "Loading weights\|Writing model shards" || true
+    if [[ "$WHAT" == distill ]]; then
+        how=(--layers 4 --gen-time "${DISTILL_GEN_S:-70}" --save-generated /root/distilled-generated.pt)
+        budget=${DISTILL_TRAIN_S:-300}
+    else
+        how=(--resume /root/resume/*.safetensors --generated /root/resume/*.pt)
+        budget=${DISTILL_TRAIN_S:-420}
+    fi
+    # GPU defaults measured in session 5 (greedy text, prompts cut to 640 tokens, 80% of rows the target's)
+    python3 -m specdec.cli distill "${how[@]}" --steps 20000 --time-budget "$budget" --eval-every 250 \
+        --max-prompt-tokens 640 --out /root/distilled --ship "/root/distilled-ship/$SHIP" \
+        --quiet ${DISTILL_ARGS:-} 2>&1 | grep --line-buffered -v "Loading weights\|Writing model shards" \
+        | tee "$OUT/distill-log.txt" || true
     cp /root/distilled/distill.json "$OUT/distill-train.json"
     cp "/root/distilled-ship/$SHIP" "$OUT/$SHIP"
+    [ -f /root/distilled-generated.pt ] && cp /root/distilled-generated.pt "$OUT/distill-generated.pt"
     python3 - "$OUT" <<'PY'
 import json, sys
 run = json.load(open(f"{sys.argv[1]}/distill-train.json"))
@@ -102,7 +121,7 @@ print("final acceptance (greedy, k=4):", {d: round(v["mean"], 3) for d, v in run
 PY
     echo "distill done in $(( $(date +%s) - start )) s"
 fi
-if [[ ( "$WHAT" == distill && "${DISTILL_BENCH:-1}" == 1 ) || "$WHAT" == distill-bench ]]; then
+if [[ ( "$WHAT" == distill && "${DISTILL_BENCH:-0}" == 1 ) || "$WHAT" == distill-bench ]]; then
     # what `--draft distilled` loads: the shipped file (committed, or just trained on this machine)
     [ -f "/root/distilled-ship/$SHIP" ] && cp "/root/distilled-ship/$SHIP" specdec/drafts/
     for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled; done

@@ -283,6 +283,20 @@ def test_file_round_trip(target, trained, tmp_path, bits):
         shipped.load_feature_draft(tiny_model("llama", seed=7, layers=4), path)
 
 
+def test_resume_trains_on_from_a_feature_file(target, trained, tmp_path):
+    draft, _, _ = trained
+    path = shipped.export_feature(draft, target, tmp_path / "f.safetensors", name="tiny", bits=None)
+    resumed, layers = shipped.resume_draft(target, path)
+    assert layers is None and isinstance(resumed, FeatureDraft)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in resumed.parameters())
+    for key, value in draft.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value.float()), key
+    config = ft.FeatureTrainConfig(steps=2, batch_size=4, depths=2)
+    log = train(target, resumed, _sampler(target, n=4)[1], config, progress=False,
+                task=ft.FeatureTask(target, resumed, config))
+    assert log.steps == 2 and not torch.equal(resumed.fc.weight, draft.fc.weight.float())
+
+
 def test_bad_inputs(target):
     other = tiny_model("llama", seed=5, layers=4)
     wide = FeatureDraftConfig(**{**FeatureDraftConfig.from_target(target).as_dict(), "hidden_size": 32})

@@ -42,13 +42,16 @@ examples:
   specdec distill --layers 4 --steps 2000 --out drafts/smol-L4          # bundled SmolLM2-135M, GPU
   specdec distill --target ./my-model --layers 2 --time-budget 600 --text notes.md --out ./my-draft
   specdec distill --layers 4 --steps 2000 --out d --ship d/smol-L4.safetensors   # + int4 file to ship
+  specdec distill --time-budget 300 --out d --ship d/L4.safetensors --save-generated d/text.pt
+  specdec distill --resume d/L4.safetensors --generated d/text.pt --time-budget 400 --out d2   # train on, no generation
 then:
   specdec generate "def fib(n):" --draft d          # a layers directory or a feature-draft file/directory
   specdec bench --workload code --draft d
 
 acceptance = drafted tokens the target kept / drafted tokens; a draft pays off when it is
 high and the draft is cheap: --layers trades one for the other (2-4 for a 30-layer target);
-a feature draft costs one layer and accepts more, but needs the eager loop (no compile=True yet)."""
+a feature draft costs one layer, but so far accepts less than a 4-layer one on the bundled model
+(0.16 vs 0.26 held out) and needs the eager loop (no compile=True yet)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="layers kind: decoder layers of the draft (default 4)")
     p.add_argument("--init", default="spread", choices=("spread", "first"),
                    help="which target layers the draft starts from: evenly spaced first..last (default) or the first N")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the most, with --time-budget)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default 1000; with --time-budget, the most, default no limit)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="fit the step count to this much training time (measured on the first steps)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 32 on GPU, 4 on CPU)")
@@ -86,17 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=160, help="tokens the target writes per prompt (default 160)")
     p.add_argument("--gen-batch-size", type=int, default=None,
                    help="prompts per generation batch (default: 256 on GPU, 8 on CPU)")
-    p.add_argument("--temperature", type=_non_negative, default=None,
-                   help="sampling temperature of the target's text, 0 = greedy (default: 0.8 for layers; "
-                        "0 for feature, as greedy decoding and the acceptance replay see)")
+    p.add_argument("--gen-compile", action="store_true",
+                   help="let the target write with compile=True (static cache + CUDA graphs, the same tokens; "
+                        "plain batched decoding of the 135M model on an H100 is host-bound at ~29 ms a step)")
+    p.add_argument("--temperature", type=_non_negative, default=0.0,
+                   help="sampling temperature of the target's text; 0 = greedy (default), what greedy decoding "
+                        "and the acceptance replay see (with 0.8 a layered draft replayed 0.33 at 1000 steps, "
+                        "greedy 0.36 at 996: README)")
     p.add_argument("--prompt-weight", type=_non_negative, default=0.1,
                    help="loss weight of the prompt tokens of the target's text (default 0.1): decoding only "
                         "drafts what the target writes, and templated, repeated prompts are easy to fit; "
                         "the target's tokens and plain text weigh 1")
-    p.add_argument("--generated-fraction", type=float, default=0.6,
-                   help="share of training rows taken from the target's own text (rest: plain text; default 0.6)")
+    p.add_argument("--generated-fraction", type=float, default=0.8,
+                   help="share of training rows taken from the target's own text (rest: plain text; default 0.8)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="cut longer prompts in the middle (default: none on GPU, 512 on CPU)")
+                   help="cut longer prompts in the middle (default: 640 on GPU, 512 on CPU)")
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="held-out code and chat prompts replayed during training (default: 4 each)")
     p.add_argument("--eval-tokens", type=int, default=None,
@@ -104,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-prompts", type=int, default=None,
                    help="held-out prompts per workload for the final specdec.generate measurement "
                         "(default: all on GPU, 2 on CPU; 0 skips it)")
+    p.add_argument("--resume", default=None, metavar="FILE",
+                   help="start from this draft file (a --ship file of an earlier run, any bits) instead of the "
+                        "target's layers; its kind and layers override --kind, --layers and --init")
+    p.add_argument("--save-generated", default=None, metavar="FILE",
+                   help="also write the target's continuations here, for --generated in a later run")
+    p.add_argument("--generated", nargs="+", default=None, metavar="FILE",
+                   help="train on continuations an earlier run saved (--save-generated) instead of generating "
+                        "(the files must come from this target)")
     p.add_argument("--ship", default=None, metavar="FILE",
                    help="also write the draft's own weights to this .safetensors file "
                         "(what specdec/drafts/ holds), quantized to --ship-bits")
@@ -142,13 +158,17 @@ def _defaults(args) -> None:
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.device = args.device or ("cuda" if gpu else "cpu")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    if args.steps is None:
+        args.steps = 1000 if args.time_budget is None else 10**9
+    if args.resume:  # the file decides the kind
+        from specdec.distill.shipped import read_metadata
+
+        args.kind = read_metadata(args.resume)["kind"]
     args.ship_bits = args.ship_bits or (8 if args.kind == "feature" else 4)
-    if args.temperature is None:  # feature: greedy text, like what it drafts (a layered draft kept 0.8)
-        args.temperature = 0.0 if args.kind == "feature" else 0.8
     pick = {"batch_size": (16 if args.kind == "feature" else 32, 4), "seq_len": (512, 128),
             "text_chars": (6_000_000, 300_000),
             "gen_prompts": (2000, 16), "gen_time": (60.0, None), "gen_batch_size": (256, 8),
-            "max_prompt_tokens": (None, 512), "eval_prompts": (4, 4), "eval_tokens": (128, 48),
+            "max_prompt_tokens": (640, 512), "eval_prompts": (4, 4), "eval_tokens": (128, 48),
             "final_prompts": (None, 2)}
     for name, (on_gpu, on_cpu) in pick.items():
         if getattr(args, name) is None:
@@ -171,14 +191,14 @@ def main(argv: list[str] | None = None) -> dict:
             for name, prompts in data.held_out_prompts().items()}
     eval_sets = [evaluate.greedy_eval_set(target, name, ids[:args.eval_prompts], args.eval_tokens)
                  for name, ids in held.items()]
-    generated, gen_s = _generate(target, tok, args)
+    generated, gen_s = _generated(target, tok, args)
     texts = data.tokenize_texts(data.plain_texts(args.text_chars, args.text, args.seed), tok)
     log.info("training text: %d target continuations (%d new tokens, %.0f s), %d plain-text pieces (%d tokens)",
              len(generated), sum(len(s.ids) - s.prompt_len for s in generated), gen_s, len(texts),
              sum(len(s.ids) for s in texts))
     sampler = data.WindowSampler(generated, texts, args.seq_len, args.generated_fraction,
                                  pad_id=tok.pad_token_id or 0, seed=args.seed, prompt_weight=args.prompt_weight)
-    if args.kind == "feature" and args.feature_init == "last-layer":
+    if args.kind == "feature" and args.feature_init == "last-layer" and not args.resume:
         _init_feature(target, draft, sampler, args)
     trained = train.train(target, draft, sampler, task.config, eval_sets, progress=not args.quiet, task=task)
     log.info("trained %d steps in %.0f s: loss %.3f, replayed acceptance %s", trained.steps, trained.seconds,
@@ -219,6 +239,26 @@ def _load_target(args):
     return target, tok
 
 
+def _generated(target, tok, args):
+    """The target's continuations: loaded (--generated) or written now (and saved: --save-generated)."""
+    from specdec.distill import data
+
+    if args.generated:
+        start = time.perf_counter()
+        loaded = [data.load_generated(path, target) for path in args.generated]
+        generated = [s for seqs, _ in loaded for s in seqs]
+        temperatures = {info.get("temperature") for _, info in loaded}
+        args.temperature = temperatures.pop() if len(temperatures) == 1 else sorted(temperatures, key=str)
+        log.info("loaded %d target continuations from %s", len(generated), ", ".join(args.generated))
+        return generated, time.perf_counter() - start
+    generated, seconds = _generate(target, tok, args)
+    if args.save_generated:
+        data.save_generated(generated, args.save_generated, target,
+                            info=dict(temperature=args.temperature, gen_tokens=args.gen_tokens, seed=args.seed))
+        log.info("wrote the target's continuations to %s", args.save_generated)
+    return generated, seconds
+
+
 def _generate(target, tok, args):
     from specdec.distill import data
 
@@ -227,7 +267,8 @@ def _generate(target, tok, args):
     start = time.perf_counter()
     generated = data.continue_prompts(target, ids, max_new_tokens=args.gen_tokens, temperature=args.temperature,
                                       batch_size=args.gen_batch_size, time_budget_s=args.gen_time, seed=args.seed,
-                                      sources=[p.name.split("/")[1] for p in prompts], progress=not args.quiet)
+                                      sources=[p.name.split("/")[1] for p in prompts], progress=not args.quiet,
+                                      compile=args.gen_compile)
     return generated, time.perf_counter() - start
 
 
@@ -239,6 +280,8 @@ def _build(target, args):
 
     common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                   time_budget_s=args.time_budget)
+    if args.resume:
+        return _resumed(target, args, common)
     if args.kind == "feature":
         from specdec.distill import feature_train
         from specdec.feature_draft import FeatureDraft, FeatureDraftConfig
@@ -255,6 +298,22 @@ def _build(target, args):
     task = train.LayeredTask(target, draft)
     task.config = train.TrainConfig(**common)
     return draft, task, layers
+
+
+def _resumed(target, args, common):
+    """(draft, task, layers) for a draft file to train on (--resume); its kind wins over --kind."""
+    from specdec.distill import shipped, train
+
+    draft, layers = shipped.resume_draft(target, args.resume)
+    log.info("resuming the %s draft %s%s", args.kind, args.resume, f" (target layers {layers})" if layers else "")
+    if layers is not None:
+        task = train.LayeredTask(target, draft)
+        task.config = train.TrainConfig(**common)
+        return draft, task, layers
+    from specdec.distill import feature_train
+
+    config = feature_train.FeatureTrainConfig(**common, depths=args.depths, kl_weight=args.kl_weight, noise=args.noise)
+    return draft, feature_train.FeatureTask(target, draft, config), None
 
 
 def _init_feature(target, draft, sampler, args) -> None:
@@ -336,10 +395,10 @@ def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
     return dict(command="specdec distill " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["distill"] else sys.argv[1:]),
                 environment=environment(), target=str(args.target or "SmolLM2-135M-Instruct (bundled)"),
                 target_layers=target.config.get_text_config().num_hidden_layers, draft_layers=layers,
-                init=args.init, dtype=args.dtype, seq_len=args.seq_len, seed=args.seed,
+                init=f"resumed from {args.resume}" if args.resume else args.init, dtype=args.dtype, seq_len=args.seq_len, seed=args.seed,
                 data=dict(generated=len(generated), generated_by_kind=by_source,
                           generated_tokens=sum(len(s.ids) - s.prompt_len for s in generated), generation_s=gen_s,
-                          temperature=args.temperature, prompt_weight=args.prompt_weight, text_pieces=len(texts),
+                          loaded_from=args.generated, temperature=args.temperature, prompt_weight=args.prompt_weight, text_pieces=len(texts),
                           text_tokens=sum(len(s.ids) for s in texts), generated_fraction=args.generated_fraction,
                           held_out="benchmarks.workloads code (all 10) and chat (all 12) prompts"),
                 train=trained.as_dict())

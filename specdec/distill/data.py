@@ -262,9 +262,11 @@ def tokenize_texts(texts: list[str], tokenizer) -> list[Sequence]:
 
 def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 160, temperature: float = 0.8,
                      top_p: float = 0.95, batch_size: int = 16, time_budget_s: float | None = None,
-                     seed: int = 0, sources: list[str] | None = None, progress: bool = True) -> list[Sequence]:
+                     seed: int = 0, sources: list[str] | None = None, progress: bool = True,
+                     compile: bool = False) -> list[Sequence]:
     """Sample the target's continuations of ``prompts`` (token ids), batched; ``temperature=0``:
-    greedy ones (what greedy decoding, and so the acceptance replay, sees).
+    greedy ones (what greedy decoding, and so the acceptance replay, sees). ``compile``: decode
+    with ``specdec.generate(compile=True)`` (static cache + CUDA graphs; same tokens).
 
     Batches are formed in prompt order (rows sorted by length within groups of four
     batches, to limit padding). With ``time_budget_s``, no new batch starts once it is
@@ -287,7 +289,7 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
         ids, mask = left_pad([prompts[r] for r in rows], 0, device)
         generator = torch.Generator().manual_seed(seed * 100_003 + b)
         seqs, stats = specdec.generate(target, ids, mask, **sampling, max_new_tokens=max_new_tokens,
-                                       generator=generator, return_stats=True)
+                                       generator=generator, return_stats=True, compile=compile)
         new = seqs[:, ids.shape[1]:].tolist()
         for r, row_new, n in zip(rows, new, stats.new_tokens):
             out.append(Sequence(list(prompts[r]) + row_new[:n], len(prompts[r]), sources[r]))
@@ -298,6 +300,43 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
                      sum(len(s.ids) - s.prompt_len for s in out), time.perf_counter() - start)
     bar.close()
     return out
+
+
+def save_generated(seqs: list[Sequence], path: str | Path, target, info: dict | None = None) -> Path:
+    """Write the target's continuations to ``path`` (one flat int32 tensor + offsets), with the
+    target's fingerprint, so a later run (``specdec distill --generated``) trains on them
+    without generating again."""
+    from specdec.distill.shipped import target_fingerprint
+
+    lengths = torch.tensor([len(s.ids) for s in seqs], dtype=torch.long)
+    flat = torch.tensor([t for s in seqs for t in s.ids], dtype=torch.int32)
+    record = dict(format="specdec-generated-v1", fingerprint=target_fingerprint(target), info=info or {},
+                  ids=flat, lengths=lengths, prompt_lens=torch.tensor([s.prompt_len for s in seqs], dtype=torch.long),
+                  sources=[s.source for s in seqs])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(record, path)
+    return path
+
+
+def load_generated(path: str | Path, target) -> tuple[list[Sequence], dict]:
+    """(continuations, info) as :func:`save_generated` wrote them, checked against ``target``.
+
+    Raises:
+        ValueError: the file is not such a file, or another model wrote it.
+    """
+    from specdec.distill.shipped import matches_fingerprint
+
+    record = torch.load(path, weights_only=True)
+    if not isinstance(record, dict) or record.get("format") != "specdec-generated-v1":
+        raise ValueError(f"{path} is not a file of the target's text (write one with `specdec distill "
+                         "--save-generated FILE`)")
+    if not matches_fingerprint(record["fingerprint"], target):
+        raise ValueError(f"{path} was written by another model ({record['fingerprint']}): its text would teach "
+                         "the draft that model's outputs; generate this target's with --save-generated")
+    rows = record["ids"].long().split(record["lengths"].tolist())
+    seqs = [Sequence(r.tolist(), int(p), src) for r, p, src in zip(rows, record["prompt_lens"], record["sources"])]
+    return seqs, record["info"]
 
 
 def _length_grouped(prompts: list[list[int]], batch_size: int, group: int = 4) -> list[list[int]]:

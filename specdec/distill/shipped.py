@@ -49,7 +49,8 @@ def target_fingerprint(target) -> dict:
                 probe=[round(float(v), 4) for v in emb[rows, :8].detach().float().flatten().cpu()])
 
 
-def _matches(saved: dict, target) -> bool:
+def matches_fingerprint(saved: dict, target) -> bool:
+    """Whether ``saved`` (a :func:`target_fingerprint`) describes ``target``."""
     now = target_fingerprint(target)
     if any(saved.get(k) != now[k] for k in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")):
         return False
@@ -143,7 +144,7 @@ def find_shipped(target, kind: str = "layers") -> Path | None:
     """The shipped draft file of ``kind`` (``"layers"`` or ``"feature"``) made for ``target``, or None."""
     for path in shipped_drafts():
         meta = read_metadata(path)
-        if meta["kind"] == kind and _matches(meta["fingerprint"], target):
+        if meta["kind"] == kind and matches_fingerprint(meta["fingerprint"], target):
             return path
     return None
 
@@ -197,7 +198,7 @@ def load_feature_draft(target, path: str | Path | None = None) -> torch.nn.Modul
         return cached
     path = path or _shipped_or_raise(target, "feature")
     meta = read_metadata(path)
-    if meta["kind"] != "feature" or not _matches(meta["fingerprint"], target):
+    if meta["kind"] != "feature" or not matches_fingerprint(meta["fingerprint"], target):
         raise ValueError(f"{path} is not a feature draft for this target ({meta['kind']}, {meta['fingerprint']}): "
                          "make one with `specdec distill --kind feature`")
     draft = FeatureDraft(FeatureDraftConfig(**meta["config"]), target)
@@ -253,7 +254,7 @@ def load_shipped_draft(target, path: str | Path | None = None) -> torch.nn.Modul
     meta = read_metadata(path)
     if meta["kind"] != "layers":
         raise ValueError(f"{path} is a {meta['kind']} draft: load it with load_feature_draft")
-    if not _matches(meta["fingerprint"], target):
+    if not matches_fingerprint(meta["fingerprint"], target):
         raise ValueError(f"{path} was distilled for another model ({meta['fingerprint']}): "
                          "make a draft for this target with `specdec distill`")
     draft = build_draft(target, meta["layers"], dtype=emb.dtype)
@@ -261,6 +262,32 @@ def load_shipped_draft(target, path: str | Path | None = None) -> torch.nn.Modul
     if Path(path).parent == DRAFTS_DIR:
         _cache.setdefault(target, {})["layers"] = draft
     return draft
+
+
+def resume_draft(target, path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, list[int] | None]:
+    """A draft file (``--ship``'s, any bits) as a trainable draft for ``target``, to train on:
+    (draft, target layers it was built from, None for a feature draft).
+
+    Raises:
+        ValueError: the file was made for another target.
+    """
+    meta = read_metadata(path)
+    if not matches_fingerprint(meta["fingerprint"], target):
+        raise ValueError(f"{path} was distilled for another model ({meta['fingerprint']}): it cannot resume here")
+    if meta["kind"] == "feature":
+        from specdec.feature_draft import FeatureDraft, FeatureDraftConfig
+
+        draft = FeatureDraft(FeatureDraftConfig(**meta["config"]), target).to(dtype)
+        _load_state(draft, path)
+        params, layers = list(draft.parameters()), None
+    else:
+        layers = meta["layers"]
+        draft = build_draft(target, layers, dtype=dtype)
+        _load_own(draft, target, path)
+        params = own_parameters(draft, target)
+    for p in params:
+        p.requires_grad_(True)
+    return draft, layers
 
 
 def _load_own(draft, target, path) -> None:
