@@ -30,7 +30,10 @@ TOPICS = ("execmodel", "compound")
 NOTES = ("The bundled model ships as GGUF Q4_1: its weights are already 4-bit, asymmetric, in groups of 32, "
          "so int4-g32 reproduces them exactly and the other weight formats re-quantize a 4-bit grid. "
          "Its hidden size 576 is not a multiple of 128, so int4-g128 cannot apply to it. "
-         "KV variants feed each window in --chunk-token pieces so attention reads the quantized past.")
+         "KV variants feed each window in --chunk-token pieces so attention reads the quantized past. "
+         "kv-*: the eager QuantizedKVCache (KIVI: per-channel keys, --residual recent tokens in full "
+         "precision); static-kv-*: compile=True's static cache (per-token codes, groups of 32 channels, "
+         "no full-precision residual), the same runner as on GPU without graphs.")
 TARGETS = {"int8": 1.0, "int4-g64": 8.0, "kv-int8": 0.5, "kv-int4": 3.0}  # max ppl increase, %
 METHOD_NOTES = ("int4 methods: rtn = min/max round-to-nearest; search = per-group clipped range of lowest "
                 "squared weight error (quant.search, data-free); gptq = GPTQ with least-squares refits of each "
@@ -80,11 +83,34 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
         begin, prev_end = begin + max(1, min(stride, window - 1)), end
 
 
+class StaticFeed:
+    """A window fed through ``compile=True``'s static cache, holding int codes (``kv_quant=``) for
+    ``bits`` 8/4, in ``chunk``-token forwards (on CPU the same runner, without CUDA graphs)."""
+
+    def __init__(self, model, bits: int | None, max_len: int):
+        from specdec.static import StaticRunner
+
+        self.runner = StaticRunner(model, 1, max_len, use_graphs=False, kv_bits=bits, join=False)
+
+    def logits(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        self.runner.graph_max_tokens = chunk
+        cache, parts = self.runner.new_cache(), []
+        for i in range(0, ids.shape[1], chunk):
+            piece = ids[:, i:i + chunk]
+            n = piece.shape[1]
+            key_mask = torch.ones(1, i + n, dtype=torch.long, device=ids.device)
+            positions = torch.arange(i, i + n, device=ids.device)[None]
+            parts.append(self.runner.forward(piece, key_mask, positions, cache))
+        return torch.cat(parts, dim=1)
+
+
 @torch.inference_mode()
 def window_nll(model, ids: torch.Tensor, first: int, cache=None, chunk: int = 0) -> tuple[float, int]:
     """Summed NLL of ids[first+1:] given what precedes, for one (1, T) window."""
     if cache is None:
         logits = model(ids).logits
+    elif isinstance(cache, StaticFeed):
+        logits = cache.logits(ids, chunk)
     else:
         parts = [model(ids[:, i:i + chunk], past_key_values=cache, use_cache=True).logits
                  for i in range(0, ids.shape[1], chunk)]
@@ -114,7 +140,10 @@ def variants(args, calibration: torch.Tensor | None = None):
                                      method=method, calibration=cal)
 
     def kv(bits):
-        return lambda cfg: (lambda: QuantizedKVCache(cfg, bits=bits, residual_length=args.residual))
+        return lambda model: (lambda: QuantizedKVCache(model.config, bits=bits, residual_length=args.residual))
+
+    def static_kv(bits):
+        return lambda model: (lambda: StaticFeed(model, bits, args.window))
 
     same = lambda base: base  # noqa: E731
     return {
@@ -129,6 +158,9 @@ def variants(args, calibration: torch.Tensor | None = None):
         "int4-g64-gptq": (weights(4, 64, "gptq"), None),
         "kv-int8": (same, kv(8)),
         "kv-int4": (same, kv(4)),
+        "static-fp32": (same, static_kv(None)),
+        "static-kv-int8": (same, static_kv(8)),
+        "static-kv-int4": (same, static_kv(4)),
     }
 
 
@@ -168,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             model = make_model(base)
             quantize_seconds = time.perf_counter() - t0
-            cache = make_cache(model.config) if make_cache else None
+            cache = make_cache(model) if make_cache else None
             ppl = perplexity(model, ids, args.window, args.stride, cache, args.chunk)
             results[name] = {"ppl": round(ppl, 4), "seconds": round(time.perf_counter() - t0, 1)}
             if model is not base:

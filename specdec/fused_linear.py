@@ -126,7 +126,11 @@ def _join(members: list[nn.Linear]) -> ProjectionGroup:
 
 
 def _separate_copies(module, state_dict, prefix, local_metadata):
-    """state_dict() of a joined member: copies, not views sharing one storage (save_pretrained refuses those)."""
+    """state_dict() of a joined member: copies, not views sharing one storage (save_pretrained refuses those).
+    A member no longer joined (its weights replaced, or a deep copy) hands out its own tensors as usual."""
+    group = getattr(module, "_joined", None)
+    if group is None or not group.intact():
+        return state_dict
     for name in ("weight", "bias"):
         key = prefix + name
         if key in state_dict and state_dict[key] is not None:

@@ -232,6 +232,23 @@ def test_shipped_round_trip(target, tmp_path):
         shipped.load_shipped_draft(tiny_model("llama", seed=7, layers=4), path)
 
 
+def test_draft_of_a_target_with_joined_projections(tmp_path):
+    """compile=True joins q/k/v and gate/up of the target (views of one tensor, state_dict() copies):
+    a draft built from it still owns, ships and reloads every layer weight."""
+    from specdec.fused_linear import join_projections
+
+    joined = tiny_model("llama", layers=4)
+    assert join_projections(joined)
+    draft = model.build_draft(joined, [0, 3], dtype=torch.float32)
+    own = model.own_state_dict(draft, joined)
+    assert set(own) == {k for k in draft.state_dict() if k.startswith("model.layers.") or k == "model.norm.weight"}
+    path = shipped.export_shipped(draft, joined, tmp_path / "j.safetensors", [0, 3], bits=8)
+    loaded = shipped.load_shipped_draft(joined, path)
+    ids, mask = prompts(1, [8], seed=2)
+    out = specdec.generate(joined, ids, mask, draft_model=loaded, num_draft_tokens=4, max_new_tokens=10)
+    assert torch.equal(out, hf_greedy(joined, ids, mask, 10))
+
+
 def test_shipped_int4_round_trip_is_smaller_and_lossless(target, tmp_path):
     draft = model.build_draft(target, [1, 2], dtype=torch.float32)
     path8 = shipped.export_shipped(draft, target, tmp_path / "int8.safetensors", [1, 2])
@@ -287,6 +304,11 @@ def test_cli_loads_saved_text_and_resumes_a_draft_file(target, tmp_path):
     assert log.steps == 2
     with pytest.raises(ValueError, match="another model"):
         shipped.resume_draft(tiny_model("llama", seed=7, layers=4), path)
+    missing = build_parser().parse_args(["--out", "o", "--device", "cpu", "--resume", str(tmp_path / "none.safetensors")])
+    with pytest.raises(ValueError, match="no such file"):
+        _defaults(missing)
+    with pytest.raises(SystemExit):  # generate-and-save or load: one of them
+        build_parser().parse_args(["--out", "o", "--generated", str(text), "--save-generated", "x.pt"])
 
 
 def test_distilled_by_name_needs_a_shipped_file(target):

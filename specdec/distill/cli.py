@@ -115,11 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="FILE",
                    help="start from this draft file (a --ship file of an earlier run, any bits) instead of the "
                         "target's layers; its kind and layers override --kind, --layers and --init")
-    p.add_argument("--save-generated", default=None, metavar="FILE",
-                   help="also write the target's continuations here, for --generated in a later run")
-    p.add_argument("--generated", nargs="+", default=None, metavar="FILE",
-                   help="train on continuations an earlier run saved (--save-generated) instead of generating "
-                        "(the files must come from this target)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--save-generated", default=None, metavar="FILE",
+                      help="also write the target's continuations here, for --generated in a later run")
+    text.add_argument("--generated", nargs="+", default=None, metavar="FILE",
+                      help="train on continuations an earlier run saved (--save-generated) instead of "
+                           "generating (the files must come from this target)")
     p.add_argument("--ship", default=None, metavar="FILE",
                    help="also write the draft's own weights to this .safetensors file "
                         "(what specdec/drafts/ holds), quantized to --ship-bits")
@@ -160,6 +161,9 @@ def _defaults(args) -> None:
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     if args.steps is None:
         args.steps = 1000 if args.time_budget is None else 10**9
+    for path in [args.resume] + (args.generated or []):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{path}: no such file (--resume takes a --ship file, --generated a --save-generated one)")
     if args.resume:  # the file decides the kind
         from specdec.distill.shipped import read_metadata
 
@@ -395,10 +399,12 @@ def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
     return dict(command="specdec distill " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["distill"] else sys.argv[1:]),
                 environment=environment(), target=str(args.target or "SmolLM2-135M-Instruct (bundled)"),
                 target_layers=target.config.get_text_config().num_hidden_layers, draft_layers=layers,
-                init=f"resumed from {args.resume}" if args.resume else args.init, dtype=args.dtype, seq_len=args.seq_len, seed=args.seed,
+                init=f"resumed from {args.resume}" if args.resume else args.init, dtype=args.dtype,
+                seq_len=args.seq_len, seed=args.seed,
                 data=dict(generated=len(generated), generated_by_kind=by_source,
                           generated_tokens=sum(len(s.ids) - s.prompt_len for s in generated), generation_s=gen_s,
-                          loaded_from=args.generated, temperature=args.temperature, prompt_weight=args.prompt_weight, text_pieces=len(texts),
+                          loaded_from=args.generated, temperature=args.temperature,
+                          prompt_weight=args.prompt_weight, text_pieces=len(texts),
                           text_tokens=sum(len(s.ids) for s in texts), generated_fraction=args.generated_fraction,
                           held_out="benchmarks.workloads code (all 10) and chat (all 12) prompts"),
                 train=trained.as_dict())

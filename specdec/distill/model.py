@@ -16,6 +16,7 @@ to each replaced module, so the target itself is never modified.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -81,7 +82,8 @@ def own_parameters(draft: nn.Module, target: nn.Module) -> list[nn.Parameter]:
 
 def own_state_dict(draft: nn.Module, target: nn.Module) -> dict[str, torch.Tensor]:
     """``draft.state_dict()`` restricted to the draft's own tensors (what a shipped file stores)."""
-    shared = {t.data_ptr() for t in target.state_dict().values()}
+    # the target's live tensors: its state_dict() may hand out copies (joined projections, compile=True)
+    shared = {t.data_ptr() for t in itertools.chain(target.parameters(), target.buffers())}
     return {k: v for k, v in draft.state_dict().items() if v.data_ptr() not in shared}
 
 
