@@ -194,6 +194,7 @@ class StaticRunner:
             use_graphs = self._device.type == "cuda"
         self.use_graphs = use_graphs
         self._graphs: dict[tuple[int, int], _Graph] = {}      # (tokens, attention window) -> graph
+        self._warm: set[tuple[int, int]] = set()              # shapes compiled without a graph (CPU)
         self._attend = max_len                               # key slots attention reads this forward
         groups = getattr(model.config.get_text_config(), "num_attention_heads", 1) // max(
             1, getattr(model.config.get_text_config(), "num_key_value_heads", None) or 1)
@@ -375,6 +376,9 @@ class StaticRunner:
         return torch.where(allowed, zero, torch.finfo(self._dtype).min)
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        # always inference tensors (a warm-up makes them in inference mode, a caller may not): torch.compile
+        # guards on the dispatch keys, and a mix would compile every shape twice, once inside the loop
+        tokens, positions = (t if t.is_inference() else t.clone() for t in (tokens, positions))
         self._write_slots = slots
         kwargs = {"cache_position": slots} if self._cache_position else {}
         for layer in self._hf_cache.layers:
@@ -409,14 +413,17 @@ class StaticRunner:
     def capture_all(self) -> None:
         """Capture every decode size 1..graph_max_tokens for every attention window now (before a
         prefill: it writes throwaway KV at slots 0..n-1, which the prefill overwrites), so no
-        capture ever lands inside a timed decode loop, whatever k or context length comes later."""
-        if not (self.use_graphs and torch.cuda.is_available() and self._device.type == "cuda"):
+        capture, and no torch.compile compilation, ever lands inside a timed decode loop, whatever
+        k or context length comes later. Without graphs (CPU) a fused runner still runs each
+        shape once here, for the compilation."""
+        graphs = self.use_graphs and torch.cuda.is_available() and self._device.type == "cuda"
+        if not (graphs or self._fused):
             return
         with torch.inference_mode():
             for window in _attend_buckets(self.max_len):
                 self._attend = window
                 for n in range(1, self.graph_max_tokens + 1):
-                    if (n, window) in self._graphs or not self.use_graphs:
+                    if (n, window) in self._graphs or (n, window) in self._warm:
                         continue
                     tokens = torch.zeros(self.batch_size, n, dtype=torch.long, device=self._device)
                     positions = self._arange[:n].expand(self.batch_size, n)
@@ -424,7 +431,11 @@ class StaticRunner:
                     self._key_slots[:, :n] = True
                     if not self._initialized():
                         self._run(tokens, positions, self._arange[:n])  # lazy cache-layer allocation
-                    self._replay(tokens, positions, self._arange[:n])
+                    if graphs and self.use_graphs:  # (a failed capture turns graphs off for the rest)
+                        self._replay(tokens, positions, self._arange[:n])
+                    elif self._fused:
+                        self._run(tokens, positions, self._arange[:n])
+                        self._warm.add((n, window))
             self._key_slots.zero_()
 
     def _capture(self, tokens, positions, slots) -> _Graph:

@@ -53,3 +53,35 @@ def test_kv_write_is_in_place_in_the_compiled_step():
     text = "\n".join(graphs)
     assert "aten.index_put_.default" in text        # written in place ...
     assert "aten.copy_.default" not in text         # ... and not copied back whole
+
+
+def test_no_compilation_inside_the_decode_loop(monkeypatch):
+    """compile="inductor": every shape a call can meet (1..k+1 tokens, every attention window) is
+    compiled in the warm-up before the prefill (capture_all); the decode loop compiles nothing, and a
+    later call with other lengths compiles nothing at all (torch._dynamo's own counters)."""
+    from torch._dynamo.utils import counters
+
+    import specdec
+    from specdec import static
+    from tests.conftest import prompts
+
+    def compiled() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    after_warm_up = []
+    capture_all = static.StaticRunner.capture_all
+
+    def recorded(self):
+        capture_all(self)
+        after_warm_up.append(compiled())
+
+    monkeypatch.setattr(static.StaticRunner, "capture_all", recorded)
+    model = tiny_model("llama", layers=2)
+    for prompt_len, new in [(12, 300), (7, 40)]:  # 300 new tokens cross the first 256-slot attention window
+        ids, mask = prompts(1, [prompt_len], seed=prompt_len)
+        out = specdec.generate(model, ids, mask, compile="inductor", prompt_lookup_num_tokens=4, num_draft_tokens=4,
+                               max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        assert out.shape[1] == prompt_len + new
+        assert compiled() == after_warm_up[-1] > 0, "compiled inside the decode loop"
+    assert after_warm_up[-1] == after_warm_up[0], "the second call compiled again"
+    assert not counters["recompiles"]
