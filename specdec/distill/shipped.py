@@ -264,7 +264,8 @@ def load_shipped_draft(target, path: str | Path | None = None) -> torch.nn.Modul
     return draft
 
 
-def resume_draft(target, path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, list[int] | None]:
+def resume_draft(target, path: str | Path,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, list[int] | None]:
     """A draft file (``--ship``'s, any bits) as a trainable draft for ``target``, to train on:
     (draft, target layers it was built from, None for a feature draft).
 
