@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for name, draft in drafts.items():
         start = time.perf_counter()
-        rows[name] = {w: evaluate.measure_acceptance(target, draft, ids, k=4, max_new_tokens=args.max_new_tokens,
-                                                     batch_size=16) for w, ids in held.items()}
-        rows[name]["mean"] = sum(r["acceptance_rate"] for r in rows[name].values()) / len(held)
+        rows[name] = evaluate.acceptance_by_workload(target, draft, held, k=4, max_new_tokens=args.max_new_tokens)
         print(f"{name:40s} " + "  ".join(f"{w} {r['acceptance_rate']:.3f}" for w, r in rows[name].items()
                                           if w != "mean") + f"  mean {rows[name]['mean']:.3f}"
               f"  ({time.perf_counter() - start:.0f} s)", flush=True)

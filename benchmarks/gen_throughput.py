@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 import specdec
 from benchmarks import report
-from benchmarks.roofline import build
-
-
-def _timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+from benchmarks.roofline import build, timed
 
 
 def measure(model, batch: int, prompt: int, new: int, device: str, variants: list[str]) -> dict:
@@ -43,8 +32,8 @@ def measure(model, batch: int, prompt: int, new: int, device: str, variants: lis
     row, reference = {}, None
     for name, call in ((n, calls[n]) for n in variants):
         call()  # warm-up (graph capture for specdec-graphs)
-        seconds = _timed(call)
-        out = call()[:, prompt:]
+        seconds, out = timed(call)
+        out = out[:, prompt:]
         reference = out if reference is None else reference
         row.setdefault("agreement", {})[name] = round(float((out == reference).float().mean()), 4)
         row[name] = {"s": round(seconds, 3), "new_tokens_per_s": round(batch * new / seconds),

@@ -276,6 +276,8 @@ def test_generated_text_round_trips_and_belongs_to_its_target(target, tmp_path):
     assert info == {"temperature": 0.0}
     with pytest.raises(ValueError, match="another model"):
         data.load_generated(path, tiny_model("llama", seed=7, layers=4))
+    with pytest.raises(ValueError, match="no continuations"):
+        data.save_generated([], tmp_path / "empty.pt", target)
     torch.save({"ids": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a file of the target's text"):
         data.load_generated(tmp_path / "other.pt", target)
@@ -309,6 +311,16 @@ def test_cli_loads_saved_text_and_resumes_a_draft_file(target, tmp_path):
         _defaults(missing)
     with pytest.raises(SystemExit):  # generate-and-save or load: one of them
         build_parser().parse_args(["--out", "o", "--generated", str(text), "--save-generated", "x.pt"])
+
+
+def test_acceptance_by_workload_pools_each_and_means_them(target):
+    draft = model.build_draft(target, [0, 3], dtype=torch.float32)
+    ids, mask = prompts(3, [6, 8, 5], seed=4)
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    table = evaluate.acceptance_by_workload(target, draft, {"a": rows[:2], "b": rows[2:]}, k=3, max_new_tokens=8)
+    alone = evaluate.measure_acceptance(target, draft, rows[:2], k=3, max_new_tokens=8, batch_size=16)
+    assert table["a"]["acceptance_rate"] == alone["acceptance_rate"]
+    assert table["mean"] == pytest.approx((table["a"]["acceptance_rate"] + table["b"]["acceptance_rate"]) / 2)
 
 
 def test_distilled_by_name_needs_a_shipped_file(target):

@@ -377,13 +377,10 @@ def _final_acceptance(target, draft, layers, held, args) -> dict:
     if args.kind == "feature" and shipped.find_shipped(target, "layers") is not None:
         drafts["distilled-layers (shipped)"] = shipped.load_shipped_draft(target)
     n = args.final_prompts
+    prompts = {w: ids if n is None else ids[:n] for w, ids in held.items()}
     out = {}
     for name, d in drafts.items():
-        out[name] = {w: evaluate.measure_acceptance(target, d, ids if n is None else ids[:n], k=4,
-                                                    max_new_tokens=args.eval_tokens, batch_size=16)
-                     for w, ids in held.items()}
-        rates = [r["acceptance_rate"] for r in out[name].values()]
-        out[name]["mean"] = sum(rates) / len(rates)
+        out[name] = evaluate.acceptance_by_workload(target, d, prompts, k=4, max_new_tokens=args.eval_tokens)
         log.info("acceptance (greedy, k=4) %-16s %s", name,
                  "  ".join(f"{w} {r['acceptance_rate']:.3f}" for w, r in out[name].items() if w != "mean"))
     return dict(k=4, max_new_tokens=args.eval_tokens, prompts={w: len(ids if n is None else ids[:n])

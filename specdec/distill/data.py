@@ -308,6 +308,8 @@ def save_generated(seqs: list[Sequence], path: str | Path, target, info: dict | 
     without generating again."""
     from specdec.distill.shipped import target_fingerprint
 
+    if not seqs:
+        raise ValueError("no continuations to save: the target wrote nothing (give it prompts and --gen-time > 0)")
     lengths = torch.tensor([len(s.ids) for s in seqs], dtype=torch.long)
     flat = torch.tensor([t for s in seqs for t in s.ids], dtype=torch.int32)
     record = dict(format="specdec-generated-v1", fingerprint=target_fingerprint(target), info=info or {},

@@ -134,3 +134,13 @@ def measure_acceptance(target, draft, prompts: list[list[int]], k: int = 4, max_
                 mean_prompt_acceptance=sum(rated) / len(rated) if rated else None,
                 tokens_per_step=sum(max(n - 1, 0) for n in new) / max(sum(steps), 1),
                 per_prompt=per_prompt, accepted=sum(accepted), proposed=sum(proposed), new_tokens=sum(new))
+
+
+def acceptance_by_workload(target, draft, prompts: dict[str, list[list[int]]], k: int = 4,
+                           max_new_tokens: int = 128, batch_size: int = 16) -> dict:
+    """:func:`measure_acceptance` per workload (``{name: prompts}``), plus ``"mean"``: the mean of
+    the workloads' pooled rates."""
+    out = {w: measure_acceptance(target, draft, ids, k=k, max_new_tokens=max_new_tokens, batch_size=batch_size)
+           for w, ids in prompts.items()}
+    out["mean"] = sum(r["acceptance_rate"] for r in out.values()) / len(prompts)
+    return out
