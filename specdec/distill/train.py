@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from specdec.distill.evaluate import EvalSet, replay_acceptance
 from specdec.distill.model import own_parameters
+from specdec.distill.qat import fake_quantized
 
 log_ = logging.getLogger("specdec.distill")
 _PACE_FROM, _PACE_STEPS = 3, 10  # with a time budget: time steps 3..13 (after warm-up), then fit the count
@@ -42,6 +43,8 @@ class TrainConfig:
     k: int = 4                          # draft length of the acceptance replay
     time_budget_s: float | None = None  # fit the step count to this many seconds (measured over early steps)
     log_every: int = 10                 # steps per loss-curve point
+    quant_bits: int | None = None       # train the last quant_fraction of steps through this rounding (qat.py)
+    quant_fraction: float = 0.0         # 0: float throughout; 1: quantization-aware from the first step
 
 
 @dataclass
@@ -161,7 +164,8 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
         for group in optimizer.param_groups:
             group["lr"] = lr
         ids, mask, weight = _batch(sampler, config.batch_size, device)
-        loss = _step(task, ids, mask, weight, params, optimizer, config)
+        bits = _rounding(step, total, config)
+        loss = _step(task, ids, mask, weight, params, optimizer, config, bits)
         losses.append(loss)
         log.tokens += int(mask.sum())
         step += 1
@@ -177,7 +181,8 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
                 log.detail.append([step, task.detail()])
             losses = []
         if (config.eval_every and step % config.eval_every == 0) or step == total:
-            _evaluate(task, eval_sets, config, log, step)
+            with fake_quantized(params, bits):  # once rounding, the draft is replayed as it will ship
+                _evaluate(task, eval_sets, config, log, step)
             if not progress:  # no bar: one line per evaluation
                 log_.info("step %d/%d  loss %.3f  acceptance %s  (%.0f s)", step, total, loss, _last_rates(log),
                           time.perf_counter() - start)
@@ -197,10 +202,18 @@ def _batch(sampler, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor
     return ids.to(device), mask.to(device), None
 
 
-def _step(task, ids, mask, weight, params, optimizer, config: TrainConfig) -> float:
-    loss = task.loss(ids, mask, weight)
+def _rounding(step: int, total: int, config: TrainConfig) -> int | None:
+    """The bits a step trains through: ``config.quant_bits`` over the last ``quant_fraction`` of the steps."""
+    if config.quant_bits is None or config.quant_fraction <= 0:
+        return None
+    return config.quant_bits if step >= total - math.ceil(config.quant_fraction * total) else None
+
+
+def _step(task, ids, mask, weight, params, optimizer, config: TrainConfig, bits: int | None = None) -> float:
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with fake_quantized(params, bits):  # straight-through: the rounded weights' gradient updates the float ones
+        loss = task.loss(ids, mask, weight)
+        loss.backward()
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     optimizer.step()
