@@ -99,8 +99,8 @@ SHIP=smollm2-135m-instruct-L4.safetensors
 if [[ "$WHAT" == distill || "$WHAT" == distill-resume ]]; then
     start=$(date +%s)
     if [[ "$WHAT" == distill ]]; then
-        how=(--layers 4 --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --gen-compile
-             --save-generated /root/distilled-generated.pt)
+        how=(--layers 4 --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --save-generated /root/distilled-generated.pt)
+        [[ "${DISTILL_GEN_COMPILE:-1}" == 1 ]] && how+=(--gen-compile)
         budget=${DISTILL_TRAIN_S:-330}
     else  # still warm after `distill`: its float checkpoint and text are here; else .resume/ (staged)
         if [[ ! -d /root/resume && -f /root/distilled/layers-draft.safetensors ]]; then
