@@ -4,7 +4,7 @@
 # the gguf wheel in .whl/. Usage, as two calls on one warm machine:
 #   bash benchmarks/gpu.sh stage      # carry .gguf1: keeps the first half in /root/m (and .resume/, if carried)
 #   bash benchmarks/gpu.sh run [WHAT] # carry .gguf2 .whl: joins the file, runs WHAT, writes JSON to $OUT
-# WHAT: bench (default) | bench2 | sweep | batch | quant | prefix | all | distill | distill-bench
+# WHAT: bench (default) | bench2 | sweep | batch | quant | prefix | all | distill | distill-more | distill-bench
 #   distill: distil a 4-layer draft of the default model (greedy text for DISTILL_GEN_S=150 s with
 #     compile=True, then DISTILL_TRAIN_S=330 s of training, the last quarter through the int4 rounding;
 #     more `specdec distill` options in DISTILL_ARGS, later ones win); ~9.5 min. Acceptance is replayed
@@ -15,6 +15,8 @@
 #     `distill`, when called while the machine is still warm; else from .resume/*.safetensors (any
 #     shipped file) on .resume/*.pt: `stage` carrying .gguf1, `stage` carrying .resume, `run
 #     distill-resume` carrying .gguf2 .whl. $OUT gets the same files as distill.
+#   distill-more: train the shipped file on (DISTILL_TRAIN_S=330) on NEW greedy text of the same prompts
+#     (--gen-explore 4: sampled starts, --seed DISTILL_SEED=1; DISTILL_GEN_S=150); ~9.5 min, same files
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
 #   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
@@ -42,7 +44,7 @@ stage)  # whatever of .gguf1/ (the GGUF's first half) and .resume/ (see distill-
     ls -la "$M" /root/resume 2>/dev/null || true
     exit 0 ;;
 run) ;;
-*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-resume|distill-bench|distill-feature|distill-feature-bench|fastpath|fastpath-profile|prefix-random]"; exit 2 ;;
+*) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-resume|distill-more|distill-bench|distill-feature|distill-feature-bench|fastpath|fastpath-profile|prefix-random]"; exit 2 ;;
 esac
 WHAT="${2:-bench}"
 if [[ "$WHAT" != fastpath* && "$WHAT" != prefix-random && ! -s "$GGUF" ]]; then
@@ -96,9 +98,13 @@ if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
     [ -f benchmarks/prefix_bench.py ] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
 fi
 SHIP=smollm2-135m-instruct-L4.safetensors
-if [[ "$WHAT" == distill || "$WHAT" == distill-resume ]]; then
+if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more ]]; then
     start=$(date +%s)
-    if [[ "$WHAT" == distill ]]; then
+    if [[ "$WHAT" == distill-more ]]; then  # new greedy text from the same prompts (sampled starts), trained on
+        how=(--resume "specdec/drafts/$SHIP" --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --gen-explore 4
+             --seed "${DISTILL_SEED:-1}" --gen-compile --save-generated /root/distilled-generated.pt)
+        budget=${DISTILL_TRAIN_S:-330}
+    elif [[ "$WHAT" == distill ]]; then
         how=(--layers 4 --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --save-generated /root/distilled-generated.pt)
         [[ "${DISTILL_GEN_COMPILE:-1}" == 1 ]] && how+=(--gen-compile)
         budget=${DISTILL_TRAIN_S:-330}

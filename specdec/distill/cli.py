@@ -44,6 +44,8 @@ examples:
   specdec distill --layers 4 --steps 2000 --out d --ship d/smol-L4.safetensors   # + int4 file to ship
   specdec distill --time-budget 300 --out d --ship d/L4.safetensors --save-generated d/text.pt
   specdec distill --resume d/L4.safetensors --generated d/text.pt --time-budget 400 --out d2   # train on, no generation
+  specdec distill --resume d/L4.safetensors --gen-explore 4 --seed 1 --gen-compile --time-budget 330 --out d3
+                                                        # train on, on new greedy text of the same prompts
 then:
   specdec generate "def fib(n):" --draft d          # a layers directory or a feature-draft file/directory
   specdec bench --workload code --draft d
@@ -51,7 +53,7 @@ then:
 acceptance = drafted tokens the target kept / drafted tokens; a draft pays off when it is
 high and the draft is cheap: --layers trades one for the other (2-4 for a 30-layer target);
 a feature draft costs one layer, but so far accepts less than a 4-layer one on the bundled model
-(0.16 vs 0.26 held out) and needs the eager loop (no compile=True yet)."""
+(0.16 vs 0.48 held out) and needs the eager loop (no compile=True yet)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=160, help="tokens the target writes per prompt (default 160)")
     p.add_argument("--gen-batch-size", type=int, default=None,
                    help="prompts per generation batch (default: 256 on GPU, 8 on CPU)")
+    p.add_argument("--gen-explore", type=int, default=0, metavar="N",
+                   help="sample the first N new tokens of each continuation (temperature 1), then greedy: new "
+                        "greedy text from the same prompts (with another --seed than an earlier run's text); "
+                        "default 0")
     p.add_argument("--gen-compile", action="store_true",
                    help="let the target write with compile=True (static cache + CUDA graphs, the same tokens; "
                         "plain batched decoding of the 135M model on an H100 is host-bound at ~29 ms a step)")
@@ -271,7 +277,8 @@ def _generated(target, tok, args):
     generated, seconds = _generate(target, tok, args)
     if args.save_generated:
         data.save_generated(generated, args.save_generated, target,
-                            info=dict(temperature=args.temperature, gen_tokens=args.gen_tokens, seed=args.seed))
+                            info=dict(temperature=args.temperature, gen_tokens=args.gen_tokens, seed=args.seed,
+                                      explore_tokens=args.gen_explore))
         log.info("wrote the target's continuations to %s", args.save_generated)
     return generated, seconds
 
@@ -285,7 +292,7 @@ def _generate(target, tok, args):
     generated = data.continue_prompts(target, ids, max_new_tokens=args.gen_tokens, temperature=args.temperature,
                                       batch_size=args.gen_batch_size, time_budget_s=args.gen_time, seed=args.seed,
                                       sources=[p.name.split("/")[1] for p in prompts], progress=not args.quiet,
-                                      compile=args.gen_compile)
+                                      compile=args.gen_compile, explore_tokens=args.gen_explore)
     return generated, time.perf_counter() - start
 
 
@@ -433,7 +440,7 @@ def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
                 seq_len=args.seq_len, seed=args.seed,
                 data=dict(generated=len(generated), generated_by_kind=by_source,
                           generated_tokens=sum(len(s.ids) - s.prompt_len for s in generated), generation_s=gen_s,
-                          loaded_from=args.generated, temperature=args.temperature,
+                          loaded_from=args.generated, temperature=args.temperature, explore_tokens=args.gen_explore,
                           prompt_weight=args.prompt_weight, text_pieces=len(texts),
                           text_tokens=sum(len(s.ids) for s in texts), generated_fraction=args.generated_fraction,
                           held_out="benchmarks.workloads code (all 10) and chat (all 12) prompts"),

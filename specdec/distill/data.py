@@ -263,21 +263,27 @@ def tokenize_texts(texts: list[str], tokenizer) -> list[Sequence]:
 def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 160, temperature: float = 0.8,
                      top_p: float = 0.95, batch_size: int = 16, time_budget_s: float | None = None,
                      seed: int = 0, sources: list[str] | None = None, progress: bool = True,
-                     compile: bool = False) -> list[Sequence]:
+                     compile: bool = False, explore_tokens: int = 0) -> list[Sequence]:
     """Sample the target's continuations of ``prompts`` (token ids), batched; ``temperature=0``:
     greedy ones (what greedy decoding, and so the acceptance replay, sees). ``compile``: decode
     with ``specdec.generate(compile=True)`` (static cache + CUDA graphs; same tokens).
+
+    ``explore_tokens`` (greedy only): the first few new tokens are sampled (temperature 1,
+    ``top_p``), the rest greedy from there: greedy text that the prompts alone would not give
+    (a second run with another ``seed`` writes new text from the same prompts). The sampled
+    tokens count as prompt; a row that ends while sampling is dropped.
 
     Batches are formed in prompt order (rows sorted by length within groups of four
     batches, to limit padding). With ``time_budget_s``, no new batch starts once it is
     spent: the prompts' order decides which are continued.
     """
-    import specdec
     from tqdm.auto import tqdm
 
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-    device = target.get_input_embeddings().weight.device
+    if explore_tokens and (temperature > 0 or not 0 < explore_tokens < max_new_tokens):
+        raise ValueError(f"explore_tokens={explore_tokens} needs greedy text (temperature 0) and fewer than "
+                         f"max_new_tokens={max_new_tokens}")
     sources = sources or ["prompt"] * len(prompts)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     order = _length_grouped(prompts, batch_size)
@@ -286,20 +292,33 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
     for b, rows in enumerate(order):
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
             break
-        ids, mask = left_pad([prompts[r] for r in rows], 0, device)
         generator = torch.Generator().manual_seed(seed * 100_003 + b)
-        seqs, stats = specdec.generate(target, ids, mask, **sampling, max_new_tokens=max_new_tokens,
-                                       generator=generator, return_stats=True, compile=compile)
-        new = seqs[:, ids.shape[1]:].tolist()
-        for r, row_new, n in zip(rows, new, stats.new_tokens):
-            out.append(Sequence(list(prompts[r]) + row_new[:n], len(prompts[r]), sources[r]))
-        bar.update(len(rows))
+        starts = [list(prompts[r]) for r in rows]
+        if explore_tokens:
+            explored = _write(target, starts, dict(do_sample=True, temperature=1.0, top_p=top_p), explore_tokens,
+                              generator, compile)
+            kept = [i for i, e in enumerate(explored) if len(e) == explore_tokens]
+            rows, starts = [rows[i] for i in kept], [starts[i] + explored[i] for i in kept]
+        new = _write(target, starts, sampling, max_new_tokens - explore_tokens, generator, compile) if rows else []
+        out += [Sequence(s + n, len(s), sources[r]) for r, s, n in zip(rows, starts, new)]
+        bar.update(len(order[b]))
         bar.set_postfix(tokens=sum(len(s.ids) - s.prompt_len for s in out))
         if not progress:
             log.info("target continued %d/%d prompts (%d new tokens, %.0f s)", len(out), len(prompts),
                      sum(len(s.ids) - s.prompt_len for s in out), time.perf_counter() - start)
     bar.close()
     return out
+
+
+def _write(target, rows: list[list[int]], sampling: dict, max_new_tokens: int, generator,
+           compile: bool) -> list[list[int]]:
+    """Each row's new tokens (up to its EOS) from one batched ``specdec.generate`` call."""
+    import specdec
+
+    ids, mask = left_pad(rows, 0, target.get_input_embeddings().weight.device)
+    seqs, stats = specdec.generate(target, ids, mask, **sampling, max_new_tokens=max_new_tokens,
+                                   generator=generator, return_stats=True, compile=compile)
+    return [row[:n] for row, n in zip(seqs[:, ids.shape[1]:].tolist(), stats.new_tokens)]
 
 
 def save_generated(seqs: list[Sequence], path: str | Path, target, info: dict | None = None) -> Path:
