@@ -62,6 +62,21 @@ def test_continue_prompts_temperature_zero_is_greedy(target):
         data.continue_prompts(target, rows, temperature=-1, progress=False)
 
 
+def test_explore_tokens_sample_a_start_then_continue_greedily(target):
+    ids, _ = prompts(3, [6, 6, 6], seed=2)
+    rows = [r.tolist() for r in ids]
+    runs = [data.continue_prompts(target, rows, max_new_tokens=10, temperature=0, batch_size=3, progress=False,
+                                  explore_tokens=3, seed=seed) for seed in (0, 1)]
+    for s in runs[0]:
+        start = torch.tensor([s.ids[:s.prompt_len]])
+        assert s.prompt_len == 6 + 3 and len(s.ids) <= 6 + 10  # the sampled tokens count as prompt
+        assert s.ids == hf_greedy(target, start, torch.ones_like(start), len(s.ids) - s.prompt_len)[0].tolist()
+    assert [s.ids for s in runs[0]] != [s.ids for s in runs[1]]  # another seed, other text from the same prompts
+    for bad in (dict(temperature=0.8), dict(explore_tokens=10)):
+        with pytest.raises(ValueError, match="explore_tokens"):
+            data.continue_prompts(target, rows, max_new_tokens=10, progress=False, **({"explore_tokens": 3} | bad))
+
+
 def _prompt_batch(prompt_weight: float, seq_len: int = 24):
     """(ids, mask, weight) of random tokens, with prompt slots (half of each generated row) and padding."""
     g = torch.Generator().manual_seed(4)
@@ -419,9 +434,9 @@ def test_shipped_default_draft_is_lossless_and_accepted():
     out, stats = specdec.generate(target, ids, draft_model="distilled", num_draft_tokens=4, max_new_tokens=32,
                                   do_sample=False, return_stats=True)
     assert torch.equal(out, hf_greedy(target, ids, torch.ones_like(ids), 32))
-    # measured over all held-out code prompts (fp32, CPU): 0.247, the untrained self:4 draft 0.007
-    # (benchmarks/results/cpu/draft-acceptance-session5.json)
-    assert stats.acceptance_rate > 0.1, stats.summary()
+    # this prompt: 0.40; over all held-out code prompts (fp32, CPU) 0.588, the untrained self:4 draft 0.007
+    # (benchmarks/results/cpu/draft-acceptance-session6.json, draft-acceptance-session5.json)
+    assert stats.acceptance_rate > 0.3, stats.summary()
     assert shipped.load_shipped_draft(target) is shipped.load_shipped_draft(target)  # cached per target
 
 
