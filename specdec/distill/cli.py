@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "greedy text from the same prompts (with another --seed than an earlier run's text); "
                         "default 0")
     p.add_argument("--gen-compile", action="store_true",
-                   help="let the target write with compile=True (static cache + CUDA graphs, the same tokens; "
-                        "plain batched decoding of the 135M model on an H100 is host-bound at ~29 ms a step)")
+                   help="let the target write with compile=True (static cache + CUDA graphs, the same tokens): "
+                        "on an H100 the 135M model writes 34-44k new tokens/s at batch 256-512 this way, "
+                        "6-12k eager (host-bound at ~41 ms a step)")
     p.add_argument("--temperature", type=_non_negative, default=0.0,
                    help="sampling temperature of the target's text; 0 = greedy (default), what greedy decoding "
                         "and the acceptance replay see (with 0.8 a layered draft replayed 0.33 at 1000 steps, "
