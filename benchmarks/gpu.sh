@@ -16,7 +16,8 @@
 #     shipped file) on .resume/*.pt: `stage` carrying .gguf1, `stage` carrying .resume, `run
 #     distill-resume` carrying .gguf2 .whl. $OUT gets the same files as distill.
 #   distill-more: train the shipped file on (DISTILL_TRAIN_S=330) on NEW greedy text of the same prompts
-#     (--gen-explore 4: sampled starts, --seed DISTILL_SEED=1; DISTILL_GEN_S=150); ~9.5 min, same files
+#     (--gen-explore 4: sampled starts, --seed DISTILL_SEED=1; DISTILL_GEN_S=150), plus any earlier runs'
+#     text staged from .resume/*.pt (`stage` carrying .resume first: --add-generated); ~9.5 min, same files
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
 #   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
@@ -103,6 +104,7 @@ if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more
     if [[ "$WHAT" == distill-more ]]; then  # new greedy text from the same prompts (sampled starts), trained on
         how=(--resume "specdec/drafts/$SHIP" --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --gen-explore 4
              --seed "${DISTILL_SEED:-1}" --gen-compile --save-generated /root/distilled-generated.pt)
+        if compgen -G "/root/resume/*.pt" > /dev/null; then how+=(--add-generated /root/resume/*.pt); fi
         budget=${DISTILL_TRAIN_S:-330}
     elif [[ "$WHAT" == distill ]]; then
         how=(--layers 4 --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --save-generated /root/distilled-generated.pt)

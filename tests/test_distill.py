@@ -367,6 +367,10 @@ def test_cli_loads_saved_text_and_resumes_a_draft_file(target, tmp_path):
         _defaults(missing)
     with pytest.raises(SystemExit):  # generate-and-save or load: one of them
         build_parser().parse_args(["--out", "o", "--generated", str(text), "--save-generated", "x.pt"])
+    both = build_parser().parse_args(["--out", "o", "--device", "cpu", "--generated", str(text), "--add-generated",
+                                      str(text)])
+    with pytest.raises(ValueError, match="give all the files to --generated"):
+        _defaults(both)
 
 
 def test_acceptance_by_workload_pools_each_and_means_them(target):
@@ -466,7 +470,9 @@ def test_cli_end_to_end_on_the_default_model_then_resumes(tmp_path):
     assert record["shipped"]["bits"] == 4 and set(record["shipped"]["replayed_acceptance"]) == {"code", "chat", "mean"}
     checkpoint = first / shipped.LAYERS_FILE
     assert shipped.read_metadata(checkpoint)["layers"] == record["draft_layers"] == [0, 29]
-    second = tmp_path / "second"
-    main(["distill", "--resume", str(checkpoint), "--generated", str(text), "--out", str(second), *small])
+    second = tmp_path / "second"  # new text (sampled starts, another seed) + the first run's
+    main(["distill", "--resume", str(checkpoint), "--gen-explore", "2", "--seed", "1", "--add-generated", str(text),
+          "--out", str(second), *small])
     again = save.json.loads((second / save.RECORD_NAME).read_text())
     assert again["init"] == f"resumed from {checkpoint}" and again["data"]["loaded_from"] == [str(text)]
+    assert again["data"]["generated"] == 2 * record["data"]["generated"] and again["data"]["explore_tokens"] == 2

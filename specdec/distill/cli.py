@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--generated", nargs="+", default=None, metavar="FILE",
                       help="train on continuations an earlier run saved (--save-generated) instead of "
                            "generating (the files must come from this target)")
+    p.add_argument("--add-generated", nargs="+", default=None, metavar="FILE",
+                   help="also train on continuations earlier runs saved, next to the text this run writes "
+                        "(more text: e.g. an earlier --gen-explore run's with another --seed)")
     p.add_argument("--ship", default=None, metavar="FILE",
                    help="also write the draft's own weights to this .safetensors file "
                         "(what specdec/drafts/ holds), quantized to --ship-bits")
@@ -178,9 +181,13 @@ def _defaults(args) -> None:
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     if args.steps is None:
         args.steps = 1000 if args.time_budget is None else 10**9
-    for path in [args.resume] + (args.generated or []):
+    for path in [args.resume] + (args.generated or []) + (args.add_generated or []):
         if path and not Path(path).is_file():
-            raise ValueError(f"{path}: no such file (--resume takes a --ship file, --generated a --save-generated one)")
+            raise ValueError(f"{path}: no such file (--resume takes a --ship file, --generated and --add-generated "
+                             "--save-generated ones)")
+    if args.generated and args.add_generated:
+        raise ValueError("--add-generated adds saved text to the text this run writes; with --generated it writes "
+                         "none: give all the files to --generated")
     if args.resume:  # the file decides the kind
         from specdec.distill.shipped import read_metadata
 
@@ -281,6 +288,10 @@ def _generated(target, tok, args):
                             info=dict(temperature=args.temperature, gen_tokens=args.gen_tokens, seed=args.seed,
                                       explore_tokens=args.gen_explore))
         log.info("wrote the target's continuations to %s", args.save_generated)
+    for path in args.add_generated or []:
+        added, _ = data.load_generated(path, target)
+        generated += added
+        log.info("added %d target continuations from %s", len(added), path)
     return generated, seconds
 
 
@@ -441,7 +452,7 @@ def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
                 seq_len=args.seq_len, seed=args.seed,
                 data=dict(generated=len(generated), generated_by_kind=by_source,
                           generated_tokens=sum(len(s.ids) - s.prompt_len for s in generated), generation_s=gen_s,
-                          loaded_from=args.generated, temperature=args.temperature, explore_tokens=args.gen_explore,
+                          loaded_from=args.generated or args.add_generated, temperature=args.temperature, explore_tokens=args.gen_explore,
                           prompt_weight=args.prompt_weight, text_pieces=len(texts),
                           text_tokens=sum(len(s.ids) for s in texts), generated_fraction=args.generated_fraction,
                           held_out="benchmarks.workloads code (all 10) and chat (all 12) prompts"),
