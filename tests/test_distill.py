@@ -298,6 +298,9 @@ def test_fake_quantized_rounds_inside_and_restores_the_float_weights():
     assert torch.equal(matrix.data, before) and torch.equal(matrix.grad, torch.full_like(before, 2.0))
     with qat.fake_quantized([matrix], None):
         assert torch.equal(matrix.data, before)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"), qat.fake_quantized([matrix], 3):
+        pass
+    assert torch.equal(matrix.data, before)
 
 
 def test_rounding_covers_the_last_fraction_of_the_steps():
@@ -305,6 +308,9 @@ def test_rounding_covers_the_last_fraction_of_the_steps():
     assert [train._rounding(s, 8, config) for s in range(8)] == [None] * 6 + [4, 4]
     assert train._rounding(7, 8, train.TrainConfig(quant_bits=4)) is None  # fraction 0: float throughout
     assert train._rounding(0, 8, train.TrainConfig(quant_bits=8, quant_fraction=1.0)) == 8
+    for bad in (dict(quant_bits=2, quant_fraction=0.5), dict(quant_bits=4, quant_fraction=1.5)):
+        with pytest.raises(ValueError, match="quant_bits must be 4, 8 or None"):
+            train.train(None, None, None, train.TrainConfig(**bad))
 
 
 def test_quantization_aware_training_ships_what_it_trained(target, tmp_path):

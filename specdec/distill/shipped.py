@@ -107,6 +107,8 @@ def unpack(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def roundtrip(value: torch.Tensor, bits: int | None) -> torch.Tensor:
     """What ``value`` reads back as from a file packed with ``bits`` (float32, on its own device):
     the rounding that quantization-aware training (``specdec.distill.qat``) trains through."""
+    if bits not in (4, 8, None):
+        raise ValueError(f"bits must be 8 or 4 (or None: float32), got {bits!r}")
     return _dequantize(_quantize(value.detach().float(), bits))
 
 

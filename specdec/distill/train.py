@@ -150,6 +150,9 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
     """
     from tqdm.auto import tqdm
 
+    if config.quant_bits not in (None, 4, 8) or not 0 <= config.quant_fraction <= 1:
+        raise ValueError(f"quant_bits must be 4, 8 or None and quant_fraction in [0, 1], got {config.quant_bits!r} "
+                         f"and {config.quant_fraction!r}")
     device = target.get_input_embeddings().weight.device
     task = task or LayeredTask(target, draft)
     params = task.parameters()
