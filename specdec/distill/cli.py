@@ -29,6 +29,8 @@ Steps:
      SmoothL1 to the next feature + KL, over --depths drafting steps at once), AdamW, cosine
      LR, replaying its greedy acceptance (k=4) on held-out prompts every --eval-every steps;
      the prompts of the target's text weigh --prompt-weight (decoding never drafts a prompt);
+     with --ship, the last --qat fraction of the steps (0.25) trains through the file's own
+     rounding, so the file holds what was trained;
   4. save it to --out (layers: an HF model directory that AutoModelForCausalLM loads; feature:
      feature-draft.safetensors, for specdec.distill.load_feature_draft) + distill.json (the
      training log), and measure acceptance with specdec.generate against the untrained
