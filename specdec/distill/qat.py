@@ -16,15 +16,10 @@ from contextlib import contextmanager
 import torch
 
 
-def quantized_matrices(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    """The parameters a shipped file quantizes: the 2-D ones (vectors stay float32)."""
-    return [p for p in params if p.dim() == 2]
-
-
 @contextmanager
 def fake_quantized(params: list[torch.nn.Parameter], bits: int | None):
-    """Inside: each 2-D parameter in ``params`` holds its shipped rounding; on exit its float value
-    again (gradients computed inside stay, as the gradient w.r.t. the float weights). No-op for
+    """Inside: each parameter in ``params`` holds its shipped rounding (``shipped.roundtrip`` decides
+    which are rounded: the matrices); on exit its float value again (gradients computed inside stay, as the gradient w.r.t. the float weights). No-op for
     ``bits=None``."""
     from specdec.distill.shipped import roundtrip
 
@@ -32,7 +27,7 @@ def fake_quantized(params: list[torch.nn.Parameter], bits: int | None):
     try:
         if bits is not None:
             with torch.no_grad():
-                for p in quantized_matrices(params):
+                for p in params:
                     saved.append((p, p.data))
                     p.data = roundtrip(p.data, bits).to(p.dtype)
         yield
