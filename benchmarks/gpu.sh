@@ -17,7 +17,9 @@
 #     distill-resume` carrying .gguf2 .whl. $OUT gets the same files as distill.
 #   distill-more: train the shipped file on (DISTILL_TRAIN_S=330) on NEW greedy text of the same prompts
 #     (--gen-explore 4: sampled starts, --seed DISTILL_SEED=1; DISTILL_GEN_S=150), plus any earlier runs'
-#     text staged from .resume/*.pt (`stage` carrying .resume first: --add-generated); ~9.5 min, same files
+#     text staged from .resume/*.pt (`stage` carrying .resume first: --add-generated); ~9.5 min, same files.
+#     Called again while warm (another DISTILL_SEED), it trains on from the last run's float checkpoint
+#     and adds that run's text. Long prompts whole: DISTILL_ARGS="--max-prompt-tokens 2048 --max-seq-len 2048"
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
 #   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
@@ -102,7 +104,13 @@ SHIP=smollm2-135m-instruct-L4.safetensors
 if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more ]]; then
     start=$(date +%s)
     if [[ "$WHAT" == distill-more ]]; then  # new greedy text from the same prompts (sampled starts), trained on
-        how=(--resume "specdec/drafts/$SHIP" --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --gen-explore 4
+        from="specdec/drafts/$SHIP"
+        if [[ -f /root/distilled/layers-draft.safetensors ]]; then  # warm after a distill run: chain on from it
+            mkdir -p /root/resume /root/chained && cp /root/distilled/layers-draft.safetensors /root/chained/
+            from=/root/chained/layers-draft.safetensors
+            mv /root/distilled-generated.pt "/root/resume/chained-$(date +%s).pt"  # its text, added below
+        fi
+        how=(--resume "$from" --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --gen-explore 4
              --seed "${DISTILL_SEED:-1}" --gen-compile --save-generated /root/distilled-generated.pt)
         if compgen -G "/root/resume/*.pt" > /dev/null; then how+=(--add-generated /root/resume/*.pt); fi
         budget=${DISTILL_TRAIN_S:-330}

@@ -50,6 +50,38 @@ def test_sampler_weights_prompt_slots_of_generated_rows():
     assert torch.equal(again[0], ids) and torch.equal(again[1], mask)
 
 
+def test_bucket_lengths():
+    assert data.bucket_lengths(512, 512) == [512] and data.bucket_lengths(512, 2048) == [512, 1024, 2048]
+    assert data.bucket_lengths(512, 600) == [512, 600]
+    with pytest.raises(ValueError, match="at least seq_len"):
+        data.WindowSampler(_numbered([(10, 4)]), [], 16, max_len=8)
+
+
+def test_long_rows_stay_whole_in_batches_of_fewer_rows():
+    lens = [(10, 4), (12, 6), (30, 20), (60, 50), (100, 90)]  # short; 2 and 4 buckets long; longer than max_len
+    texts = [data.Sequence(list(range(1, 60)), 59, "text")]
+    sampler = data.WindowSampler(_numbered(lens), texts, 16, head=4, seed=0, max_len=64)
+    assert sampler.buckets == [16, 32, 64]
+    seen = {}
+    for _ in range(3000):
+        ids, mask, weight = sampler.sample_weighted(8)
+        rows, length = ids.shape
+        assert rows * length == 8 * 16 and weight.shape == ids.shape  # every step: the same slots
+        for row, m in zip(ids.tolist(), mask.tolist()):
+            real = [t for t, keep in zip(row, m) if keep]
+            if real[0] < 1000:  # a plain-text window: seq_len tokens, in the first bucket
+                assert length == 16 and len(real) == 16
+                continue
+            k = real[0] // 1000
+            n = lens[k - 1][0]
+            assert data.bucket_lengths(16, 64)[min(2, max(0, (min(n, 64) - 1).bit_length() - 4))] == length
+            expected = [1000 * k + j for j in range(n)]
+            assert real == (expected if n <= 64 else expected[:4] + expected[n - 60:])  # whole, or start + end
+            seen[k] = seen.get(k, 0) + 1
+    assert set(seen) == {1, 2, 3, 4, 5}  # and each row about as often, whatever its bucket
+    assert max(seen.values()) < 1.3 * min(seen.values()), seen
+
+
 def test_continue_prompts_temperature_zero_is_greedy(target):
     ids, mask = prompts(3, [6, 6, 6], seed=2)
     rows = [r.tolist() for r in ids]
@@ -133,6 +165,9 @@ def test_cli_prompt_weight_and_greedy_temperature():
         parsed("--qat", "0.5")
     with pytest.raises(SystemExit):
         parsed("--ship", "d.safetensors", "--qat", "1.5")
+    assert parsed("--max-seq-len", "2048", "--seq-len", "512").max_seq_len == 2048
+    with pytest.raises(ValueError, match="--max-seq-len"):
+        parsed("--max-seq-len", "64", "--seq-len", "128")
 
 
 def test_pick_layers():
@@ -418,6 +453,17 @@ def test_training_prompts_are_disjoint_from_held_out():
     assert "textwrap" not in files and "heapq" not in files
 
 
+def test_function_stubs_include_methods_under_their_class():
+    source = ('import os\n\n\ndef top(a):\n    """Top."""\n    return a\n\n\n@decorate\nclass Box(Base):\n'
+              '    """A box."""\n\n    def open(self, how):\n        """Open it."""\n        return how\n\n'
+              '    def _bare(self):\n        return 1\n')
+    stubs = data.function_stubs(source)
+    assert stubs == ['import os\n\n\ndef top(a):\n    """Top."""\n',
+                     'import os\n\n\n@decorate\nclass Box(Base):\n    def open(self, how):\n        """Open it."""\n']
+    for stub in stubs:
+        compile(stub, "stub", "exec")  # a stub is valid Python: the target continues a real function
+
+
 def test_bench_adds_distilled_rows_against_assisted_with_the_same_draft(target):
     from benchmarks.run import add_relative, make_variants
 
@@ -478,7 +524,8 @@ def test_cli_end_to_end_on_the_default_model_then_resumes(tmp_path):
     assert shipped.read_metadata(checkpoint)["layers"] == record["draft_layers"] == [0, 29]
     second = tmp_path / "second"  # new text (sampled starts, another seed) + the first run's
     main(["distill", "--resume", str(checkpoint), "--gen-explore", "2", "--seed", "1", "--add-generated", str(text),
-          "--out", str(second), *small])
+          "--out", str(second), *small, "--max-seq-len", "256"])
     again = save.json.loads((second / save.RECORD_NAME).read_text())
     assert again["init"] == f"resumed from {checkpoint}" and again["data"]["loaded_from"] == [str(text)]
     assert again["data"]["generated"] == 2 * record["data"]["generated"] and again["data"]["explore_tokens"] == 2
+    assert again["max_seq_len"] == 256 and again["seq_len"] == 64

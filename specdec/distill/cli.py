@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the step count to this much training time (measured on the first steps)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 32 on GPU, 4 on CPU)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 512 on GPU, 128 on CPU)")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="keep the target's texts up to N tokens whole (default: --seq-len; longer ones keep their "
+                        "start and end): long prompts, e.g. a system prompt the target quotes from far back. "
+                        "Steps of long rows hold fewer of them (batch-size x seq-len slots a step)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     for flag, kind, default, text in _FEATURE_OPTIONS:
         p.add_argument(flag, type=kind, default=default, help=f"feature kind: {text}")
@@ -207,6 +211,9 @@ def _defaults(args) -> None:
     for name, (on_gpu, on_cpu) in pick.items():
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
+    if args.max_seq_len is not None and args.max_seq_len < args.seq_len:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} is below --seq-len {args.seq_len}: it is the longest "
+                         "row kept whole; give at least --seq-len (or leave it out)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
              len(generated), sum(len(s.ids) - s.prompt_len for s in generated), gen_s, len(texts),
              sum(len(s.ids) for s in texts))
     sampler = data.WindowSampler(generated, texts, args.seq_len, args.generated_fraction,
-                                 pad_id=tok.pad_token_id or 0, seed=args.seed, prompt_weight=args.prompt_weight)
+                                 pad_id=tok.pad_token_id or 0, seed=args.seed, prompt_weight=args.prompt_weight,
+                                 max_len=args.max_seq_len)
     if args.kind == "feature" and args.feature_init == "last-layer" and not args.resume:
         _init_feature(target, draft, sampler, args)
     trained = train.train(target, draft, sampler, task.config, eval_sets, progress=not args.quiet, task=task)
@@ -451,7 +459,7 @@ def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
                 environment=environment(), target=str(args.target or "SmolLM2-135M-Instruct (bundled)"),
                 target_layers=target.config.get_text_config().num_hidden_layers, draft_layers=layers,
                 init=f"resumed from {args.resume}" if args.resume else args.init, dtype=args.dtype,
-                seq_len=args.seq_len, seed=args.seed,
+                seq_len=args.seq_len, max_seq_len=args.max_seq_len or args.seq_len, seed=args.seed,
                 data=dict(generated=len(generated), generated_by_kind=by_source,
                           generated_tokens=sum(len(s.ids) - s.prompt_len for s in generated), generation_s=gen_s,
                           loaded_from=args.generated or args.add_generated, temperature=args.temperature, explore_tokens=args.gen_explore,

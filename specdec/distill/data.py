@@ -107,7 +107,8 @@ def stdlib_files(exclude_modules: set[str] | None = None) -> list[Path]:
 
 
 def function_stubs(source: str, max_chars: int = 1500) -> list[str]:
-    """Module imports + each documented top-level function's decorators, signature and docstring."""
+    """Module imports + each documented function's decorators, signature and docstring: the
+    top-level functions', then the top-level classes' methods' (under their class's header line)."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -115,15 +116,25 @@ def function_stubs(source: str, max_chars: int = 1500) -> list[str]:
     lines = source.splitlines()
     imports = [ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     head = "\n".join(s for s in imports[:8] if s and "\n" not in s)
-    stubs = []
-    for node in tree.body:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not ast.get_docstring(node):
-            continue
-        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-        stub = (head + "\n\n\n" if head else "") + "\n".join(lines[start - 1:node.body[0].end_lineno]) + "\n"
-        if len(stub) <= max_chars:
-            stubs.append(stub)
-    return stubs
+    head = head + "\n\n\n" if head else ""
+    stubs = [head + _stub(lines, node) for node in _documented(tree.body)]
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        header = "\n".join(lines[_first_line(cls) - 1:cls.body[0].lineno - 1]) + "\n"
+        stubs += [head + header + _stub(lines, node) for node in _documented(cls.body)]
+    return [s for s in stubs if len(s) <= max_chars]
+
+
+def _documented(body: list) -> list:
+    return [n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(n)]
+
+
+def _first_line(node) -> int:
+    return min([node.lineno] + [d.lineno for d in node.decorator_list])
+
+
+def _stub(lines: list[str], node) -> str:
+    """Decorators, signature and docstring of a function node (up to its docstring's last line)."""
+    return "\n".join(lines[_first_line(node) - 1:node.body[0].end_lineno]) + "\n"
 
 
 def section_titles(page: str) -> list[str]:
@@ -375,12 +386,20 @@ def _length_grouped(prompts: list[list[int]], batch_size: int, group: int = 4) -
 
 
 class WindowSampler:
-    """Random training batches of ``seq_len``-token windows.
+    """Random training batches of ``seq_len``-token windows (and longer rows up to ``max_len``).
 
     A row comes from the target's continuations with probability ``generated_fraction``
-    (its last ``seq_len`` tokens, keeping the first ``head`` tokens of the prompt: a short
-    stand-in for a long prompt's start), else from plain text (a random window, texts
-    weighted by length). Short rows are padded on the right (mask 0).
+    (its last ``max_len`` tokens, keeping the first ``head`` tokens of the prompt: a short
+    stand-in for a long prompt's start), else from plain text (a random ``seq_len`` window,
+    texts weighted by length). Short rows are padded on the right (mask 0).
+
+    ``max_len`` > ``seq_len`` (long prompts, e.g. a chat system prompt with reference pages
+    the target quotes from far back): continuations up to ``max_len`` tokens are kept whole.
+    Rows are grouped by length into buckets of ``seq_len``, 2 ``seq_len``, ..., ``max_len``
+    tokens; a batch holds rows of one bucket, ``batch_size * seq_len // bucket`` of them, so
+    every batch has the same number of slots (a step of long rows costs what a step of short
+    ones does, and holds fewer rows). Buckets are drawn in proportion to rows x length, so
+    every row is as likely to be drawn as any other, whatever its length.
 
     :meth:`sample_weighted` also gives per-slot loss weights: ``prompt_weight`` on the prompt
     tokens of the target's continuations (the decode loop never drafts a prompt, and the
@@ -390,47 +409,84 @@ class WindowSampler:
 
     def __init__(self, generated: list[Sequence], texts: list[Sequence], seq_len: int,
                  generated_fraction: float = 0.6, head: int = 8, pad_id: int = 0, seed: int = 0,
-                 prompt_weight: float = 0.1):
+                 prompt_weight: float = 0.1, max_len: int | None = None):
         if not generated and not texts:
             raise ValueError("no training text: give prompts to continue or text files (--text)")
-        self.generated, self.texts, self.seq_len, self.head, self.pad_id = generated, texts, seq_len, head, pad_id
         if not 0.0 <= prompt_weight <= 1.0:
             raise ValueError(f"prompt_weight must be in [0, 1] (the loss weight of prompt slots), got {prompt_weight!r}")
-        self.prompt_weight = prompt_weight
+        max_len = seq_len if max_len is None else max_len
+        if max_len < seq_len:
+            raise ValueError(f"max_len ({max_len}) must be at least seq_len ({seq_len}): the longest rows kept whole")
+        self.generated, self.texts, self.seq_len, self.head, self.pad_id = generated, texts, seq_len, head, pad_id
+        self.max_len, self.prompt_weight = max_len, prompt_weight
         self.fraction = generated_fraction if generated and texts else float(bool(generated))
         self.rng = random.Random(seed)
         self._text_weights = [len(s.ids) for s in texts]
+        self.buckets = bucket_lengths(seq_len, max_len)
+        self._by_bucket = [[] for _ in self.buckets]
+        for s in generated:
+            self._by_bucket[_bucket_of(len(s.ids), self.buckets)].append(s)
+        self._bucket_weights = self._weigh_buckets()
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask), both (batch_size, seq_len) int64."""
+        """(ids, mask), both (rows, length) int64: ``batch_size`` rows of ``seq_len`` slots, or
+        fewer, longer rows (see the class)."""
         ids, mask, _ = self.sample_weighted(batch_size)
         return ids, mask
 
     def sample_weighted(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, mask, weight): ids and mask as :meth:`sample` (the same rows for the same seed),
-        weight (batch_size, seq_len) float32, the loss weight of each slot (see the class)."""
-        rows = [self._row() for _ in range(batch_size)]
-        ids = torch.full((batch_size, self.seq_len), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(batch_size, self.seq_len, dtype=torch.long)
-        weight = torch.zeros(batch_size, self.seq_len)
+        weight (rows, length) float32, the loss weight of each slot (see the class)."""
+        b = 0 if len(self.buckets) == 1 else self.rng.choices(range(len(self.buckets)), self._bucket_weights)[0]
+        length = self.buckets[b]
+        rows = [self._row(b) for _ in range(max(1, batch_size * self.seq_len // length))]
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        weight = torch.zeros(len(rows), length)
         for i, (r, w) in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, :len(r)] = 1
             weight[i, :len(r)] = torch.tensor(w)
         return ids, mask, weight
 
-    def _row(self) -> tuple[list[int], list[float]]:
-        T = self.seq_len
-        if self.rng.random() < self.fraction:
-            seq = self.rng.choice(self.generated)
+    def _weigh_buckets(self) -> list[float]:
+        """Each bucket's share of rows (plain text windows all in the first) times its length."""
+        n = max(1, len(self.generated))
+        rows = [self.fraction * len(g) / n for g in self._by_bucket]
+        rows[0] += 1.0 - self.fraction
+        return [r * length for r, length in zip(rows, self.buckets)]
+
+    def _row(self, bucket: int = 0) -> tuple[list[int], list[float]]:
+        pool = self._by_bucket[bucket]
+        if bucket == 0:  # the first bucket also holds the plain-text windows
+            generated = self.fraction * len(pool) / max(1, len(self.generated))
+            use_generated = self.rng.random() * (generated + 1.0 - self.fraction) < generated
+        else:
+            use_generated = True
+        if use_generated:
+            seq = self.rng.choice(pool)
             weight = [self.prompt_weight] * seq.prompt_len + [1.0] * (len(seq.ids) - seq.prompt_len)
             return self._cut(seq.ids), self._cut(weight)
+        T = self.seq_len
         ids = self.rng.choices(self.texts, weights=self._text_weights)[0].ids
         start = self.rng.randrange(max(len(ids) - T, 0) + 1)
         window = ids[start:start + T]
         return window, [1.0] * len(window)
 
     def _cut(self, items: list) -> list:
-        """The first ``head`` and the last ``seq_len - head`` items of a longer row."""
-        T = self.seq_len
+        """The first ``head`` and the last ``max_len - head`` items of a longer row."""
+        T = self.max_len
         return items if len(items) <= T else items[:self.head] + items[len(items) - (T - self.head):]
+
+
+def bucket_lengths(seq_len: int, max_len: int) -> list[int]:
+    """Row lengths of the batches: ``seq_len``, doubled while below ``max_len``, then ``max_len``."""
+    out = [seq_len]
+    while out[-1] < max_len:
+        out.append(min(2 * out[-1], max_len))
+    return out
+
+
+def _bucket_of(length: int, buckets: list[int]) -> int:
+    """The first bucket a row of ``length`` tokens fits (the last one for longer rows: they are cut)."""
+    return next((i for i, b in enumerate(buckets) if length <= b), len(buckets) - 1)
