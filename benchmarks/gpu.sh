@@ -108,7 +108,7 @@ if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more
         if [[ -f /root/distilled/layers-draft.safetensors ]]; then  # warm after a distill run: chain on from it
             mkdir -p /root/resume /root/chained && cp /root/distilled/layers-draft.safetensors /root/chained/
             from=/root/chained/layers-draft.safetensors
-            mv /root/distilled-generated.pt "/root/resume/chained-$(date +%s).pt"  # its text, added below
+            if [[ -f /root/distilled-generated.pt ]]; then mv /root/distilled-generated.pt "/root/resume/chained-$(date +%s).pt"; fi
         fi
         how=(--resume "$from" --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --gen-explore 4
              --seed "${DISTILL_SEED:-1}" --gen-compile --save-generated /root/distilled-generated.pt)

@@ -94,6 +94,16 @@ def test_continue_prompts_temperature_zero_is_greedy(target):
         data.continue_prompts(target, rows, temperature=-1, progress=False)
 
 
+def test_generation_batches_of_long_prompts_hold_fewer_rows():
+    prompts_ = [[1] * n for n in (5, 40, 6, 50, 7, 8, 45, 9)]
+    batches = data._length_grouped(prompts_, batch_size=4, batch_tokens=100)
+    assert sorted(r for b in batches for r in b) == list(range(8))  # every prompt, once
+    assert all(len(b) <= 4 and len(b) * max(len(prompts_[r]) for r in b) <= 100 for b in batches)
+    assert batches == [[0, 2, 4, 5], [7, 1], [6, 3]]  # 4 short ones; 9 + 40 (2 x 40 tokens); 45 + 50
+    assert data._length_grouped(prompts_, batch_size=4) == [[0, 2, 4, 5], [7, 1, 6, 3]]  # no cap: rows only
+    assert data._length_grouped([[1] * 500], batch_size=4, batch_tokens=100) == [[0]]  # one row always fits
+
+
 def test_explore_tokens_sample_a_start_then_continue_greedily(target):
     ids, _ = prompts(3, [6, 6, 6], seed=2)
     rows = [r.tolist() for r in ids]

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-time", type=float, default=None, metavar="SECONDS",
                    help="stop starting new generation batches after this long (default: 60 on GPU, none on CPU)")
     p.add_argument("--gen-tokens", type=int, default=160, help="tokens the target writes per prompt (default 160)")
+    p.add_argument("--gen-batch-tokens", type=int, default=None, metavar="N",
+                   help="at most N prompt tokens per generation batch (rows x longest prompt; default: 262144 "
+                        "on GPU, none on CPU): long prompts go in smaller batches, whose prefill fits in memory")
     p.add_argument("--gen-batch-size", type=int, default=None,
                    help="prompts per generation batch (default: 256 on GPU, 8 on CPU)")
     p.add_argument("--gen-explore", type=int, default=0, metavar="N",
@@ -206,6 +209,7 @@ def _defaults(args) -> None:
     pick = {"batch_size": (16 if args.kind == "feature" else 32, 4), "seq_len": (512, 128),
             "text_chars": (6_000_000, 300_000),
             "gen_prompts": (2000, 16), "gen_time": (60.0, None), "gen_batch_size": (256, 8),
+            "gen_batch_tokens": (256 * 1024, None),
             "max_prompt_tokens": (640, 512), "eval_prompts": (4, 4), "eval_tokens": (128, 48),
             "final_prompts": (None, 2)}
     for name, (on_gpu, on_cpu) in pick.items():
@@ -314,7 +318,8 @@ def _generate(target, tok, args):
     generated = data.continue_prompts(target, ids, max_new_tokens=args.gen_tokens, temperature=args.temperature,
                                       batch_size=args.gen_batch_size, time_budget_s=args.gen_time, seed=args.seed,
                                       sources=[p.name.split("/")[1] for p in prompts], progress=not args.quiet,
-                                      compile=args.gen_compile, explore_tokens=args.gen_explore)
+                                      compile=args.gen_compile, explore_tokens=args.gen_explore,
+                                      batch_tokens=args.gen_batch_tokens)
     return generated, time.perf_counter() - start
 
 

@@ -274,7 +274,8 @@ def tokenize_texts(texts: list[str], tokenizer) -> list[Sequence]:
 def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 160, temperature: float = 0.8,
                      top_p: float = 0.95, batch_size: int = 16, time_budget_s: float | None = None,
                      seed: int = 0, sources: list[str] | None = None, progress: bool = True,
-                     compile: bool = False, explore_tokens: int = 0) -> list[Sequence]:
+                     compile: bool = False, explore_tokens: int = 0,
+                     batch_tokens: int | None = None) -> list[Sequence]:
     """Sample the target's continuations of ``prompts`` (token ids), batched; ``temperature=0``:
     greedy ones (what greedy decoding, and so the acceptance replay, sees). ``compile``: decode
     with ``specdec.generate(compile=True)`` (static cache + CUDA graphs; same tokens).
@@ -285,7 +286,9 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
     tokens count as prompt; a row that ends while sampling is dropped.
 
     Batches are formed in prompt order (rows sorted by length within groups of four
-    batches, to limit padding). With ``time_budget_s``, no new batch starts once it is
+    batches, to limit padding); with ``batch_tokens``, a batch of long prompts holds fewer
+    rows: at most ``batch_tokens`` // its longest prompt (a prefill's memory grows with
+    rows x length, and its attention with length squared). With ``time_budget_s``, no new batch starts once it is
     spent: the prompts' order decides which are continued.
     """
     from tqdm.auto import tqdm
@@ -297,7 +300,7 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
                          f"max_new_tokens={max_new_tokens}")
     sources = sources or ["prompt"] * len(prompts)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    order = _length_grouped(prompts, batch_size)
+    order = _length_grouped(prompts, batch_size, batch_tokens)
     out, start = [], time.perf_counter()
     bar = tqdm(total=len(prompts), desc="target writes training text", unit="seq", disable=not progress)
     for b, rows in enumerate(order):
@@ -373,11 +376,19 @@ def load_generated(path: str | Path, target) -> tuple[list[Sequence], dict]:
     return seqs, record["info"]
 
 
-def _length_grouped(prompts: list[list[int]], batch_size: int, group: int = 4) -> list[list[int]]:
+def _length_grouped(prompts: list[list[int]], batch_size: int, batch_tokens: int | None = None,
+                    group: int = 4) -> list[list[int]]:
+    """Batches of row indices: up to ``batch_size`` rows, and rows x longest prompt <= ``batch_tokens``."""
     batches = []
     for g in range(0, len(prompts), batch_size * group):
-        rows = sorted(range(g, min(g + batch_size * group, len(prompts))), key=lambda r: len(prompts[r]))
-        batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        batch = []
+        for r in sorted(range(g, min(g + batch_size * group, len(prompts))), key=lambda r: len(prompts[r])):
+            full = len(batch) == batch_size or (batch_tokens and (len(batch) + 1) * len(prompts[r]) > batch_tokens)
+            if batch and full:
+                batches.append(batch)
+                batch = []
+            batch.append(r)
+        batches += [batch] if batch else []
     return batches
 
 
