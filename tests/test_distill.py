@@ -214,6 +214,28 @@ def test_first_layers_draft_equals_early_exit(target):
     torch.testing.assert_close(a, b)
 
 
+def test_grown_draft_computes_what_it_grew_from_then_trains_its_new_layers(target):
+    assert model.grow_layers([0, 10, 19, 29], 6, 30) == [0, 5, 10, 19, 24, 29]
+    with pytest.raises(ValueError, match="cannot grow"):
+        model.grow_layers([0, 3], 4, 4)  # a draft as deep as its target
+    torch.manual_seed(0)
+    draft = model.build_draft(target, [0, 3], dtype=torch.float32)
+    with torch.no_grad():  # a "trained" draft: not the target's layers any more
+        for p in model.own_parameters(draft, target):
+            p.add_(0.05 * torch.randn_like(p))
+    grown, layers = model.grow(draft, target, [0, 3], 3)
+    assert layers == [0, 2, 3] and len(model.own_parameters(grown, target)) > len(model.own_parameters(draft, target))
+    ids, mask = prompts(2, [7, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(grown(input_ids=ids, attention_mask=mask).logits,
+                                   draft(input_ids=ids, attention_mask=mask).logits)
+    new = grown.model.layers[1]
+    assert not new.self_attn.o_proj.weight.any() and not new.mlp.down_proj.weight.any()
+    task = train.LayeredTask(target, grown)
+    task.loss(ids, mask).backward()
+    assert new.self_attn.o_proj.weight.grad.abs().sum() > 0 and new.mlp.down_proj.weight.grad.abs().sum() > 0
+
+
 def test_training_lowers_kl_and_raises_replayed_acceptance(target):
     torch.manual_seed(0)
     generated, sampler = _sampler(target)
@@ -534,8 +556,9 @@ def test_cli_end_to_end_on_the_default_model_then_resumes(tmp_path):
     assert shipped.read_metadata(checkpoint)["layers"] == record["draft_layers"] == [0, 29]
     second = tmp_path / "second"  # new text (sampled starts, another seed) + the first run's
     main(["distill", "--resume", str(checkpoint), "--gen-explore", "2", "--seed", "1", "--add-generated", str(text),
-          "--out", str(second), *small, "--max-seq-len", "256"])
+          "--out", str(second), *small, "--max-seq-len", "256", "--layers", "3"])
     again = save.json.loads((second / save.RECORD_NAME).read_text())
     assert again["init"] == f"resumed from {checkpoint}" and again["data"]["loaded_from"] == [str(text)]
     assert again["data"]["generated"] == 2 * record["data"]["generated"] and again["data"]["explore_tokens"] == 2
     assert again["max_seq_len"] == 256 and again["seq_len"] == 64
+    assert again["draft_layers"] == [0, 15, 29]  # grown by one layer between the two it had

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="layers", choices=("layers", "feature"),
                    help="layers: a shallow copy of the target (default); feature: an EAGLE-style one-layer "
                         "draft reading the target's features")
-    p.add_argument("--layers", type=int, default=4, help="layers kind: decoder layers of the draft (default 4)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers kind: decoder layers of the draft (default 4); with --resume, more layers than "
+                        "the file's grow it: new layers (target copies) go between the trained ones, their "
+                        "output projections zeroed, so the deeper draft starts where the file was")
     p.add_argument("--init", default="spread", choices=("spread", "first"),
                    help="which target layers the draft starts from: evenly spaced first..last (default) or the first N")
     p.add_argument("--steps", type=int, default=None,
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all on GPU, 2 on CPU; 0 skips it)")
     p.add_argument("--resume", default=None, metavar="FILE",
                    help="start from this draft file (a --ship file of an earlier run, any bits) instead of the "
-                        "target's layers; its kind and layers override --kind, --layers and --init")
+                        "target's layers; its kind and layers override --kind and --init (--layers can grow it)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--save-generated", default=None, metavar="FILE",
                       help="also write the target's continuations here, for --generated in a later run")
@@ -344,7 +347,7 @@ def _build(target, args):
         log.info("feature draft: %s (%.1fM parameters)", draft.config, sum(p.numel() for p in draft.parameters()) / 1e6)
         return draft, feature_train.FeatureTask(target, draft, config), None
     n_target = target.config.get_text_config().num_hidden_layers
-    layers = model.pick_layers(n_target, args.layers, args.init)
+    layers = model.pick_layers(n_target, args.layers or 4, args.init)
     log.info("target: %d layers; draft: %d layers initialised from target layers %s", n_target, len(layers), layers)
     draft = model.build_draft(target, layers, dtype=torch.float32)
     task = train.LayeredTask(target, draft)
@@ -358,6 +361,15 @@ def _resumed(target, args, common):
 
     draft, layers = shipped.resume_draft(target, args.resume)
     log.info("resuming the %s draft %s%s", args.kind, args.resume, f" (target layers {layers})" if layers else "")
+    if layers is not None and args.layers and args.layers != len(layers):
+        from specdec.distill import model
+
+        if args.layers < len(layers):
+            raise ValueError(f"--layers {args.layers} is fewer than the {len(layers)} layers of {args.resume}: a "
+                             "resumed draft can only grow (leave --layers out to keep its depth)")
+        draft, layers = model.grow(draft, target, layers, args.layers)
+        log.info("grew the draft to %d layers (target layers %s; new ones add nothing until trained)",
+                 len(layers), layers)
     if layers is not None:
         task = train.LayeredTask(target, draft)
         task.config = train.TrainConfig(**common)

@@ -74,6 +74,73 @@ def build_draft(target: nn.Module, layers: list[int], dtype: torch.dtype | None 
     return draft.eval()
 
 
+def grow_layers(layers: list[int], num_layers: int, num_target_layers: int) -> list[int]:
+    """``layers`` (a draft's target layers, ascending) plus new ones up to ``num_layers``: each new
+    one at the middle of the widest gap left between neighbours (e.g. [0, 10, 19, 29] -> 6 layers:
+    [0, 5, 10, 19, 24, 29])."""
+    if num_layers >= num_target_layers or sorted(set(layers)) != list(layers):
+        raise ValueError(f"cannot grow target layers {layers} to {num_layers} of {num_target_layers}")
+    out = list(layers)
+    while len(out) < num_layers:
+        bounds = [-1] + out + [num_target_layers]
+        gap, i = max((b - a, i) for i, (a, b) in enumerate(zip(bounds, bounds[1:])))
+        if gap < 2:
+            raise ValueError(f"no target layer left between {layers} to grow to {num_layers}")
+        out.insert(i, (bounds[i] + bounds[i + 1] + 1) // 2)
+    return out
+
+
+def grow(draft: nn.Module, target: nn.Module, layers: list[int], num_layers: int) -> tuple[nn.Module, list[int]]:
+    """A deeper draft that computes exactly what ``draft`` does, to train on (more capacity).
+
+    ``draft``'s layers (copies of target ``layers``) keep their trained weights; new layers,
+    copies of the target layers :func:`grow_layers` picks, go between them with their residual
+    branches' output projections zeroed (each adds nothing until training moves them, so the
+    grown draft starts at the trained draft's acceptance, not from scratch).
+
+    Returns (grown draft in ``draft``'s dtype, its target layers).
+    """
+    n_target = target.config.get_text_config().num_hidden_layers
+    new_layers = grow_layers(layers, num_layers, n_target)
+    dtype = own_parameters(draft, target)[0].dtype
+    grown = build_draft(target, new_layers, dtype=dtype)
+    prefix = ".".join(_find_layer_list(target)[0]) + "."
+    moved = {prefix + f"{i}.": prefix + f"{new_layers.index(t)}." for i, t in enumerate(layers)}
+    state = {}
+    for key, value in own_state_dict(draft, target).items():
+        old = next((o for o in moved if key.startswith(o)), None)
+        state[moved[old] + key[len(old):] if old else key] = value
+    own = own_state_dict(grown, target)
+    _, grown_layers = _find_layer_list(grown)
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)
+        for j, t in enumerate(new_layers):
+            if t not in layers:
+                for linear in residual_writers(grown_layers[j], grown.config.get_text_config().hidden_size):
+                    linear.weight.zero_()
+                    if linear.bias is not None:
+                        linear.bias.zero_()
+    return grown, new_layers
+
+
+def residual_writers(layer: nn.Module, hidden_size: int) -> list[nn.Linear]:
+    """The linears that write a decoder layer's residual branches: in each of its sub-blocks
+    (attention, MLP), the last linear whose output is the hidden size (``o_proj``, ``down_proj``).
+
+    Raises:
+        ValueError: the layer has no such linears (an architecture this cannot grow).
+    """
+    out = []
+    for block in layer.children():
+        linears = [m for m in block.modules() if isinstance(m, nn.Linear) and m.out_features == hidden_size]
+        out += linears[-1:]
+    if len(out) < 2:
+        raise ValueError(f"cannot find the attention and MLP output projections of {type(layer).__name__}: "
+                         "growing a draft needs them (train a deeper draft from the start instead: --layers N)")
+    return out
+
+
 def own_parameters(draft: nn.Module, target: nn.Module) -> list[nn.Parameter]:
     """The draft's parameters that are not the target's (its layers and norms), in a fixed order."""
     shared = {id(p) for p in target.parameters()}
