@@ -352,7 +352,7 @@ def _build(target, args):
         log.info("feature draft: %s (%.1fM parameters)", draft.config, sum(p.numel() for p in draft.parameters()) / 1e6)
         return draft, feature_train.FeatureTask(target, draft, config), None
     n_target = target.config.get_text_config().num_hidden_layers
-    layers = model.pick_layers(n_target, args.layers or 4, args.init)
+    layers = model.pick_layers(n_target, 4 if args.layers is None else args.layers, args.init)
     log.info("target: %d layers; draft: %d layers initialised from target layers %s", n_target, len(layers), layers)
     draft = model.build_draft(target, layers, dtype=torch.float32)
     task = train.LayeredTask(target, draft)
@@ -366,7 +366,7 @@ def _resumed(target, args, common):
 
     draft, layers = shipped.resume_draft(target, args.resume)
     log.info("resuming the %s draft %s%s", args.kind, args.resume, f" (target layers {layers})" if layers else "")
-    if layers is not None and args.layers and args.layers != len(layers):
+    if layers is not None and args.layers is not None and args.layers != len(layers):
         from specdec.distill import model
 
         if args.layers < len(layers):

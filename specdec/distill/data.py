@@ -288,8 +288,8 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
     Batches are formed in prompt order (rows sorted by length within groups of four
     batches, to limit padding); with ``batch_tokens``, a batch of long prompts holds fewer
     rows: at most ``batch_tokens`` // its longest prompt (a prefill's memory grows with
-    rows x length, and its attention with length squared). With ``time_budget_s``, no new batch starts once it is
-    spent: the prompts' order decides which are continued.
+    rows x length, and its attention with length squared). With ``time_budget_s``, no new
+    batch starts once it is spent: the prompts' order decides which are continued.
     """
     from tqdm.auto import tqdm
 
