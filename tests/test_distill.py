@@ -446,6 +446,18 @@ def test_cli_loads_saved_text_and_resumes_a_draft_file(target, tmp_path):
         _defaults(both)
 
 
+def test_draft_misses_split_copied_from_novel_tokens(target):
+    from benchmarks.draft_misses import copied_mask, top1_by_kind
+
+    assert copied_mask([5, 6, 7, 8, 9], [7, 8, 9, 1], n=3) == [False, False, True, False]  # only (7, 8, 9) is
+    assert copied_mask([5, 6], [5, 6], n=3) == [False, False]  # shorter than an n-gram
+    ids, _ = prompts(1, [8], seed=5)
+    prompt = ids[0].tolist()
+    continuation = hf_greedy(target, ids, torch.ones_like(ids), 6)[0, 8:].tolist()
+    counts = top1_by_kind(target, prompt, continuation, n=2)  # the target as its own draft: every token a hit
+    assert sum(n for _, n in counts.values()) == 6 and all(hits == n for hits, n in counts.values())
+
+
 def test_acceptance_by_workload_pools_each_and_means_them(target):
     draft = model.build_draft(target, [0, 3], dtype=torch.float32)
     ids, mask = prompts(3, [6, 8, 5], seed=4)
