@@ -36,7 +36,11 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib
 _TEMPLATES = ("Explain {t} in Python, with a short example.",
               "What should I know about {t} in Python?",
               "How does {t} work in Python? Answer briefly.",
-              "Give me a Python code example that shows {t}.")
+              "Give me a Python code example that shows {t}.",
+              "What does {t} do in Python?",
+              "When should I use {t} in Python, and when not?",
+              "What goes wrong if I misuse {t} in Python?",
+              "How is {t} different from similar features in Python?")
 _METHOD = re.compile(r"^ {3}([a-z]+\.[a-z_]+)\(", re.MULTILINE)  # "   str.split(sep=None)" in the pages
 _DEF = re.compile(r"^(?:async )?def (\w+)\(", re.MULTILINE)  # a stub's function name
 # prompt kinds, cycled in this order (so any prefix of the list keeps these proportions)
