@@ -319,13 +319,33 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
             rows, starts = [rows[i] for i in kept], [starts[i] + explored[i] for i in kept]
         new = _write(target, starts, sampling, max_new_tokens - explore_tokens, generator, compile) if rows else []
         out += [Sequence(s + n, len(s), sources[r]) for r, s, n in zip(rows, starts, new)]
+        if compile:
+            _release_static(target, when_over=0.5)
         bar.update(len(order[b]))
         bar.set_postfix(tokens=sum(len(s.ids) - s.prompt_len for s in out))
         if not progress:
             log.info("target continued %d/%d prompts (%d new tokens, %.0f s)", len(out), len(prompts),
                      sum(len(s.ids) - s.prompt_len for s in out), time.perf_counter() - start)
     bar.close()
+    if compile:
+        _release_static(target)
     return out
+
+
+def _release_static(target, when_over: float = 0.0) -> None:
+    """Drop the target's ``compile=True`` runners (a static KV cache and CUDA graphs per batch shape)
+    once they hold more than ``when_over`` of the GPU's memory (0: always): batches of other sizes
+    and lengths each keep one, and training after generation needs the memory back."""
+    from specdec import static
+
+    device = target.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        if torch.cuda.memory_allocated(device) <= when_over * torch.cuda.get_device_properties(device).total_memory:
+            return
+        static.release(target)
+        torch.cuda.empty_cache()
+    else:
+        static.release(target)
 
 
 def _write(target, rows: list[list[int]], sampling: dict, max_new_tokens: int, generator,
