@@ -282,7 +282,8 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
                      batch_tokens: int | None = None) -> list[Sequence]:
     """Sample the target's continuations of ``prompts`` (token ids), batched; ``temperature=0``:
     greedy ones (what greedy decoding, and so the acceptance replay, sees). ``compile``: decode
-    with ``specdec.generate(compile=True)`` (static cache + CUDA graphs; same tokens).
+    with ``specdec.generate(compile=True)`` (static cache + CUDA graphs; same tokens; the
+    target's static runners are released past half the GPU's memory and at the end).
 
     ``explore_tokens`` (greedy only): the first few new tokens are sampled (temperature 1,
     ``top_p``), the rest greedy from there: greedy text that the prompts alone would not give
