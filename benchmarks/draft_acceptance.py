@@ -12,7 +12,6 @@ here; a bf16 GPU run rounds differently and may differ by a few tokens).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -60,8 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "device": args.device, "prompts": {w: len(ids) for w, ids in held.items()},
                            "files": dict(zip(args.names or args.drafts, args.drafts))},
               "drafts": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    report.write_json(result, args.out)
     return result
 
 
