@@ -13,7 +13,6 @@ needs to attend further back (long rows).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from benchmarks import report
 
 def copied_mask(prompt: list[int], continuation: list[int], n: int = 4) -> list[bool]:
     """Per continuation token: does it complete an ``n``-gram that occurs in ``prompt``?"""
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (tokens of the prompt n-gram a copied token completes), got {n}")
     grams = {tuple(prompt[i:i + n]) for i in range(len(prompt) - n + 1)}
     context = prompt + continuation
     return [tuple(context[len(prompt) + j - n + 1:len(prompt) + j + 1]) in grams for j in range(len(continuation))]
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": dict(draft=args.draft, ngram=args.ngram, max_new_tokens=args.max_new_tokens,
                                dtype="float32", device="cpu", teacher_forced=True),
               "workloads": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    report.write_json(result, args.out)
     return result
 
 

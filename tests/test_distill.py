@@ -53,6 +53,8 @@ def test_sampler_weights_prompt_slots_of_generated_rows():
 def test_bucket_lengths():
     assert data.bucket_lengths(512, 512) == [512] and data.bucket_lengths(512, 2048) == [512, 1024, 2048]
     assert data.bucket_lengths(512, 600) == [512, 600]
+    with pytest.raises(ValueError, match="seq_len"):
+        data.bucket_lengths(0, 8)
     with pytest.raises(ValueError, match="at least seq_len"):
         data.WindowSampler(_numbered([(10, 4)]), [], 16, max_len=8)
 
@@ -104,6 +106,8 @@ def test_generation_batches_of_long_prompts_hold_fewer_rows():
     assert batches == [[0, 2, 4, 5], [7, 1], [6, 3]]  # 4 short ones; 9 + 40 (2 x 40 tokens); 45 + 50
     assert data._length_grouped(prompts_, batch_size=4) == [[0, 2, 4, 5], [7, 1, 6, 3]]  # no cap: rows only
     assert data._length_grouped([[1] * 500], batch_size=4, batch_tokens=100) == [[0]]  # one row always fits
+    with pytest.raises(ValueError, match="batch_tokens"):
+        data.continue_prompts(None, [[1, 2]], batch_tokens=0, progress=False)
 
 
 def test_explore_tokens_sample_a_start_then_continue_greedily(target):
@@ -180,6 +184,8 @@ def test_cli_prompt_weight_and_greedy_temperature():
     assert parsed("--max-seq-len", "2048", "--seq-len", "512").max_seq_len == 2048
     with pytest.raises(ValueError, match="--max-seq-len"):
         parsed("--max-seq-len", "64", "--seq-len", "128")
+    with pytest.raises(ValueError, match="--gen-batch-tokens"):
+        parsed("--gen-batch-tokens", "0")
 
 
 def test_pick_layers():
@@ -236,6 +242,8 @@ def test_grown_draft_computes_what_it_grew_from_then_trains_its_new_layers(targe
     task = train.LayeredTask(target, grown)
     task.loss(ids, mask).backward()
     assert new.self_attn.o_proj.weight.grad.abs().sum() > 0 and new.mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="output projections"):  # an architecture it cannot grow
+        model.residual_writers(torch.nn.Sequential(torch.nn.LayerNorm(8)), hidden_size=8)
 
 
 def test_training_lowers_kl_and_raises_replayed_acceptance(target):
@@ -453,6 +461,8 @@ def test_draft_misses_split_copied_from_novel_tokens(target):
 
     assert copied_mask([5, 6, 7, 8, 9], [7, 8, 9, 1], n=3) == [False, False, True, False]  # only (7, 8, 9) is
     assert copied_mask([5, 6], [5, 6], n=3) == [False, False]  # shorter than an n-gram
+    with pytest.raises(ValueError, match="n must be"):
+        copied_mask([5, 6], [5], n=0)
     ids, _ = prompts(1, [8], seed=5)
     prompt = ids[0].tolist()
     continuation = hf_greedy(target, ids, torch.ones_like(ids), 6)[0, 8:].tolist()

@@ -223,6 +223,9 @@ def _defaults(args) -> None:
     for name, (on_gpu, on_cpu) in pick.items():
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
+    if args.gen_batch_tokens is not None and args.gen_batch_tokens < 1:
+        raise ValueError(f"--gen-batch-tokens must be >= 1 (prompt tokens per generation batch), got "
+                         f"{args.gen_batch_tokens}")
     if args.max_seq_len is not None and args.max_seq_len < args.seq_len:
         raise ValueError(f"--max-seq-len {args.max_seq_len} is below --seq-len {args.seq_len}: it is the longest "
                          "row kept whole; give at least --seq-len (or leave it out)")

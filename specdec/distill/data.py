@@ -303,6 +303,8 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
     if explore_tokens and (temperature > 0 or not 0 < explore_tokens < max_new_tokens):
         raise ValueError(f"explore_tokens={explore_tokens} needs greedy text (temperature 0) and fewer than "
                          f"max_new_tokens={max_new_tokens}")
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1 (prompt tokens per generation batch) or None, got {batch_tokens}")
     sources = sources or ["prompt"] * len(prompts)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     order = _length_grouped(prompts, batch_size, batch_tokens)
@@ -517,6 +519,8 @@ class WindowSampler:
 
 def bucket_lengths(seq_len: int, max_len: int) -> list[int]:
     """Row lengths of the batches: ``seq_len``, doubled while below ``max_len``, then ``max_len``."""
+    if seq_len < 1 or max_len < seq_len:
+        raise ValueError(f"need 1 <= seq_len <= max_len, got seq_len={seq_len}, max_len={max_len}")
     out = [seq_len]
     while out[-1] < max_len:
         out.append(min(2 * out[-1], max_len))
