@@ -19,7 +19,8 @@
 #     (--gen-explore 4: sampled starts, --seed DISTILL_SEED=1; DISTILL_GEN_S=150), plus any earlier runs'
 #     text staged from .resume/*.pt (`stage` carrying .resume first: --add-generated); ~9.5 min, same files.
 #     Called again while warm (another DISTILL_SEED), it trains on from the last run's float checkpoint
-#     and adds that run's text. Long prompts whole: DISTILL_ARGS="--max-prompt-tokens 2048 --max-seq-len 2048"
+#     and adds that run's text (DISTILL_ADD_OLD=0: no earlier text, only this run's new text).
+#     Long prompts whole: DISTILL_ARGS="--max-prompt-tokens 2048 --max-seq-len 2048"
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
 #   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
@@ -112,7 +113,11 @@ if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more
         fi
         how=(--resume "$from" --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --gen-explore 4
              --seed "${DISTILL_SEED:-1}" --gen-compile --save-generated /root/distilled-generated.pt)
-        if compgen -G "/root/resume/*.pt" > /dev/null; then how+=(--add-generated /root/resume/*.pt); fi
+        # DISTILL_ADD_OLD=0: fresh text only (earlier texts, trained on before, are memorized: they fit far
+        # better than new text of the same kind does, so they teach little)
+        if [[ "${DISTILL_ADD_OLD:-1}" == 1 ]] && compgen -G "/root/resume/*.pt" > /dev/null; then
+            how+=(--add-generated /root/resume/*.pt)
+        fi
         budget=${DISTILL_TRAIN_S:-330}
     elif [[ "$WHAT" == distill ]]; then
         how=(--layers 4 --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --save-generated /root/distilled-generated.pt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -507,6 +508,17 @@ def test_training_prompts_are_disjoint_from_held_out():
     assert not held_text & {str(p.messages or p.text) for p in train_prompts}
     files = {f.stem for f in data.stdlib_files()}
     assert "textwrap" not in files and "heapq" not in files
+
+
+def test_code_prompts_come_from_stdlib_and_site_packages_in_turn():
+    packages = data.site_package_files()
+    assert packages and all(f.suffix == ".py" for f in packages)
+    assert not {data._module_name(f).split(".")[0] for f in packages} & data._OWN_PACKAGES
+    mixed = data.code_files(random.Random(0))
+    stdlib = set(data.stdlib_files())
+    assert [f in stdlib for f in mixed[:6]] == [True, False] * 3  # half stdlib, whatever is installed
+    assert sorted(mixed) == sorted(stdlib | set(packages))
+    assert {"`len()`", "`zip`", "`ValueError`"} <= set(data.builtin_subjects())
 
 
 def test_function_stubs_include_methods_under_their_class():

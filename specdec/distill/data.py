@@ -2,11 +2,13 @@
 
 Everything is real text that ships with Python (no network):
 
-- prompts: stubs (imports, signature, docstring) of the running interpreter's stdlib
-  functions, raw or wrapped as "Complete this Python function:", and questions about the
-  sections of the Python reference (``pydoc_data.topics``), asked with the ``chat``
-  benchmark's system prompt or none; the target writes the continuations
-  (:func:`continue_prompts`), so the draft learns what the target says;
+- prompts: stubs (imports, signature, docstring) of documented functions of the running
+  interpreter's stdlib and of its installed third-party packages (site-packages: torch,
+  transformers, ...), raw or wrapped as "Complete this Python function:", and questions about
+  those functions, the builtins and the sections of the Python reference
+  (``pydoc_data.topics``), asked with the ``chat`` benchmark's system prompt or none; the
+  target writes the continuations (:func:`continue_prompts`), so the draft learns what the
+  target says;
 - plain text: stdlib source and reference pages, plus any files the user names.
 
 Held out: every prompt of the ``code`` and ``chat`` benchmark workloads
@@ -31,6 +33,7 @@ import torch
 from specdec.distill.evaluate import left_pad
 
 log = logging.getLogger("specdec.distill")
+_OWN_PACKAGES = {"specdec", "benchmarks", "integrations", "prefix_cache", "quant", "tests", "conftest"}
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
               "tkinter", "__pycache__", "config-3", "venv", "pydoc_data"}
 _TEMPLATES = ("Explain {t} in Python, with a short example.",
@@ -110,6 +113,53 @@ def stdlib_files(exclude_modules: set[str] | None = None) -> list[Path]:
     return sorted(out)
 
 
+def site_package_files(exclude_packages: set[str] = _OWN_PACKAGES) -> list[Path]:
+    """Pure-Python files of the installed third-party packages (site-packages), sorted: real
+    code beyond the stdlib (torch, transformers, numpy, ...) for more, fresher prompts.
+    This project's own packages are left out."""
+    out = []
+    for root in _site_roots():
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(("test", "_vendor"))
+                       and not d.endswith((".dist-info", ".egg-info"))]
+            top = Path(folder).relative_to(root).parts[:1]
+            if top and top[0] in exclude_packages:
+                dirs[:] = []
+                continue
+            out += [Path(folder) / n for n in files
+                    if n.endswith(".py") and not n.startswith("test") and (top or n[:-3] not in exclude_packages)]
+    return sorted(set(out))
+
+
+def _site_roots() -> list[Path]:
+    """The interpreter's site-packages folders that exist (a venv's, or the system's dist-packages)."""
+    import site
+
+    paths = sysconfig.get_paths()
+    roots = {Path(paths["purelib"]), Path(paths["platlib"])} | {Path(p) for p in site.getsitepackages()}
+    return sorted(r for r in roots if r.is_dir())
+
+
+def code_files(rng: random.Random) -> list[Path]:
+    """Stdlib (less the held-out modules) and site-packages files, each list shuffled, taken in
+    turn (stdlib, package, stdlib, ...) so the stdlib keeps half of the first files however many
+    packages are installed."""
+    stdlib, packages = stdlib_files(), site_package_files()
+    rng.shuffle(stdlib)
+    rng.shuffle(packages)
+    mixed = [f for pair in zip(stdlib, packages) for f in pair]
+    n = min(len(stdlib), len(packages))
+    return mixed + stdlib[n:] + packages[n:]
+
+
+def builtin_subjects() -> list[str]:
+    """The documented public builtins, as question subjects: "`len()`", "`zip`", "`ValueError`"."""
+    import builtins
+
+    names = [n for n in dir(builtins) if not n.startswith("_") and getattr(builtins, n).__doc__]
+    return [f"`{n}`" if isinstance(getattr(builtins, n), type) else f"`{n}()`" for n in names]
+
+
 def function_stubs(source: str, max_chars: int = 1500) -> list[str]:
     """Module imports + each documented function's decorators, signature and docstring: the
     top-level functions', then the top-level classes' methods' (under their class's header line)."""
@@ -166,8 +216,7 @@ def training_prompts(n: int, seed: int = 0) -> list:
     from benchmarks import workloads
 
     rng = random.Random(seed)
-    files = stdlib_files()
-    rng.shuffle(files)
+    files = code_files(rng)
     stubs, functions = [], []
     for path in files:  # parse only as many files as the code prompts need (half of them are code)
         if len(stubs) > n // 2 + 8:
@@ -179,7 +228,7 @@ def training_prompts(n: int, seed: int = 0) -> list:
     pages = reference_pages()
     subjects = [_lower_first(t) for page in pages.values() for t in section_titles(page)]
     subjects += [f"`{m}`" for page in pages.values() for m in _METHOD.findall(page)]
-    subjects += [f"`{name}`" for name in functions]
+    subjects += [f"`{name}`" for name in functions] + builtin_subjects()
     questions = [template.format(t=t) for t in subjects for template in _TEMPLATES]
     excerpts = [_excerpt(page, rng) for page in pages.values()]
     for pool in (stubs, questions, excerpts):
@@ -216,8 +265,11 @@ def _prompt(kind: str, item: str, i: int, system: str, workloads):
 
 
 def _module_name(path: Path) -> str:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+    """Dotted module name of a stdlib or site-packages file."""
+    for root in _site_roots() + [Path(sysconfig.get_paths()["stdlib"])]:  # site-packages may lie inside the stdlib
+        if path.is_relative_to(root):
+            return ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+    return path.stem
 
 
 def _lower_first(title: str) -> str:
