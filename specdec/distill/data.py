@@ -19,6 +19,7 @@ reference pages, so acceptance measured on them is acceptance on unseen prompts.
 from __future__ import annotations
 
 import ast
+import itertools
 import logging
 import os
 import random
@@ -288,14 +289,13 @@ def _excerpt(page: str, rng: random.Random, chars: int = 3000) -> str:
 
 
 def plain_texts(max_chars: int, files: list[str | Path] = (), seed: int = 0, piece_chars: int = 8000) -> list[str]:
-    """Pieces of real text: user ``files`` first (whole), then reference pages and stdlib
-    source (shuffled) until ``max_chars``. Pieces are cut at line ends near ``piece_chars``."""
+    """Pieces of real text: user ``files`` first (whole), then reference pages, then stdlib and
+    site-packages source (:func:`code_files`, shuffled by ``seed``: other seeds, other files)
+    until ``max_chars``. Pieces are cut at line ends near ``piece_chars``."""
     docs = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
-    pages = list(reference_pages().values())
-    sources = stdlib_files()
-    random.Random(seed).shuffle(sources)
+    sources = (p.read_text(encoding="utf-8", errors="replace") for p in code_files(random.Random(seed)))
     budget = max_chars
-    for text in pages + [p.read_text(encoding="utf-8", errors="replace") for p in sources[:4000]]:
+    for text in itertools.chain(reference_pages().values(), sources):
         if budget <= 0:
             break
         docs.append(text[:budget])
