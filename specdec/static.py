@@ -34,6 +34,7 @@ leaves that runner eager over its static cache.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import itertools
 import types
@@ -523,6 +524,8 @@ def release(model: torch.nn.Module) -> int:
     keys = [key for key, runner in _RUNNERS.items() if runner._model_ref() is model]
     for key in keys:
         del _RUNNERS[key]
+    if keys:
+        gc.collect()  # a runner sits in reference cycles (its caches and graphs point back at it): free it now
     return len(keys)
 
 
