@@ -335,7 +335,7 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
     """Sample the target's continuations of ``prompts`` (token ids), batched; ``temperature=0``:
     greedy ones (what greedy decoding, and so the acceptance replay, sees). ``compile``: decode
     with ``specdec.generate(compile=True)`` (static cache + CUDA graphs; same tokens; the
-    target's static runners are released when a batch's shape changes, and at the end).
+    target's static runners are released once they hold 40% of the GPU's memory, and at the end).
 
     ``explore_tokens`` (greedy only): the first few new tokens are sampled (temperature 1,
     ``top_p``), the rest greedy from there: greedy text that the prompts alone would not give
@@ -360,7 +360,7 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
     sources = sources or ["prompt"] * len(prompts)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     order = _length_grouped(prompts, batch_size, batch_tokens)
-    out, start, shapes = [], time.perf_counter(), []
+    out, start = [], time.perf_counter()
     bar = tqdm(total=len(prompts), desc="target writes training text", unit="seq", disable=not progress)
     for b, rows in enumerate(order):
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
@@ -369,10 +369,10 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
         starts = [list(prompts[r]) for r in rows]
         if explore_tokens:
             explored = _write(target, starts, dict(do_sample=True, temperature=1.0, top_p=top_p), explore_tokens,
-                              generator, compile, shapes)
+                              generator, compile)
             kept = [i for i, e in enumerate(explored) if len(e) == explore_tokens]
             rows, starts = [rows[i] for i in kept], [starts[i] + explored[i] for i in kept]
-        new = _write(target, starts, sampling, max_new_tokens - explore_tokens, generator, compile, shapes) if rows else []
+        new = _write(target, starts, sampling, max_new_tokens - explore_tokens, generator, compile) if rows else []
         out += [Sequence(s + n, len(s), sources[r]) for r, s, n in zip(rows, starts, new)]
         bar.update(len(order[b]))
         bar.set_postfix(tokens=sum(len(s.ids) - s.prompt_len for s in out))
@@ -385,33 +385,29 @@ def continue_prompts(target, prompts: list[list[int]], *, max_new_tokens: int = 
     return out
 
 
-def _release_static(target) -> None:
-    """Drop the target's ``compile=True`` runners (a static KV cache and CUDA graphs per batch
-    shape) and give their memory back (training after generation needs it)."""
+def _release_static(target, when_over: float = 0.0) -> None:
+    """Drop the target's ``compile=True`` runners (a static KV cache and CUDA graphs per batch shape)
+    once they hold more than ``when_over`` of the GPU's memory (0: always): batches of other sizes
+    and lengths each keep one, and training after generation needs the memory back."""
     from specdec import static
 
-    static.release(target)
-    if target.get_input_embeddings().weight.device.type == "cuda":
+    device = target.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        if torch.cuda.memory_allocated(device) <= when_over * torch.cuda.get_device_properties(device).total_memory:
+            return
+        static.release(target)
         torch.cuda.empty_cache()
+    else:
+        static.release(target)
 
 
 def _write(target, rows: list[list[int]], sampling: dict, max_new_tokens: int, generator,
-           compile: bool, shapes: list | None = None) -> list[list[int]]:
-    """Each row's new tokens (up to its EOS) from one batched ``specdec.generate`` call.
-
-    ``compile``: the target's static runners are released first when this call's shape (rows,
-    cache slots) differs from the last call's (``shapes`` remembers it): a runner's KV cache is
-    rows x slots (24 GiB at 512 x 2,048 for this model), and a call of another shape would add its
-    own beside it (two runs ran out of memory so)."""
+           compile: bool) -> list[list[int]]:
+    """Each row's new tokens (up to its EOS) from one batched ``specdec.generate`` call."""
     import specdec
-    from specdec import static
 
-    if compile and shapes is not None:
-        shape = (len(rows), static._bucket(max(map(len, rows)) + max_new_tokens + 2))
-        if shapes and shapes[-1] != shape:
-            _release_static(target)
-        shapes[:] = [shape]
-
+    if compile:  # runners of earlier batch shapes stay (no recapture when a shape comes back) up to 40%
+        _release_static(target, when_over=0.4)
     ids, mask = left_pad(rows, 0, target.get_input_embeddings().weight.device)
     seqs, stats = specdec.generate(target, ids, mask, **sampling, max_new_tokens=max_new_tokens,
                                    generator=generator, return_stats=True, compile=compile)
