@@ -298,6 +298,20 @@ def test_simulate_counts_like_generate():
     assert evaluate.simulate([True, True, True], k=4, limit=10) == (2, 4)  # EOS at 3: the rest is rejected
 
 
+def test_top1_weight_adds_cross_entropy_on_the_targets_top1(target):
+    draft = model.build_draft(target, [0, 3], dtype=torch.float32)
+    ids, mask, _ = _prompt_batch(0.0)
+    with torch.no_grad():
+        teacher = target(input_ids=ids, attention_mask=mask).logits
+        student = draft(input_ids=ids, attention_mask=mask).logits
+        ce = torch.nn.functional.cross_entropy(student[mask.bool()], teacher.argmax(-1)[mask.bool()])
+        kl = train.kl_loss(teacher, student, mask)
+        both = train.LayeredTask(target, draft, top1_weight=0.5).loss(ids, mask)
+    assert float(both) == pytest.approx(float(kl + 0.5 * ce), rel=1e-5)
+    with pytest.raises(ValueError, match="top1_weight must be >= 0"):
+        train.LayeredTask(target, draft, top1_weight=-1.0)
+
+
 def test_kl_loss_zero_for_equal_and_masked():
     logits = torch.randn(2, 3, 5)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature of the target's text; 0 = greedy (default), what greedy decoding "
                         "and the acceptance replay see (with 0.8 a layered draft replayed 0.33 at 1000 steps, "
                         "greedy 0.36 at 996: README)")
+    p.add_argument("--top1-weight", type=_non_negative, default=0.0,
+                   help="layered drafts: add this x cross-entropy on the target's top-1 token to the KL loss "
+                        "(greedy acceptance asks only for the top-1; default 0: KL alone)")
     p.add_argument("--prompt-weight", type=_non_negative, default=0.1,
                    help="loss weight of the prompt tokens of the target's text (default 0.1): decoding only "
                         "drafts what the target writes, and templated, repeated prompts are easy to fit; "
@@ -358,8 +361,8 @@ def _build(target, args):
     layers = model.pick_layers(n_target, 4 if args.layers is None else args.layers, args.init)
     log.info("target: %d layers; draft: %d layers initialised from target layers %s", n_target, len(layers), layers)
     draft = model.build_draft(target, layers, dtype=torch.float32)
-    task = train.LayeredTask(target, draft)
-    task.config = train.TrainConfig(**common)
+    task = train.LayeredTask(target, draft, args.top1_weight)
+    task.config = train.TrainConfig(**common, top1_weight=args.top1_weight)
     return draft, task, layers
 
 
@@ -379,8 +382,8 @@ def _resumed(target, args, common):
         log.info("grew the draft to %d layers (target layers %s; new ones add nothing until trained)",
                  len(layers), layers)
     if layers is not None:
-        task = train.LayeredTask(target, draft)
-        task.config = train.TrainConfig(**common)
+        task = train.LayeredTask(target, draft, args.top1_weight)
+        task.config = train.TrainConfig(**common, top1_weight=args.top1_weight)
         return draft, task, layers
     from specdec.distill import feature_train
 

@@ -45,6 +45,7 @@ class TrainConfig:
     log_every: int = 10                 # steps per loss-curve point
     quant_bits: int | None = None       # train the last quant_fraction of steps through this rounding (qat.py)
     quant_fraction: float = 0.0         # 0: float throughout; 1: quantization-aware from the first step
+    top1_weight: float = 0.0            # layered drafts: + this x cross-entropy on the target's top-1 token
 
 
 @dataclass
@@ -100,10 +101,15 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
 
 
 class LayeredTask:
-    """A layered draft: KL of its logits to the target's, acceptance replayed teacher-forced."""
+    """A layered draft: KL of its logits to the target's (plus ``top1_weight`` x cross-entropy on
+    the target's top-1 token: greedy acceptance asks only for that one), acceptance replayed
+    teacher-forced."""
 
-    def __init__(self, target, draft):
+    def __init__(self, target, draft, top1_weight: float = 0.0):
+        if top1_weight < 0:
+            raise ValueError(f"top1_weight must be >= 0 (0: KL alone), got {top1_weight}")
         self.target, self.draft, self.amp = target, draft, _autocast_dtype(target)
+        self.top1_weight = top1_weight
         self._parts: list[dict] = []
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -121,10 +127,17 @@ class LayeredTask:
                 teacher = self.target(input_ids=ids, attention_mask=mask, use_cache=False).logits
             student = self.draft(input_ids=ids, attention_mask=mask, use_cache=False).logits
         w = slot_weights(mask, weight)
-        loss = kl_loss(teacher, student, w)
+        kl = kl_loss(teacher, student, w)
+        best = teacher.argmax(-1)
         with torch.no_grad():
-            top1 = weighted_mean((student.argmax(-1) == teacher.argmax(-1)).float(), w)
-        self._parts.append({"kl": loss.detach(), "top1": top1})
+            top1 = weighted_mean((student.argmax(-1) == best).float(), w)
+        parts = {"kl": kl.detach(), "top1": top1}
+        loss = kl
+        if self.top1_weight:
+            ce = weighted_mean(F.cross_entropy(student.float().transpose(1, 2), best, reduction="none"), w)
+            loss = kl + self.top1_weight * ce
+            parts["top1_ce"] = ce.detach()
+        self._parts.append(parts)
         return loss
 
     def detail(self) -> dict:
@@ -154,7 +167,7 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
         raise ValueError(f"quant_bits must be 4, 8 or None and quant_fraction in [0, 1], got {config.quant_bits!r} "
                          f"and {config.quant_fraction!r}")
     device = target.get_input_embeddings().weight.device
-    task = task or LayeredTask(target, draft)
+    task = task or LayeredTask(target, draft, config.top1_weight)
     params = task.parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
                                   **({"fused": True} if device.type == "cuda" else {}))
