@@ -19,6 +19,13 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+def cache_keyword(model: torch.nn.Module) -> str | None:
+    """The forward keyword that takes the KV cache: ``cache`` in newer transformers (5.2x, where
+    ``past_key_values`` is a deprecated alias), ``past_key_values`` before; None if neither."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
 @dataclass
 class ModelRunner:
     """Wraps an HF causal LM for slot-indexed decoding.
@@ -30,6 +37,7 @@ class ModelRunner:
     model: torch.nn.Module
     make_cache: object = None  # callable(model) -> Cache; default DynamicCache(config=...)
     _has_logits_to_keep: bool = field(init=False, default=False)
+    _cache_keyword: str = field(init=False, default="past_key_values")
     _features: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
@@ -38,6 +46,7 @@ class ModelRunner:
             raise ValueError(f"{type(self.model).__name__} is an encoder-decoder model; specdec decodes "
                              "decoder-only causal LMs (AutoModelForCausalLM)")
         self._has_logits_to_keep = _accepts(self.model, "logits_to_keep")
+        self._cache_keyword = cache_keyword(self.model) or "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -69,8 +78,8 @@ class ModelRunner:
         if last_only and self._has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=tokens.to(self.device), attention_mask=key_mask.to(self.device),
-                         position_ids=positions.to(self.device), past_key_values=cache,
-                         use_cache=True, **kwargs)
+                         position_ids=positions.to(self.device), use_cache=True,
+                         **{self._cache_keyword: cache}, **kwargs)
         logits = out.logits[:, -1:] if last_only else out.logits
         return logits.to(self.device)  # a model split over devices (device_map) ends elsewhere
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.adapter import ModelRunner
+from specdec.adapter import ModelRunner, cache_keyword
 from quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
 from specdec.fused_linear import fused_projections, join_projections
@@ -189,6 +189,7 @@ class StaticRunner:
         self._write_slots: torch.Tensor | None = None
         self._additive = model.config._attn_implementation == "eager"
         self._cache_position = _accepts(model, "cache_position")
+        self._cache_keyword = cache_keyword(model)
         self._arange = torch.arange(max_len, device=self._device)
         self._key_slots = torch.zeros(batch_size, max_len, dtype=torch.bool, device=self._device)
         if use_graphs is None:
@@ -323,8 +324,9 @@ class StaticRunner:
         n = tokens.shape[1]
         scratch = DynamicCache()
         kwargs = {"logits_to_keep": 1} if last_only and _accepts(self.model, "logits_to_keep") else {}
+        kwargs[self._cache_keyword] = scratch
         out = self.model(input_ids=tokens, attention_mask=key_mask, position_ids=positions,
-                         past_key_values=scratch, use_cache=True, **kwargs)
+                         use_cache=True, **kwargs)
         for layer, source in zip(self._hf_cache.layers, scratch.layers):
             self._store(layer, self._arange[:n], source.keys, source.values)
         return out.logits
@@ -382,6 +384,7 @@ class StaticRunner:
         tokens, positions = (t if t.is_inference() else t.clone() for t in (tokens, positions))
         self._write_slots = slots
         kwargs = {"cache_position": slots} if self._cache_position else {}
+        kwargs[self._cache_keyword] = self._hf_cache
         for layer in self._hf_cache.layers:
             # views made here, not inside the (compiled) forward: torch.compile sees the window as a
             # tensor size, which it can keep dynamic, rather than an int it would specialize on
@@ -389,7 +392,7 @@ class StaticRunner:
         with attention_implementation(self.model, PACKED_GQA if self._packed_gqa else None), \
                 fused_projections(self._projections):
             return self._forward(self.model, input_ids=tokens, attention_mask=self._mask(slots),
-                                 position_ids=positions, past_key_values=self._hf_cache, use_cache=True, **kwargs)
+                                 position_ids=positions, use_cache=True, **kwargs)
 
     def _replay(self, tokens, positions, slots) -> torch.Tensor:
         n = tokens.shape[1]
@@ -478,7 +481,9 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         return f"{type(model).__name__} is an encoder-decoder model"
-    for name in ("past_key_values", "position_ids", "attention_mask"):
+    if cache_keyword(model) is None:
+        return f"{type(model).__name__}.forward takes no cache (past_key_values)"
+    for name in ("position_ids", "attention_mask"):
         if not _accepts(model, name):
             return f"{type(model).__name__}.forward takes no {name}"
     impl = getattr(config, "_attn_implementation", None) or "eager"

@@ -121,6 +121,30 @@ def test_runner_cache_is_dropped_with_the_model():
     assert key not in static._RUNNERS
 
 
+def test_static_path_takes_the_cache_by_either_keyword(models):
+    """transformers 5.2x renamed forward's ``past_key_values`` to ``cache`` (the old name a deprecated
+    alias): the static runner must still run this version's models, not fall back to eager."""
+    from specdec.adapter import cache_keyword
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, position_ids=None, attention_mask=None):
+            pass
+
+    class New(Old):
+        def forward(self, input_ids=None, cache=None, position_ids=None, attention_mask=None, **kwargs):
+            pass
+
+    assert (cache_keyword(Old()), cache_keyword(New()), cache_keyword(torch.nn.Linear(1, 1))) == \
+        ("past_key_values", "cache", None)
+    model = models["llama"]
+    assert static.unsupported_reason(model) is None
+    ids, mask = prompts(1, [6], seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager warns
+        assert torch.equal(specdec.generate(model, ids, mask, max_new_tokens=8, compile=True),
+                           hf_greedy(model, ids, mask, 8))
+
+
 def test_unsupported_falls_back_with_a_warning():
     config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
