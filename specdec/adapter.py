@@ -22,8 +22,12 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 def cache_keyword(model: torch.nn.Module) -> str | None:
     """The forward keyword that takes the KV cache: ``cache`` in newer transformers (5.2x, where
     ``past_key_values`` is a deprecated alias), ``past_key_values`` before; None if neither."""
-    params = inspect.signature(model.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
+    for forward in (model.forward, type(model).forward):  # the class's, when a wrapper hides the instance's
+        params = inspect.signature(forward).parameters
+        found = next((name for name in ("cache", "past_key_values") if name in params), None)
+        if found:
+            return found
+    return None
 
 
 @dataclass
