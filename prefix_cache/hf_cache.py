@@ -82,7 +82,8 @@ def _check_layer_count(kv_layers: KV, config: Any) -> None:
 
 
 def cache_from_kv(kv_layers: KV, config: Any) -> DynamicCache:
-    """A ``DynamicCache`` holding ``kv_layers`` (copied), ready for ``model(..., past_key_values=cache)``."""
+    """A ``DynamicCache`` holding ``kv_layers`` (copied), ready for ``model(..., past_key_values=cache)``
+    (``cache=cache`` in transformers 5.2x)."""
     check_supported(config)
     _check_layer_count(kv_layers, config)
     cache = _new_dynamic_cache(config)

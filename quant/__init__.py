@@ -3,7 +3,7 @@
     import quant
     quant.quantize(model, bits=4, group_size=64)          # swaps nn.Linear in place
     quant.quantize(model, bits=4, method="gptq", calibration=token_ids)  # (N, T): lower error
-    cache = quant.QuantizedKVCache(model.config, bits=8)   # past_key_values= for forward/generate
+    cache = quant.QuantizedKVCache(model.config, bits=8)   # past_key_values= (cache= in transformers 5.2x)
 """
 
 from quant.int4 import Int4Linear, dequantize_int4, quantize_int4

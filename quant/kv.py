@@ -195,7 +195,8 @@ class QuantizedKVLayer(DynamicLayer):
 
 
 class QuantizedKVCache(DynamicCache):
-    """KIVI-quantized drop-in for ``DynamicCache``: ``model(..., past_key_values=QuantizedKVCache(config))``.
+    """KIVI-quantized drop-in for ``DynamicCache``: ``model(..., past_key_values=QuantizedKVCache(config))``
+    (``cache=`` in transformers 5.2x, where ``past_key_values`` is a deprecated alias).
 
     bits: 8 or 4. residual_length: recent tokens kept in full precision (>= 0). group_size:
     tokens per key scale group; the residual holds up to ``residual_length + group_size - 1``.
