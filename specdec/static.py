@@ -35,7 +35,6 @@ leaves that runner eager over its static cache.
 from __future__ import annotations
 
 import gc
-import inspect
 import itertools
 import types
 import warnings
@@ -44,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.adapter import ModelRunner, cache_keyword
+from specdec.adapter import ModelRunner, _accepts, cache_keyword
 from quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
 from specdec.fused_linear import fused_projections, join_projections
@@ -151,11 +150,6 @@ def _attend_buckets(max_len: int) -> list[int]:
 def _prefill_bucket(n: int) -> int | None:
     """The smallest graph size that holds an n-token suffix, None if n is past the largest."""
     return next((b for b in _PREFILL_BUCKETS if n <= b), None)
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    params = inspect.signature(model.forward).parameters
-    return name in params
 
 
 class StaticRunner:
