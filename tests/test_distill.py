@@ -312,6 +312,23 @@ def test_top1_weight_adds_cross_entropy_on_the_targets_top1(target):
         train.LayeredTask(target, draft, top1_weight=-1.0)
 
 
+def test_kl_and_top1_ce_match_separate_losses_and_their_gradients():
+    torch.manual_seed(0)
+    teacher, weight = torch.randn(2, 5, 11), torch.tensor([[1.0, 0.1, 1, 1, 0], [1, 1, 0.1, 0, 0]])
+    student = torch.randn(2, 5, 11, requires_grad=True)
+    kl, ce, agree = train.kl_and_top1_ce(teacher, student, weight)
+    (kl + 2 * ce).backward()
+    fused = student.grad.clone()
+    student.grad = None
+    ce_ref = train.weighted_mean(torch.nn.functional.cross_entropy(student.transpose(1, 2), teacher.argmax(-1),
+                                                                   reduction="none"), weight)
+    (train.kl_loss(teacher, student, weight) + 2 * ce_ref).backward()
+    assert float(ce) == pytest.approx(float(ce_ref), rel=1e-6)
+    assert torch.allclose(fused, student.grad, atol=1e-7)
+    same = (student.argmax(-1) == teacher.argmax(-1)).float()
+    assert float(agree) == pytest.approx(float(train.weighted_mean(same, weight)))
+
+
 def test_kl_loss_zero_for_equal_and_masked():
     logits = torch.randn(2, 3, 5)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])

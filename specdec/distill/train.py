@@ -71,10 +71,26 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: to
     teacher_logits, student_logits: (B, T, V); mask: (B, T) 1 on real tokens, 0 on padding, or
     float per-position weights (the mean is normalised by their sum).
     """
+    return weighted_mean(_per_position(teacher_logits, student_logits)[0], mask)
+
+
+def kl_and_top1_ce(teacher_logits: torch.Tensor, student_logits: torch.Tensor, weight: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL as :func:`kl_loss`, cross-entropy of the student on the teacher's top-1 token, the
+    student's top-1 agreement), each a ``weight``-ed mean over positions, from one log-softmax
+    of each side (the (B, T, V) float32 tensors are what a step's time goes to)."""
+    kl, q_log, best = _per_position(teacher_logits, student_logits)
+    ce = -q_log.gather(-1, best[..., None]).squeeze(-1)
+    with torch.no_grad():
+        agree = (student_logits.argmax(-1) == best).float()
+    return weighted_mean(kl, weight), weighted_mean(ce, weight), weighted_mean(agree, weight)
+
+
+def _per_position(teacher_logits: torch.Tensor, student_logits: torch.Tensor):
+    """(B, T) KL(p || q) in float32, the student's log-probabilities q_log and the teacher's top-1."""
     p_log = F.log_softmax(teacher_logits.float(), dim=-1)
     q_log = F.log_softmax(student_logits.float(), dim=-1)
-    per_position = (p_log.exp() * (p_log - q_log)).sum(-1)  # (B, T)
-    return weighted_mean(per_position, mask)
+    return (p_log.exp() * (p_log - q_log)).sum(-1), q_log, teacher_logits.argmax(-1)
 
 
 def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -126,15 +142,10 @@ class LayeredTask:
             with torch.no_grad():
                 teacher = self.target(input_ids=ids, attention_mask=mask, use_cache=False).logits
             student = self.draft(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        w = slot_weights(mask, weight)
-        kl = kl_loss(teacher, student, w)
-        best = teacher.argmax(-1)
-        with torch.no_grad():
-            top1 = weighted_mean((student.argmax(-1) == best).float(), w)
+        kl, ce, top1 = kl_and_top1_ce(teacher, student, slot_weights(mask, weight))
         parts = {"kl": kl.detach(), "top1": top1}
         loss = kl
-        if self.top1_weight:
-            ce = weighted_mean(F.cross_entropy(student.float().transpose(1, 2), best, reduction="none"), w)
+        if self.top1_weight:  # cross-entropy read off the KL's own log-softmax (one pass over the vocabulary)
             loss = kl + self.top1_weight * ce
             parts["top1_ce"] = ce.detach()
         self._parts.append(parts)
