@@ -348,6 +348,36 @@ def test_schedule_and_time_budget():
     assert train._fit_steps(500, 13, 0.1, 10.0, config) == 500
 
 
+def test_time_budget_refits_the_step_count_once_steps_run_at_their_pace(monkeypatch):
+    """Steps 0-12 take 0.5 s, later ones 0.1 s: fitted at step 13 the 100 s budget holds 190 steps;
+    refitted at 113 (pace of steps 13..113) 898 (95 s usable - 16.5 s spent = 785 more)."""
+    clock = [0.0]
+    monkeypatch.setattr(train, "_now", lambda device: clock[0])
+
+    class Task:
+        weight = torch.nn.Parameter(torch.ones(2))
+
+        def parameters(self):
+            return [self.weight]
+
+        def loss(self, ids, mask, weight=None):
+            clock[0] += 0.5 if clock[0] < 6.5 else 0.1
+            return (self.weight ** 2).sum()
+
+        def acceptance(self, eval_set, k):
+            return 0.0
+
+    class Sampler:
+        def sample(self, batch_size):
+            return torch.zeros(batch_size, 4, dtype=torch.long), torch.ones(batch_size, 4, dtype=torch.long)
+
+    target = torch.nn.Module()
+    target.get_input_embeddings = lambda: torch.nn.Embedding(4, 2)
+    config = train.TrainConfig(steps=10_000, batch_size=2, time_budget_s=100, eval_every=0)
+    log = train.train(target, None, Sampler(), config, progress=False, task=Task())
+    assert log.steps == 898
+
+
 def test_saved_dir_loads_and_drafts_losslessly(target, tmp_path):
     draft = model.build_draft(target, [0, 3], dtype=torch.float32)
     save.save_draft(draft, tmp_path / "d", record={"steps": 0})

@@ -27,7 +27,10 @@ from specdec.distill.model import own_parameters
 from specdec.distill.qat import fake_quantized
 
 log_ = logging.getLogger("specdec.distill")
-_PACE_FROM, _PACE_STEPS = 3, 10  # with a time budget: time steps 3..13 (after warm-up), then fit the count
+# With a time budget the step count is fitted at step 13 to the pace of steps 3..13 (after warm-up), and
+# again at 113 to that of steps 13..113: the first steps run slow while the allocator grows (fitted to
+# them alone, a 230 s budget on an H100 trained 100 s: benchmarks/results/h100/distill-s10-r1-train.json).
+_PACE_POINTS = (3, 13, 113)
 
 
 @dataclass
@@ -182,7 +185,7 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
     params = task.parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
                                   **({"fused": True} if device.type == "cuda" else {}))
-    log, total, start = TrainLog(config=asdict(config)), config.steps, time.perf_counter()
+    log, total, start = TrainLog(config=asdict(config)), config.steps, _now(device)
     _evaluate(task, eval_sets, config, log, 0)
     bar = tqdm(total=total, desc="distill", unit="step", disable=not progress)
     losses, step, paced = [], 0, None
@@ -196,11 +199,12 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
         losses.append(loss)
         log.tokens += int(mask.sum())
         step += 1
-        if config.time_budget_s and step in (_PACE_FROM, _PACE_FROM + _PACE_STEPS):
-            paced = _now(device) if step == _PACE_FROM else paced
-            if step > _PACE_FROM:
-                total = _fit_steps(total, step, (_now(device) - paced) / _PACE_STEPS, _now(device) - start, config)
-                bar.total = total
+        if config.time_budget_s and step in _PACE_POINTS:
+            now = _now(device)
+            if paced:  # (step, time) of the last pace point
+                per_step = (now - paced[1]) / (step - paced[0])
+                total = bar.total = _fit_steps(config.steps, step, per_step, now - start, config)
+            paced = (step, now)
         if step % config.log_every == 0 or step == total:
             log.loss.append([step, sum(losses) / len(losses)])
             log.lr.append([step, lr])
@@ -212,11 +216,11 @@ def train(target, draft, sampler, config: TrainConfig, eval_sets: list[EvalSet] 
                 _evaluate(task, eval_sets, config, log, step)
             if not progress:  # no bar: one line per evaluation
                 log_.info("step %d/%d  loss %.3f  acceptance %s  (%.0f s)", step, total, loss, _last_rates(log),
-                          time.perf_counter() - start)
+                          _now(device) - start)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", acc=_last_mean(log))
     bar.close()
-    log.steps, log.seconds = step, time.perf_counter() - start
+    log.steps, log.seconds = step, _now(device) - start
     return log
 
 
