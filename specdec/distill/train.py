@@ -91,6 +91,10 @@ def kl_and_top1_ce(teacher_logits: torch.Tensor, student_logits: torch.Tensor, w
 
 def _per_position(teacher_logits: torch.Tensor, student_logits: torch.Tensor):
     """(B, T) KL(p || q) in float32, the student's log-probabilities q_log and the teacher's top-1."""
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(student_logits.shape)} must have one shape (B, T, vocabulary): do the two "
+                         "models share the tokenizer, and did they read the same batch?")
     p_log = F.log_softmax(teacher_logits.float(), dim=-1)
     q_log = F.log_softmax(student_logits.float(), dim=-1)
     return (p_log.exp() * (p_log - q_log)).sum(-1), q_log, teacher_logits.argmax(-1)
@@ -98,6 +102,8 @@ def _per_position(teacher_logits: torch.Tensor, student_logits: torch.Tensor):
 
 def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum(values * weight) / sum(weight), 0 when every weight is 0; values and weight (B, T)."""
+    if values.shape != weight.shape:  # broadcasting would weigh the wrong slots without a word
+        raise ValueError(f"values {tuple(values.shape)} and weight {tuple(weight.shape)} must have one shape")
     weight = weight.to(values.dtype)
     return (values * weight).sum() / weight.sum().clamp(min=1e-6)
 
