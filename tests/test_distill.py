@@ -119,12 +119,17 @@ def test_released_static_runners_are_freed(target):
 
 def test_generation_batches_of_long_prompts_hold_fewer_rows():
     prompts_ = [[1] * n for n in (5, 40, 6, 50, 7, 8, 45, 9)]
-    batches = data._length_grouped(prompts_, batch_size=4, batch_tokens=100)
+    batches = data._length_grouped(prompts_, batch_size=4, batch_tokens=100, length_step=1)
     assert sorted(r for b in batches for r in b) == list(range(8))  # every prompt, once
     assert all(len(b) <= 4 and len(b) * max(len(prompts_[r]) for r in b) <= 100 for b in batches)
     assert batches == [[0, 2, 4, 5], [7, 1], [6, 3]]  # 4 short ones; 9 + 40 (2 x 40 tokens); 45 + 50
     assert data._length_grouped(prompts_, batch_size=4) == [[0, 2, 4, 5], [7, 1, 6, 3]]  # no cap: rows only
     assert data._length_grouped([[1] * 500], batch_size=4, batch_tokens=100) == [[0]]  # one row always fits
+    # lengths rounded up to length_step: 40..50 tokens count as 50, so the long ones go two by two
+    assert data._length_grouped(prompts_, batch_size=4, batch_tokens=100, length_step=25) == [[0, 2, 4, 5], [7, 1], [6, 3]]
+    similar = [[1] * n for n in range(300, 510, 5)]  # 42 prompts of 300..505 tokens: at 1,024 a batch, 2 rows each
+    shapes = {len(b) for b in data._length_grouped(similar, batch_size=64, batch_tokens=1024)}
+    assert shapes == {2}  # (unrounded, 300..341 tokens would go 3 to a batch)
     with pytest.raises(ValueError, match="batch_tokens"):
         data.continue_prompts(None, [[1, 2]], batch_tokens=0, progress=False)
 
