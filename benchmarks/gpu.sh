@@ -25,6 +25,9 @@
 #   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
 #     draft; $OUT gets distill-feature-train.json, distill-feature-acceptance.json and the int8 file.
+#     More `specdec distill` options in DISTILL_ARGS (the layered recipe's: "--gen-compile --gen-explore 4
+#     --max-prompt-tokens 2048 --max-seq-len 2048 --gen-batch-size 512 --gen-batch-tokens 131072
+#     --top1-weight 1.0"); FEATURE_RESUME=1 trains the shipped feature file on instead of a new one.
 #     FEATURE_BENCH=1 also benches code + chat with it (else run `distill-feature-bench` next, warm).
 #   distill-feature-bench: bench code + chat with --draft distilled-feature (ours-draft rows; the layered
 #     draft gets the ours-distilled and hf-assisted-distilled rows: HF cannot run a feature draft), on a
@@ -158,9 +161,11 @@ fi
 FSHIP=smollm2-135m-instruct-feature.safetensors
 if [[ "$WHAT" == distill-feature ]]; then
     start=$(date +%s)
-    python3 -m specdec.cli distill --kind feature --steps 20000 --time-budget "${FEATURE_TRAIN_S:-270}" \
+    from=()
+    [[ "${FEATURE_RESUME:-0}" == 1 ]] && from=(--resume "specdec/drafts/$FSHIP")
+    python3 -m specdec.cli distill --kind feature ${from[@]+"${from[@]}"} --steps 20000 --time-budget "${FEATURE_TRAIN_S:-270}" \
         --gen-time "${DISTILL_GEN_S:-45}" --eval-every 100 --out /root/feature --ship "/root/feature-ship/$FSHIP" \
-        --quiet 2>&1 | grep -v "Loading weights" | tee "$OUT/distill-feature-log.txt" || true
+        --quiet ${DISTILL_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/distill-feature-log.txt" || true
     cp /root/feature/distill.json "$OUT/distill-feature-train.json"
     cp "/root/feature-ship/$FSHIP" "$OUT/$FSHIP"
     python3 - "$OUT" <<'PY'

@@ -686,3 +686,13 @@ def test_cli_end_to_end_on_the_default_model_then_resumes(tmp_path):
     assert again["data"]["generated"] == 2 * record["data"]["generated"] and again["data"]["explore_tokens"] == 2
     assert again["max_seq_len"] == 256 and again["seq_len"] == 64
     assert again["draft_layers"] == [0, 15, 29]  # grown by one layer between the two it had
+
+
+def test_cli_feature_kind_trains_with_the_top1_weight(target, tmp_path):
+    from specdec.distill.cli import _build, _defaults, build_parser
+
+    args = build_parser().parse_args(["--out", str(tmp_path / "o"), "--device", "cpu", "--kind", "feature",
+                                      "--top1-weight", "1.5", "--steps", "2"])
+    _defaults(args)
+    _, task, layers = _build(target, args)
+    assert layers is None and task.config.top1_weight == 1.5

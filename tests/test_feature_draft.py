@@ -155,6 +155,30 @@ def test_feature_loss_weights(target, monkeypatch):
     assert 0 <= task.detail()["top1_d2"] <= 1
 
 
+def test_feature_loss_top1_weight_adds_cross_entropy_on_the_teachers_top1(target):
+    from test_distill import _prompt_batch
+
+    draft = _draft(target).float()
+    ids, mask, weight = _prompt_batch(0.0)
+    real, positions = mask.bool(), mask.cumsum(-1) - 1
+    with torch.no_grad():
+        hidden, teacher = ft.target_outputs(target, ids, mask, positions)
+        feats = draft.features(hidden)
+        f_hat = ft.depth_features(draft, ids, feats, real, positions, 1)[0]
+        teacher_logp = teacher.float().log_softmax(-1)
+        plain, parts = ft.feature_loss(draft, f_hat, feats, teacher_logp, weight, 0.5)
+        both, with_ce = ft.feature_loss(draft, f_hat, feats, teacher_logp, weight, 0.5, top1_weight=2.0)
+        q_log = draft.logits(f_hat).float().log_softmax(-1)
+        ce = -q_log.gather(-1, teacher.argmax(-1, keepdim=True)).squeeze(-1)
+        expected = (ce * weight).sum() / weight.sum()
+    assert "top1_ce" not in parts and float(with_ce["top1_ce"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(both) == pytest.approx(float(plain) + 0.5 * 2.0 * float(expected), rel=1e-5)
+    task = ft.FeatureTask(target, draft, ft.FeatureTrainConfig(depths=2, noise=0.0, top1_weight=1.0))
+    with torch.no_grad():
+        task.loss(ids, mask, weight)
+    assert {"top1_ce_d1", "top1_ce_d2"} <= set(task.detail())
+
+
 @pytest.mark.parametrize("batch,lengths", [(1, [8]), (2, [5, 9])])
 def test_greedy_equals_hf_untrained(target, batch, lengths):
     ids, mask = prompts(batch, lengths, seed=4)

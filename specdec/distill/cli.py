@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the acceptance replay see (with 0.8 a layered draft replayed 0.33 at 1000 steps, "
                         "greedy 0.36 at 996: README)")
     p.add_argument("--top1-weight", type=_non_negative, default=0.0,
-                   help="layered drafts: add this x cross-entropy on the target's top-1 token to the KL loss "
-                        "(greedy acceptance asks only for the top-1; default 0: KL alone)")
+                   help="add this x cross-entropy on the target's top-1 token to the KL loss (feature kind: "
+                        "per depth, scaled by --kl-weight too); greedy acceptance asks only for the top-1 "
+                        "(default 0: KL alone)")
     p.add_argument("--prompt-weight", type=_non_negative, default=0.1,
                    help="loss weight of the prompt tokens of the target's text (default 0.1): decoding only "
                         "drafts what the target writes, and templated, repeated prompts are easy to fit; "
@@ -355,7 +356,7 @@ def _build(target, args):
 
         draft = FeatureDraft(FeatureDraftConfig.from_target(target, args.intermediate_size), target).float()
         config = feature_train.FeatureTrainConfig(**common, depths=args.depths, kl_weight=args.kl_weight,
-                                                  noise=args.noise)
+                                                  noise=args.noise, top1_weight=args.top1_weight)
         log.info("feature draft: %s (%.1fM parameters)", draft.config, sum(p.numel() for p in draft.parameters()) / 1e6)
         return draft, feature_train.FeatureTask(target, draft, config), None
     n_target = target.config.get_text_config().num_hidden_layers
@@ -388,7 +389,8 @@ def _resumed(target, args, common):
         return draft, task, layers
     from specdec.distill import feature_train
 
-    config = feature_train.FeatureTrainConfig(**common, depths=args.depths, kl_weight=args.kl_weight, noise=args.noise)
+    config = feature_train.FeatureTrainConfig(**common, depths=args.depths, kl_weight=args.kl_weight, noise=args.noise,
+                                              top1_weight=args.top1_weight)
     return draft, feature_train.FeatureTask(target, draft, config), None
 
 

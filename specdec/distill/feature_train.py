@@ -107,18 +107,25 @@ def step_weights(weight: torch.Tensor, real: torch.Tensor, depth: int) -> torch.
 
 
 def feature_loss(draft: FeatureDraft, f_hat: torch.Tensor, features: torch.Tensor, teacher_logp: torch.Tensor,
-                 weight: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
-    """SmoothL1(f̂, f) + kl_weight * KL(teacher || draft) averaged over slots with ``weight`` (B, T;
-    a bool mask or float weights, normalised by their sum), and its parts (detached 0-d tensors:
-    smooth_l1, kl, top1 = argmax agreement), weighted the same way.
+                 weight: torch.Tensor, kl_weight: float, top1_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """SmoothL1(f̂, f) + kl_weight * (KL(teacher || draft) + top1_weight * cross-entropy on the
+    teacher's top-1 token), averaged over slots with ``weight`` (B, T; a bool mask or float
+    weights, normalised by their sum), and its parts (detached 0-d tensors: smooth_l1, kl, top1 =
+    argmax agreement, top1_ce when ``top1_weight``), weighted the same way.
 
     teacher_logp: (B, T, V) float32 log-probabilities of the target.
     """
     regress = weighted_mean(F.smooth_l1_loss(f_hat.float(), features.float(), reduction="none").mean(-1), weight)
     q_log = F.log_softmax(draft.logits(f_hat).float(), dim=-1)
     kl = weighted_mean((teacher_logp.exp() * (teacher_logp - q_log)).sum(-1), weight)
-    top1 = weighted_mean((q_log.argmax(-1) == teacher_logp.argmax(-1)).float(), weight)
-    return regress + kl_weight * kl, {"smooth_l1": regress.detach(), "kl": kl.detach(), "top1": top1}
+    best = teacher_logp.argmax(-1)
+    top1 = weighted_mean((q_log.argmax(-1) == best).float(), weight)
+    parts = {"smooth_l1": regress.detach(), "kl": kl.detach(), "top1": top1}
+    if top1_weight:  # greedy acceptance asks only that the draft's top-1 be the target's
+        ce = weighted_mean(-q_log.gather(-1, best[..., None]).squeeze(-1), weight)
+        kl = kl + top1_weight * ce
+        parts["top1_ce"] = ce.detach()
+    return regress + kl_weight * kl, parts
 
 
 class FeatureTask:
@@ -145,7 +152,7 @@ class FeatureTask:
             total, parts = 0.0, {}
             for d, f_hat in enumerate(outs, start=1):
                 loss, part = feature_loss(self.draft, f_hat, feats, teacher_logp, step_weights(w, real, d),
-                                          c.kl_weight)
+                                          c.kl_weight, c.top1_weight)
                 total = total + c.depth_decay ** (d - 1) * loss
                 parts.update({f"{k}_d{d}": v for k, v in part.items()})
         self._parts.append(parts)

@@ -48,7 +48,7 @@ class TrainConfig:
     log_every: int = 10                 # steps per loss-curve point
     quant_bits: int | None = None       # train the last quant_fraction of steps through this rounding (qat.py)
     quant_fraction: float = 0.0         # 0: float throughout; 1: quantization-aware from the first step
-    top1_weight: float = 0.0            # layered drafts: + this x cross-entropy on the target's top-1 token
+    top1_weight: float = 0.0            # + this x cross-entropy on the target's top-1 token (both kinds)
 
 
 @dataclass
