@@ -120,12 +120,12 @@ def feature_loss(draft: FeatureDraft, f_hat: torch.Tensor, features: torch.Tenso
     kl = weighted_mean((teacher_logp.exp() * (teacher_logp - q_log)).sum(-1), weight)
     best = teacher_logp.argmax(-1)
     top1 = weighted_mean((q_log.argmax(-1) == best).float(), weight)
-    parts = {"smooth_l1": regress.detach(), "kl": kl.detach(), "top1": top1}
+    parts, token_loss = {"smooth_l1": regress.detach(), "kl": kl.detach(), "top1": top1}, kl
     if top1_weight:  # greedy acceptance asks only that the draft's top-1 be the target's
         ce = weighted_mean(-q_log.gather(-1, best[..., None]).squeeze(-1), weight)
-        kl = kl + top1_weight * ce
+        token_loss = kl + top1_weight * ce
         parts["top1_ce"] = ce.detach()
-    return regress + kl_weight * kl, parts
+    return regress + kl_weight * token_loss, parts
 
 
 class FeatureTask:
