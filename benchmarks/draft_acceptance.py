@@ -7,6 +7,8 @@ here; a bf16 GPU run rounds differently and may differ by a few tokens).
 
     python -m benchmarks.draft_acceptance --drafts specdec/drafts/smollm2-135m-instruct-L4.safetensors new.safetensors \
         --out benchmarks/results/cpu/draft-acceptance.json
+
+Feature drafts (``specdec distill --kind feature`` files) are measured the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from benchmarks import report
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--drafts", nargs="+", required=True, help="layered draft files (.safetensors, as shipped)")
+    p.add_argument("--drafts", nargs="+", required=True,
+                   help="draft files as shipped (.safetensors; layered or feature, the file's metadata says which)")
     p.add_argument("--names", nargs="*", default=None, help="a label per draft file (default: the file paths)")
     p.add_argument("--self-layers", type=int, default=4, help="also the untrained self-draft with this many layers "
                    "(0: skip it)")
@@ -42,8 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     target, tok = load_model(None, dtype=dtype, device=args.device)
     held = {w: data.encode_prompts(prompts, tok) for w, prompts in data.held_out_prompts().items()}
-    drafts = {name: shipped.load_shipped_draft(target, path)
-              for name, path in zip(args.names or args.drafts, args.drafts)}
+    drafts = {name: _load(shipped, target, path) for name, path in zip(args.names or args.drafts, args.drafts)}
     if args.self_layers:
         drafts[f"self:{args.self_layers}"] = specdec.early_exit_model(target, args.self_layers)
     rows = {}
@@ -61,6 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
               "drafts": rows}
     report.write_json(result, args.out)
     return result
+
+
+def _load(shipped, target, path: str) -> torch.nn.Module:
+    """A shipped draft file of either kind, around ``target``."""
+    if shipped.read_metadata(path)["kind"] == "feature":
+        return shipped.load_feature_draft(target, path)
+    return shipped.load_shipped_draft(target, path)
 
 
 if __name__ == "__main__":

@@ -375,3 +375,14 @@ def test_cli_help_and_bench_rows(target, capsys):
                                            graphs=True)]
     assert not hf_can_run(draft)
     assert "ours-draft" in names and "hf-assisted" not in names and "ours-draft+graphs" not in names
+
+
+def test_draft_acceptance_script_loads_either_kind_of_file(target, tmp_path):
+    from benchmarks.draft_acceptance import _load
+    from specdec.distill import model as layered
+
+    feature = shipped.export_feature(_draft(target), target, tmp_path / "f.safetensors", name="tiny", bits=8)
+    layers = shipped.export_shipped(layered.build_draft(target, [1, 3], dtype=torch.float32), target,
+                                    tmp_path / "l.safetensors", [1, 3], bits=8)
+    assert isinstance(_load(shipped, target, str(feature)), FeatureDraft)
+    assert not isinstance(_load(shipped, target, str(layers)), FeatureDraft)
