@@ -95,7 +95,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             forwards first fused by ``torch.compile`` (a compile of tens of seconds once per
             model; fastest for large models). Works with batches (a finished row idles in
             the static cache until the call ends) and with ``prefix_cache`` (a hit's suffix
-            runs as one graph); not yet with ``kv_quant`` nor with feature drafts. See ``specdec.static``.
+            runs as one graph), ``kv_quant``, and feature drafts (``True`` / ``"graphs"`` only). See
+            ``specdec.static``.
         **hf_kwargs: HF generation keywords (max_new_tokens, do_sample, temperature, top_k,
             top_p, min_p, eos_token_id, pad_token_id, min_new_tokens, stop_strings,
             return_dict_in_generate, ...). Options we cannot honour exactly raise
@@ -124,9 +125,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if compile:
             from specdec.static import use_static
 
-            if getattr(run.drafter, "wants_features", False):
-                raise ValueError("compile=True does not support feature drafts yet (draft_model='distilled' "
-                                 "loads one): pass compile=False, or draft_model='distilled-layers' with compile")
+            if getattr(run.drafter, "wants_features", False) and _compile_mode(compile) == "inductor":
+                raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
+                                 "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
             k_max = _check_k(num_draft_tokens, prompt_lookup_num_tokens) if run.drafter is not None else 0
             use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
                        kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=_compile_mode(compile) == "inductor")

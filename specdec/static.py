@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+from contextlib import contextmanager, nullcontext
 import types
 import warnings
 import weakref
@@ -115,6 +116,7 @@ class _Graph:
     positions: torch.Tensor   # (B, n)
     slots: torch.Tensor       # (n,) cache slots written
     logits: torch.Tensor      # (B, n, V) static output
+    hidden: torch.Tensor | None = None  # (B, n, H) the last decoder layer's output (for feature drafts)
 
 
 def _bucket(n: int) -> int:
@@ -200,6 +202,9 @@ class StaticRunner:
         self._fused = fuse
         self._projections = join_projections(model) if join else []
         self._signature = weights_signature(model)   # after joining, which moves the joined weights
+        self._watching = False                       # inside watching_features(): keep each forward's features
+        self._hidden: torch.Tensor | None = None     # the last decoder layer's output, set by _keep_hidden
+        self._features: torch.Tensor | None = None   # what take_features() hands out
 
     # -- ModelRunner interface -------------------------------------------------------------
 
@@ -221,6 +226,25 @@ class StaticRunner:
     def new_cache(self) -> StaticSlots:
         """An empty cache (length 0) over this runner's storage: one live cache per runner."""
         return StaticSlots(self)
+
+    @contextmanager
+    def watching_features(self):
+        """As ``ModelRunner.watching_features``: each forward inside keeps its last decoder layer's
+        output at every position (``take_features``). A graph replay hands out a copy of the
+        output its capture recorded (every capture records it, watching or not)."""
+        self._watching = True
+        try:
+            with self._hidden_hook():
+                yield self
+        finally:
+            self._watching, self._features, self._hidden = False, None, None
+
+    def take_features(self) -> torch.Tensor:
+        """(B, n, H) the latest forward's last-layer outputs (before the final norm); once."""
+        features, self._features = self._features, None
+        if features is None:
+            raise RuntimeError("no features kept: run forward() inside StaticRunner.watching_features()")
+        return features
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor,
@@ -245,6 +269,7 @@ class StaticRunner:
         slots = self._arange[start: start + n]
         bucket = _prefill_bucket(n) if n > self.graph_max_tokens else None
         self._attend = _attend_bucket(start + (bucket or n), self.max_len)
+        self._hidden = None
         if self.use_graphs and n <= self.graph_max_tokens and self._initialized():
             logits = self._replay(tokens, positions, slots)
         elif self.use_graphs and start > 0 and bucket and start + bucket <= self.max_len and self._initialized():
@@ -253,6 +278,8 @@ class StaticRunner:
             logits = self._prefill(tokens, key_mask.to(dev), positions, last_only)
         else:
             logits = self._run(tokens, positions, slots)
+        if self._watching:
+            self._features = self._hidden[:, :n]
         cache.length = start + n
         return logits[:, -1:] if last_only else logits
 
@@ -269,6 +296,8 @@ class StaticRunner:
             logits = self.forward(*full, cache, last_only)
         finally:
             cache.rows = rows
+        if self._features is not None:
+            self._features = self._features.index_select(0, rows)
         return logits.index_select(0, rows)
 
     def _layer_update(self, layer):
@@ -406,6 +435,8 @@ class StaticRunner:
         entry.positions.copy_(positions)
         entry.slots.copy_(slots)
         entry.graph.replay()
+        if self._watching:  # the capture's own output buffer, which the next replay overwrites
+            self._hidden = entry.hidden.clone()
         return entry.logits.clone()  # the next replay overwrites the static output
 
     def capture_all(self) -> None:
@@ -449,10 +480,26 @@ class StaticRunner:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # record the last layer's output buffer for feature drafts (not under torch.compile: a hook
+        # added there would recompile the fused forward; generate() refuses feature drafts with it)
+        with (nullcontext() if self._fused else self._hidden_hook()), torch.cuda.graph(graph, pool=self._pool):
             logits = self._run(ids, pos, sl)
         captures += 1
-        return _Graph(graph, ids, pos, sl, logits)
+        return _Graph(graph, ids, pos, sl, logits, self._hidden)
+
+    @contextmanager
+    def _hidden_hook(self):
+        """Inside: every forward leaves its last decoder layer's output in ``self._hidden``."""
+        from specdec.drafters import _find_layer_list
+
+        def keep(module, args, output) -> None:
+            self._hidden = output[0] if isinstance(output, tuple) else output
+
+        handle = _find_layer_list(self.model)[1][-1].register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def _call(model: torch.nn.Module, **inputs) -> torch.Tensor:

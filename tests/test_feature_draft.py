@@ -230,7 +230,8 @@ def test_replay_equals_real_greedy_acceptance(target, trained):
     assert replayed == pytest.approx(measured["acceptance_rate"])
 
 
-def test_trained_draft_is_lossless_with_holes_and_finished_rows(target, trained):
+@pytest.mark.parametrize("compile", [False, True])  # True on CPU: the static runner, eagerly (graphs: GPU test)
+def test_trained_draft_is_lossless_with_holes_and_finished_rows(target, trained, compile):
     draft, _, eval_sets = trained
     rows = eval_sets[1].prompts + eval_sets[0].prompts[:1]
     ids, mask = evaluate.left_pad(rows, 0, "cpu")
@@ -238,9 +239,35 @@ def test_trained_draft_is_lossless_with_holes_and_finished_rows(target, trained)
     eos = ref[0, ids.shape[1] + 6].item()  # row 0 stops early, the others later or never
     ref = hf_greedy(target, ids, mask, 24, eos_token_id=eos, pad_token_id=0)
     out, stats = specdec.generate(target, ids, mask, draft_model=draft, num_draft_tokens=4, max_new_tokens=24,
-                                  do_sample=False, eos_token_id=eos, pad_token_id=0, return_stats=True)
+                                  do_sample=False, eos_token_id=eos, pad_token_id=0, return_stats=True,
+                                  compile=compile)
     assert torch.equal(out, ref)
     assert len(set(stats.accepted)) > 1 and stats.acceptance_rate > 0.2  # rows accepted differently: holes
+    if compile:  # the static runner hands the drafter the same features: the same proposals
+        _, eager = specdec.generate(target, ids, mask, draft_model=draft, num_draft_tokens=4, max_new_tokens=24,
+                                    do_sample=False, eos_token_id=eos, pad_token_id=0, return_stats=True)
+        assert stats.accepted == eager.accepted
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphs_hand_feature_drafts_the_replayed_features(trained):
+    from specdec import static
+
+    draft, _, eval_sets = trained
+    target = tiny_model("llama", layers=4).cuda()  # the fixture's weights (same seed), on the GPU
+    gpu_draft = FeatureDraft(draft.config, target).cuda()
+    gpu_draft.load_state_dict(draft.state_dict())
+    rows = eval_sets[1].prompts + eval_sets[0].prompts[:1]
+    ids, mask = (t.cuda() for t in evaluate.left_pad(rows, 0, "cpu"))
+    kw = dict(draft_model=gpu_draft, num_draft_tokens=4, max_new_tokens=24, do_sample=False, eos_token_id=7,
+              pad_token_id=0, return_stats=True)
+    before = static.captures
+    fast, fast_stats = specdec.generate(target, ids, mask, compile=True, **kw)
+    slow, slow_stats = specdec.generate(target, ids, mask, **kw)
+    assert static.captures > before  # the target's decode steps ran as graph replays
+    assert torch.equal(fast, slow) and fast_stats.accepted == slow_stats.accepted
+    assert fast_stats.acceptance_rate > 0.2
 
 
 def test_drafter_cache_equals_recomputing_from_scratch(target, trained, monkeypatch):
@@ -329,8 +356,8 @@ def test_bad_inputs(target):
     ids, mask = prompts(1, [5])
     with pytest.raises(ValueError, match="another target model"):
         specdec.generate(other, ids, mask, draft_model=_draft(target), max_new_tokens=4)
-    with pytest.raises(ValueError, match="compile=True does not support feature drafts"):
-        specdec.generate(target, ids, mask, draft_model=_draft(target), max_new_tokens=4, compile=True)
+    with pytest.raises(ValueError, match="compile='inductor' does not support feature drafts"):
+        specdec.generate(target, ids, mask, draft_model=_draft(target), max_new_tokens=4, compile="inductor")
     with pytest.raises(ValueError, match="distilled-feature"):
         specdec.generate(target, ids, mask, draft_model="distilled-x", max_new_tokens=4)
     with pytest.raises(ValueError, match="--kind feature"):
