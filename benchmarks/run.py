@@ -76,8 +76,7 @@ def make_variants(model, draft, k_values: list, lookup: bool, assisted: bool, ma
     ``distilled``: a second draft (a shipped distilled one) for an ``hf-assisted-distilled``
     and an ``ours-distilled`` row. ``graphs`` adds each of our variants again with
     ``compile=True`` (static cache + CUDA graphs), named with a ``+graphs`` suffix. A feature
-    draft (``specdec.feature_draft``) is no causal LM: it gets no HF assisted row and no
-    ``+graphs`` row (not supported yet).
+    draft (``specdec.feature_draft``) is no causal LM: it gets no HF assisted row.
     """
     common = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
 

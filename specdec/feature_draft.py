@@ -93,7 +93,7 @@ def _final_norm(target: nn.Module, layer_path: str, head: nn.Module) -> nn.Modul
 class FeatureDraft(nn.Module):
     """fc + one decoder layer; the target's embeddings, final norm and head are borrowed, not owned."""
 
-    supports_compile = False  # compile=True (static.py's CUDA graphs) cannot hand out features yet
+    supports_compile = True  # compile=True: the static runner hands out features too (not "inductor")
 
     def __init__(self, config: FeatureDraftConfig, target: nn.Module):
         super().__init__()
