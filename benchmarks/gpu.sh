@@ -26,8 +26,8 @@
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
 #     draft; $OUT gets distill-feature-train.json, distill-feature-acceptance.json and the int8 file.
 #     More `specdec distill` options in DISTILL_ARGS (the layered recipe's: "--gen-compile --gen-explore 4
-#     --max-prompt-tokens 2048 --max-seq-len 2048 --gen-batch-size 512 --gen-batch-tokens 131072
-#     --top1-weight 1.0"); FEATURE_RESUME=1 trains the shipped feature file on instead of a new one.
+#     --gen-prompts 14000 --max-prompt-tokens 2048 --max-seq-len 2048 --gen-batch-size 512
+#     --gen-batch-tokens 131072 --top1-weight 1.0"); FEATURE_RESUME=1 trains the shipped feature file on.
 #     FEATURE_BENCH=1 also benches code + chat with it (else run `distill-feature-bench` next, warm).
 #   distill-feature-bench: bench code + chat with --draft distilled-feature (ours-draft rows; the layered
 #     draft gets the ours-distilled and hf-assisted-distilled rows: HF cannot run a feature draft), on a
