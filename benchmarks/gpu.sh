@@ -174,7 +174,9 @@ import json, sys
 run = json.load(open(f"{sys.argv[1]}/distill-feature-train.json"))
 keep = ("command", "environment", "target", "draft", "dtype", "shipped", "final")
 json.dump({k: run.get(k) for k in keep}, open(f"{sys.argv[1]}/distill-feature-acceptance.json", "w"), indent=1)
-print("final acceptance (greedy, k=4):", {d: round(v["mean"], 3) for d, v in run["final"]["drafts"].items()})
+print("replayed (greedy, k=4):", [(s, round(r["mean"], 3)) for s, r in run["train"]["acceptance"]])
+if run.get("final"):  # absent with --final-prompts 0
+    print("final acceptance (greedy, k=4):", {d: round(v["mean"], 3) for d, v in run["final"]["drafts"].items()})
 PY
     echo "distill-feature done in $(( $(date +%s) - start )) s"
 fi
