@@ -91,17 +91,15 @@ class ModelRunner:
     def watching_features(self):
         """Inside: each forward keeps its last decoder layer's output at every position (read it
         with ``take_features``), whatever ``last_only`` asked of the logits. The hook is removed on exit."""
-        from specdec.drafters import _find_layer_list
-
-        handle = _find_layer_list(self.model)[1][-1].register_forward_hook(self._keep_features)
+        handle = hook_last_layer(self.model, self._keep_features)
         try:
             yield self
         finally:
             handle.remove()
             self._features = None
 
-    def _keep_features(self, module, args, output) -> None:
-        self._features = output[0] if isinstance(output, tuple) else output
+    def _keep_features(self, hidden: torch.Tensor) -> None:
+        self._features = hidden
 
     def take_features(self) -> torch.Tensor:
         """(B, n, H) the latest forward's last-layer outputs (before the final norm); once."""
@@ -126,3 +124,14 @@ def crop(cache, length: int) -> None:
 def select_rows(cache, rows: torch.Tensor) -> None:
     """Keep only these batch rows (finished rows stop costing work)."""
     cache.batch_select_indices(rows)
+
+
+def hook_last_layer(model: torch.nn.Module, keep) -> torch.utils.hooks.RemovableHandle:
+    """A forward hook on ``model``'s last decoder layer that hands ``keep`` its output (B, n, H) at
+    every position (the features a feature draft reads); remove it with the returned handle."""
+    from specdec.drafters import _find_layer_list
+
+    def hook(module, args, output) -> None:
+        keep(output[0] if isinstance(output, tuple) else output)
+
+    return _find_layer_list(model)[1][-1].register_forward_hook(hook)

@@ -36,15 +36,15 @@ from __future__ import annotations
 
 import gc
 import itertools
-from contextlib import contextmanager, nullcontext
 import types
 import warnings
 import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from specdec.adapter import ModelRunner, _accepts, cache_keyword
+from specdec.adapter import ModelRunner, _accepts, cache_keyword, hook_last_layer
 from quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
 from specdec.fused_linear import fused_projections, join_projections
@@ -490,16 +490,14 @@ class StaticRunner:
     @contextmanager
     def _hidden_hook(self):
         """Inside: every forward leaves its last decoder layer's output in ``self._hidden``."""
-        from specdec.drafters import _find_layer_list
-
-        def keep(module, args, output) -> None:
-            self._hidden = output[0] if isinstance(output, tuple) else output
-
-        handle = _find_layer_list(self.model)[1][-1].register_forward_hook(keep)
+        handle = hook_last_layer(self.model, self._keep_hidden)
         try:
             yield
         finally:
             handle.remove()
+
+    def _keep_hidden(self, hidden: torch.Tensor) -> None:
+        self._hidden = hidden
 
 
 def _call(model: torch.nn.Module, **inputs) -> torch.Tensor:
