@@ -27,8 +27,9 @@
 #     draft; $OUT gets distill-feature-train.json, distill-feature-acceptance.json and the int8 file.
 #     More `specdec distill` options in DISTILL_ARGS (the layered recipe's: "--gen-compile --gen-explore 4
 #     --gen-prompts 14000 --max-prompt-tokens 2048 --max-seq-len 2048 --gen-batch-size 512
-#     --gen-batch-tokens 131072 --top1-weight 1.0 --final-prompts 0": the final measurement
-#     of four drafts takes ~3 min; measure the file on CPU instead); FEATURE_RESUME=1 trains the shipped file on.
+#     --gen-batch-tokens 131072 --top1-weight 1.0 --final-prompts 0": the final measurement of
+#     four drafts made most of the ~220 s session 5's 536-s run spent outside generation and training;
+#     measure the file on CPU instead); FEATURE_RESUME=1 trains the shipped file on.
 #     FEATURE_BENCH=1 also benches code + chat with it (else run `distill-feature-bench` next, warm).
 #   distill-feature-bench: bench code + chat with --draft distilled-feature (ours-draft rows; the layered
 #     draft gets the ours-distilled and hf-assisted-distilled rows: HF cannot run a feature draft), on a
