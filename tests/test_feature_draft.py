@@ -177,6 +177,8 @@ def test_feature_loss_top1_weight_adds_cross_entropy_on_the_teachers_top1(target
     with torch.no_grad():
         task.loss(ids, mask, weight)
     assert {"top1_ce_d1", "top1_ce_d2"} <= set(task.detail())
+    with pytest.raises(ValueError, match="top1_weight must be >= 0"):
+        ft.FeatureTask(target, draft, ft.FeatureTrainConfig(top1_weight=-1.0))
 
 
 @pytest.mark.parametrize("batch,lengths", [(1, [8]), (2, [5, 9])])

@@ -132,6 +132,8 @@ class FeatureTask:
     """What ``specdec.distill.train.train`` optimizes for a feature draft (see the module docstring)."""
 
     def __init__(self, target, draft: FeatureDraft, config: FeatureTrainConfig):
+        if config.top1_weight < 0:
+            raise ValueError(f"top1_weight must be >= 0 (0: KL alone), got {config.top1_weight}")
         self.target, self.draft, self.config, self.amp = target, draft, config, _autocast_dtype(target)
         self._parts: list[dict] = []
 
