@@ -29,7 +29,9 @@
 #     --gen-prompts 14000 --max-prompt-tokens 2048 --max-seq-len 2048 --gen-batch-size 512
 #     --gen-batch-tokens 131072 --top1-weight 1.0 --final-prompts 0": the final measurement of
 #     four drafts made most of the ~220 s session 5's 536-s run spent outside generation and training;
-#     measure the file on CPU instead); FEATURE_RESUME=1 trains the shipped file on.
+#     measure the file on CPU instead); FEATURE_RESUME=1 trains the shipped file on. Called again while
+#     warm, it trains on from the last run's float checkpoint (seed DISTILL_SEED=1) on new text plus that
+#     run's (DISTILL_ADD_OLD=0: new text only).
 #     FEATURE_BENCH=1 also benches code + chat with it (else run `distill-feature-bench` next, warm).
 #   distill-feature-bench: bench code + chat with --draft distilled-feature (ours-draft rows; the layered
 #     draft gets the ours-distilled and hf-assisted-distilled rows: HF cannot run a feature draft), on a
@@ -163,9 +165,18 @@ fi
 FSHIP=smollm2-135m-instruct-feature.safetensors
 if [[ "$WHAT" == distill-feature ]]; then
     start=$(date +%s)
-    from=()
-    [[ "${FEATURE_RESUME:-0}" == 1 ]] && from=(--resume "specdec/drafts/$FSHIP")
-    python3 -m specdec.cli distill --kind feature ${from[@]+"${from[@]}"} --steps 20000 --time-budget "${FEATURE_TRAIN_S:-270}" \
+    from=(--save-generated /root/feature-generated.pt)
+    if [[ -f /root/feature/feature-draft.safetensors ]]; then  # warm after a distill-feature run: chain on
+        mkdir -p /root/chained /root/resume && cp /root/feature/feature-draft.safetensors /root/chained/
+        from+=(--resume /root/chained/feature-draft.safetensors --seed "${DISTILL_SEED:-1}")
+        [[ -f /root/feature-generated.pt ]] && mv /root/feature-generated.pt "/root/resume/feature-$(date +%s).pt"
+        if [[ "${DISTILL_ADD_OLD:-1}" == 1 ]] && compgen -G "/root/resume/feature-*.pt" > /dev/null; then
+            from+=(--add-generated /root/resume/feature-*.pt)
+        fi
+    elif [[ "${FEATURE_RESUME:-0}" == 1 ]]; then
+        from+=(--resume "specdec/drafts/$FSHIP")
+    fi
+    python3 -m specdec.cli distill --kind feature "${from[@]}" --steps 20000 --time-budget "${FEATURE_TRAIN_S:-270}" \
         --gen-time "${DISTILL_GEN_S:-45}" --eval-every 100 --out /root/feature --ship "/root/feature-ship/$FSHIP" \
         --quiet ${DISTILL_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/distill-feature-log.txt" || true
     cp /root/feature/distill.json "$OUT/distill-feature-train.json"
