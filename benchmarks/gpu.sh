@@ -21,6 +21,9 @@
 #     Called again while warm (another DISTILL_SEED), it trains on from the last run's float checkpoint
 #     and adds that run's text (DISTILL_ADD_OLD=0: no earlier text, only this run's new text).
 #     Long prompts whole: DISTILL_ARGS="--max-prompt-tokens 2048 --max-seq-len 2048"
+#   Every distill run ends within DISTILL_DEADLINE=540 s of its start (`--deadline`: training gets what loading
+#     and generation left), so a call's files come back even when generation and its setup run long (session 12:
+#     240 s of text + 200 s of training ran past the 10-minute call; keep DISTILL_GEN_S + DISTILL_TRAIN_S <= ~400).
 #   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
 #   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
@@ -138,7 +141,7 @@ if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more
         budget=${DISTILL_TRAIN_S:-420}
     fi
     # GPU defaults measured in session 5 (greedy text, prompts cut to 640 tokens, 80% of rows the target's)
-    python3 -m specdec.cli distill "${how[@]}" --time-budget "$budget" --eval-every 500 --final-prompts 0 \
+    python3 -m specdec.cli distill "${how[@]}" --time-budget "$budget" --deadline "${DISTILL_DEADLINE:-540}" --eval-every 500 --final-prompts 0 \
         --max-prompt-tokens 640 --out /root/distilled --ship "/root/distilled-ship/$SHIP" \
         --quiet ${DISTILL_ARGS:-} 2>&1 | grep --line-buffered -v "Loading weights\|Writing model shards" \
         | tee "$OUT/distill-log.txt" || true
@@ -177,7 +180,7 @@ if [[ "$WHAT" == distill-feature ]]; then
         from+=(--resume "specdec/drafts/$FSHIP")
     fi
     python3 -m specdec.cli distill --kind feature "${from[@]}" --steps 20000 --time-budget "${FEATURE_TRAIN_S:-270}" \
-        --gen-time "${DISTILL_GEN_S:-45}" --eval-every 100 --out /root/feature --ship "/root/feature-ship/$FSHIP" \
+        --gen-time "${DISTILL_GEN_S:-45}" --deadline "${DISTILL_DEADLINE:-540}" --eval-every 100 --out /root/feature --ship "/root/feature-ship/$FSHIP" \
         --quiet ${DISTILL_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/distill-feature-log.txt" || true
     cp /root/feature/distill.json "$OUT/distill-feature-train.json"
     cp "/root/feature-ship/$FSHIP" "$OUT/$FSHIP"

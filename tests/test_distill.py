@@ -680,12 +680,13 @@ def test_cli_end_to_end_on_the_default_model_then_resumes(tmp_path):
     assert shipped.read_metadata(checkpoint)["layers"] == record["draft_layers"] == [0, 29]
     second = tmp_path / "second"  # new text (sampled starts, another seed) + the first run's
     main(["distill", "--resume", str(checkpoint), "--gen-explore", "2", "--seed", "1", "--add-generated", str(text),
-          "--out", str(second), *small, "--max-seq-len", "256", "--layers", "3"])
+          "--out", str(second), *small, "--max-seq-len", "256", "--layers", "3", "--deadline", "3600"])
     again = save.json.loads((second / save.RECORD_NAME).read_text())
     assert again["init"] == f"resumed from {checkpoint}" and again["data"]["loaded_from"] == [str(text)]
     assert again["data"]["generated"] == 2 * record["data"]["generated"] and again["data"]["explore_tokens"] == 2
     assert again["max_seq_len"] == 256 and again["seq_len"] == 64
     assert again["draft_layers"] == [0, 15, 29]  # grown by one layer between the two it had
+    assert 3000 < again["train"]["config"]["time_budget_s"] < 3570  # --deadline: what the run had left
 
 
 def test_cli_feature_kind_trains_with_the_top1_weight(target, tmp_path):
@@ -696,3 +697,29 @@ def test_cli_feature_kind_trains_with_the_top1_weight(target, tmp_path):
     _defaults(args)
     _, task, layers = _build(target, args)
     assert layers is None and task.config.top1_weight == 1.5
+
+
+def test_cli_deadline_shrinks_the_training_budget_to_what_is_left(target, tmp_path):
+    from specdec.distill.cli import _build, _defaults, _fit_deadline, build_parser
+
+    args = build_parser().parse_args(["--out", str(tmp_path / "o"), "--device", "cpu", "--time-budget", "300", "--layers", "2",
+                                      "--deadline", "500", "--deadline-reserve", "20"])
+    _defaults(args)
+    _, task, _ = _build(target, args)
+    _fit_deadline(task.config, args, elapsed=250.0)       # 500 - 250 - 20 = 230 < 300
+    assert task.config.time_budget_s == 230.0
+    _fit_deadline(task.config, args, elapsed=10.0)        # 470 left: the budget already fits
+    assert task.config.time_budget_s == 230.0
+
+
+def test_cli_deadline_caps_a_step_count_run_and_refuses_one_with_no_time_left(target, tmp_path):
+    from specdec.distill.cli import _build, _defaults, _fit_deadline, build_parser
+
+    args = build_parser().parse_args(["--out", str(tmp_path / "o"), "--device", "cpu", "--steps", "50", "--layers", "2",
+                                      "--deadline", "100"])
+    _defaults(args)
+    _, task, _ = _build(target, args)
+    _fit_deadline(task.config, args, elapsed=40.0)
+    assert (task.config.steps, task.config.time_budget_s) == (50, 30.0)  # 30 s kept for the files by default
+    with pytest.raises(ValueError, match="no time to train"):
+        _fit_deadline(task.config, args, elapsed=95.0)

@@ -52,6 +52,8 @@ examples:
       --add-generated d/text.pt --gen-compile --time-budget 330 --out d4
                                                         # long prompts (a long system prompt) kept whole
   specdec distill --resume d4/layers-draft.safetensors --layers 6 --generated d/text.pt --out d5   # grow to 6
+  specdec distill --gen-compile --gen-time 240 --time-budget 300 --deadline 540 --out d6
+                                                        # a 10-minute job: training shrinks to fit
 then:
   specdec generate "def fib(n):" --draft d          # a layers directory or a feature-draft file/directory
   specdec bench --workload code --draft d
@@ -59,7 +61,7 @@ then:
 acceptance = drafted tokens the target kept / drafted tokens; a draft pays off when it is
 high and the draft is cheap: --layers trades one for the other (2-4 for a 30-layer target);
 a feature draft costs one layer, but so far accepts less than a 4-layer one on the bundled model
-(0.16 vs 0.589 held out); it runs with compile=True but not compile="inductor". On the bundled model a
+(0.242 vs 0.589 held out); it runs with compile=True but not compile="inductor". On the bundled model a
 6-layer draft accepted no more than the 4-layer file it grew from (0.556 vs 0.553) and drafts
 slower (README)."""
 
@@ -84,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps (default 1000; with --time-budget, the most, default no limit)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="fit the step count to this much training time (measured on the first steps)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="end the whole run within SECONDS of its start (a job's time limit): training gets what "
+                        "loading and generation left, less --deadline-reserve, if that is below --time-budget")
+    p.add_argument("--deadline-reserve", type=_non_negative, default=30.0, metavar="SECONDS",
+                   help="time --deadline keeps for what follows training: writing and replaying the files "
+                        "(default 30; add the final measurement's time unless --final-prompts 0)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 32 on GPU, 4 on CPU)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 512 on GPU, 128 on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
@@ -262,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  max_len=args.max_seq_len)
     if args.kind == "feature" and args.feature_init == "last-layer" and not args.resume:
         _init_feature(target, draft, sampler, args)
+    if args.deadline is not None:
+        _fit_deadline(task.config, args, time.perf_counter() - started)
     trained = train.train(target, draft, sampler, task.config, eval_sets, progress=not args.quiet, task=task)
     log.info("trained %d steps in %.0f s: loss %.3f, replayed acceptance %s", trained.steps, trained.seconds,
              trained.loss[-1][1] if trained.loss else float("nan"),
@@ -281,6 +291,19 @@ def main(argv: list[str] | None = None) -> dict:
     save.write_json(record, Path(args.out) / save.RECORD_NAME)
     log.info("wrote %s (%.0f s in all)", args.out, record["total_s"])
     return record
+
+
+def _fit_deadline(config, args, elapsed: float) -> None:
+    """Shrink training's time budget to what ``--deadline`` leaves after ``elapsed`` seconds."""
+    left = args.deadline - elapsed - args.deadline_reserve
+    if left < 1:
+        raise ValueError(f"--deadline {args.deadline:g} s leaves no time to train: loading and generation took "
+                         f"{elapsed:.0f} s and --deadline-reserve keeps {args.deadline_reserve:g} s; give a later "
+                         "deadline or a shorter --gen-time")
+    if config.time_budget_s is None or left < config.time_budget_s:
+        log.info("--deadline %g s: %.0f s of training left (%.0f s gone, %g s kept for the files)",
+                 args.deadline, left, elapsed, args.deadline_reserve)
+        config.time_budget_s = left  # a cap: --steps still ends training first if it comes first
 
 
 def _log_to_stderr() -> None:
