@@ -723,3 +723,6 @@ def test_cli_deadline_caps_a_step_count_run_and_refuses_one_with_no_time_left(ta
     assert (task.config.steps, task.config.time_budget_s) == (50, 30.0)  # 30 s kept for the files by default
     with pytest.raises(ValueError, match="no time to train"):
         _fit_deadline(task.config, args, elapsed=95.0)
+    early = build_parser().parse_args(["--out", str(tmp_path / "o"), "--deadline", "20"])
+    with pytest.raises(ValueError, match="--deadline-reserve"):  # refused before any loading
+        _defaults(early)

@@ -239,6 +239,9 @@ def _defaults(args) -> None:
     if args.gen_batch_tokens is not None and args.gen_batch_tokens < 1:
         raise ValueError(f"--gen-batch-tokens must be >= 1 (prompt tokens per generation batch), got "
                          f"{args.gen_batch_tokens}")
+    if args.deadline is not None and args.deadline <= args.deadline_reserve:
+        raise ValueError(f"--deadline {args.deadline:g} s is not after --deadline-reserve {args.deadline_reserve:g} s "
+                         "(the time kept for writing the files): give the job's whole time limit in seconds")
     if args.max_seq_len is not None and args.max_seq_len < args.seq_len:
         raise ValueError(f"--max-seq-len {args.max_seq_len} is below --seq-len {args.seq_len}: it is the longest "
                          "row kept whole; give at least --seq-len (or leave it out)")
