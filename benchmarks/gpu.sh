@@ -10,14 +10,14 @@
 #     more `specdec distill` options in DISTILL_ARGS, later ones win); ~9.5 min. Acceptance is replayed
 #     on 4+4 held-out prompts; measure the file on all of them with benchmarks/draft_acceptance.py (CPU).
 #     $OUT gets distill-train.json, distill-acceptance.json, distill-log.txt, the shipped int4 weights
-#     and the target's text (distill-generated.pt). Bench it with `distill-bench` next, warm.
+#     and the target's text (distill-generated.pt.xz, lzma-compressed so that it comes back). Bench it with `distill-bench` next, warm.
 #   distill-resume: train on (DISTILL_TRAIN_S=420, no generation) from the float checkpoint and text of
 #     `distill`, when called while the machine is still warm; else from .resume/*.safetensors (any
-#     shipped file) on .resume/*.pt: `stage` carrying .gguf1, `stage` carrying .resume, `run
+#     shipped file) on .resume/*.pt or *.pt.xz: `stage` carrying .gguf1, `stage` carrying .resume, `run
 #     distill-resume` carrying .gguf2 .whl. $OUT gets the same files as distill.
 #   distill-more: train the shipped file on (DISTILL_TRAIN_S=330) on NEW greedy text of the same prompts
 #     (--gen-explore 4: sampled starts, --seed DISTILL_SEED=1; DISTILL_GEN_S=150), plus any earlier runs'
-#     text staged from .resume/*.pt (`stage` carrying .resume first: --add-generated); ~9.5 min, same files.
+#     text staged from .resume/*.pt* (`stage` carrying .resume first: --add-generated); ~9.5 min, same files.
 #     Called again while warm (another DISTILL_SEED), it trains on from the last run's float checkpoint
 #     and adds that run's text (DISTILL_ADD_OLD=0: no earlier text, only this run's new text).
 #     Long prompts whole: DISTILL_ARGS="--max-prompt-tokens 2048 --max-seq-len 2048"
@@ -119,25 +119,25 @@ if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more
         if [[ -f /root/distilled/layers-draft.safetensors ]]; then  # warm after a distill run: chain on from it
             mkdir -p /root/resume /root/chained && cp /root/distilled/layers-draft.safetensors /root/chained/
             from=/root/chained/layers-draft.safetensors
-            if [[ -f /root/distilled-generated.pt ]]; then mv /root/distilled-generated.pt "/root/resume/chained-$(date +%s).pt"; fi
+            if [[ -f /root/distilled-generated.pt.xz ]]; then mv /root/distilled-generated.pt.xz "/root/resume/chained-$(date +%s).pt.xz"; fi
         fi
         how=(--resume "$from" --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --gen-explore 4
-             --seed "${DISTILL_SEED:-1}" --gen-compile --save-generated /root/distilled-generated.pt)
+             --seed "${DISTILL_SEED:-1}" --gen-compile --save-generated /root/distilled-generated.pt.xz)
         # DISTILL_ADD_OLD=0: fresh text only (earlier texts, trained on before, are memorized: they fit far
         # better than new text of the same kind does, so they teach little)
-        if [[ "${DISTILL_ADD_OLD:-1}" == 1 ]] && compgen -G "/root/resume/*.pt" > /dev/null; then
-            how+=(--add-generated /root/resume/*.pt)
+        if [[ "${DISTILL_ADD_OLD:-1}" == 1 ]] && compgen -G "/root/resume/*.pt*" > /dev/null; then
+            how+=(--add-generated /root/resume/*.pt*)
         fi
         budget=${DISTILL_TRAIN_S:-330}
     elif [[ "$WHAT" == distill ]]; then
-        how=(--layers 4 --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --save-generated /root/distilled-generated.pt)
+        how=(--layers 4 --gen-time "${DISTILL_GEN_S:-150}" --gen-prompts 14000 --save-generated /root/distilled-generated.pt.xz)
         [[ "${DISTILL_GEN_COMPILE:-1}" == 1 ]] && how+=(--gen-compile)
         budget=${DISTILL_TRAIN_S:-330}
     else  # still warm after `distill`: its float checkpoint and text are here; else .resume/ (staged)
         if [[ ! -d /root/resume && -f /root/distilled/layers-draft.safetensors ]]; then
-            mkdir -p /root/resume && cp /root/distilled/layers-draft.safetensors /root/distilled-generated.pt /root/resume/
+            mkdir -p /root/resume && cp /root/distilled/layers-draft.safetensors /root/distilled-generated.pt.xz /root/resume/
         fi
-        how=(--resume "$(ls /root/resume/*.safetensors | head -1)" --generated /root/resume/*.pt)
+        how=(--resume "$(ls /root/resume/*.safetensors | head -1)" --generated /root/resume/*.pt*)
         budget=${DISTILL_TRAIN_S:-420}
     fi
     # GPU defaults measured in session 5 (greedy text, prompts cut to 640 tokens, 80% of rows the target's)
@@ -147,7 +147,7 @@ if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more
         | tee "$OUT/distill-log.txt" || true
     cp /root/distilled/distill.json "$OUT/distill-train.json"
     cp "/root/distilled-ship/$SHIP" "$OUT/$SHIP"
-    [ -f /root/distilled-generated.pt ] && cp /root/distilled-generated.pt "$OUT/distill-generated.pt"
+    [ -f /root/distilled-generated.pt.xz ] && cp /root/distilled-generated.pt.xz "$OUT/distill-generated.pt.xz"
     python3 - "$OUT" <<'PY'
 import json, sys
 run = json.load(open(f"{sys.argv[1]}/distill-train.json"))
@@ -168,13 +168,13 @@ fi
 FSHIP=smollm2-135m-instruct-feature.safetensors
 if [[ "$WHAT" == distill-feature ]]; then
     start=$(date +%s)
-    from=(--save-generated /root/feature-generated.pt)
+    from=(--save-generated /root/feature-generated.pt.xz)
     if [[ -f /root/feature/feature-draft.safetensors ]]; then  # warm after a distill-feature run: chain on
         mkdir -p /root/chained /root/resume && cp /root/feature/feature-draft.safetensors /root/chained/
         from+=(--resume /root/chained/feature-draft.safetensors --seed "${DISTILL_SEED:-1}")
-        [[ -f /root/feature-generated.pt ]] && mv /root/feature-generated.pt "/root/resume/feature-$(date +%s).pt"
-        if [[ "${DISTILL_ADD_OLD:-1}" == 1 ]] && compgen -G "/root/resume/feature-*.pt" > /dev/null; then
-            from+=(--add-generated /root/resume/feature-*.pt)
+        [[ -f /root/feature-generated.pt.xz ]] && mv /root/feature-generated.pt.xz "/root/resume/feature-$(date +%s).pt.xz"
+        if [[ "${DISTILL_ADD_OLD:-1}" == 1 ]] && compgen -G "/root/resume/feature-*.pt*" > /dev/null; then
+            from+=(--add-generated /root/resume/feature-*.pt*)
         fi
     elif [[ "${FEATURE_RESUME:-0}" == 1 ]]; then
         from+=(--resume "specdec/drafts/$FSHIP")
@@ -184,6 +184,7 @@ if [[ "$WHAT" == distill-feature ]]; then
         --quiet ${DISTILL_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/distill-feature-log.txt" || true
     cp /root/feature/distill.json "$OUT/distill-feature-train.json"
     cp "/root/feature-ship/$FSHIP" "$OUT/$FSHIP"
+    [ -f /root/feature-generated.pt.xz ] && cp /root/feature-generated.pt.xz "$OUT/feature-generated.pt.xz"
     python3 - "$OUT" <<'PY'
 import json, sys
 run = json.load(open(f"{sys.argv[1]}/distill-feature-train.json"))

@@ -511,6 +511,20 @@ def test_generated_text_round_trips_and_belongs_to_its_target(target, tmp_path):
         data.load_generated(tmp_path / "other.pt", target)
 
 
+def test_generated_text_saved_as_xz_is_compressed_and_loads_the_same(target, tmp_path):
+    import lzma
+
+    generated, _ = _sampler(target)
+    generated = generated + [data.Sequence(s.ids * 3, s.prompt_len, s.source) for s in generated]  # repeats
+    plain = data.save_generated(generated, tmp_path / "gen.pt", target, info={"seed": 1})
+    packed = data.save_generated(generated, tmp_path / "gen.pt.xz", target, info={"seed": 1})
+    assert packed.stat().st_size < plain.stat().st_size / 2
+    assert lzma.decompress(packed.read_bytes())[:2] == plain.read_bytes()[:2]  # a torch file inside
+    loaded, info = data.load_generated(packed, target)
+    assert [(s.ids, s.prompt_len, s.source) for s in loaded] == [(s.ids, s.prompt_len, s.source) for s in generated]
+    assert info == {"seed": 1}
+
+
 def test_cli_loads_saved_text_and_resumes_a_draft_file(target, tmp_path):
     from specdec.distill.cli import _build, _defaults, _generated, build_parser
 

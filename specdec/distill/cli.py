@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "target's layers; its kind and layers override --kind and --init (--layers can grow it)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--save-generated", default=None, metavar="FILE",
-                      help="also write the target's continuations here, for --generated in a later run")
+                      help="also write the target's continuations here, for --generated in a later run "
+                           "(a name ending in .xz: lzma-compressed, for shipping it off a remote machine)")
     text.add_argument("--generated", nargs="+", default=None, metavar="FILE",
                       help="train on continuations an earlier run saved (--save-generated) instead of "
                            "generating (the files must come from this target)")

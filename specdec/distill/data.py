@@ -19,8 +19,10 @@ reference pages, so acceptance measured on them is acceptance on unseen prompts.
 from __future__ import annotations
 
 import ast
+import io
 import itertools
 import logging
+import lzma
 import os
 import random
 import re
@@ -418,7 +420,9 @@ def _write(target, rows: list[list[int]], sampling: dict, max_new_tokens: int, g
 def save_generated(seqs: list[Sequence], path: str | Path, target, info: dict | None = None) -> Path:
     """Write the target's continuations to ``path`` (one flat uint16 tensor, int32 for vocabularies
     over 65,536 ids, + lengths), with the target's fingerprint, so a later run (``specdec distill
-    --generated``) trains on them without generating again."""
+    --generated``) trains on them without generating again. A path ending in ``.xz`` is written
+    lzma-compressed (repeated prompt text, e.g. one long system prompt, packs well: small enough
+    to come back from a remote GPU job)."""
     from specdec.distill.shipped import target_fingerprint
 
     if not seqs:
@@ -432,7 +436,12 @@ def save_generated(seqs: list[Sequence], path: str | Path, target, info: dict | 
                   sources=[s.source for s in seqs])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(record, path)
+    if path.suffix == ".xz":
+        buffer = io.BytesIO()
+        torch.save(record, buffer)
+        path.write_bytes(lzma.compress(buffer.getvalue(), preset=1))  # fast; repeated prompts compress anyway
+    else:
+        torch.save(record, path)
     return path
 
 
@@ -444,7 +453,8 @@ def load_generated(path: str | Path, target) -> tuple[list[Sequence], dict]:
     """
     from specdec.distill.shipped import matches_fingerprint
 
-    record = torch.load(path, weights_only=True)
+    source = io.BytesIO(lzma.decompress(Path(path).read_bytes())) if Path(path).suffix == ".xz" else path
+    record = torch.load(source, weights_only=True)
     if not isinstance(record, dict) or record.get("format") != "specdec-generated-v1":
         raise ValueError(f"{path} is not a file of the target's text (write one with `specdec distill "
                          "--save-generated FILE`)")
