@@ -184,7 +184,8 @@ if [[ "$WHAT" == distill-feature ]]; then
         --quiet ${DISTILL_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/distill-feature-log.txt" || true
     cp /root/feature/distill.json "$OUT/distill-feature-train.json"
     cp "/root/feature-ship/$FSHIP" "$OUT/$FSHIP"
-    [ -f /root/feature-generated.pt.xz ] && cp /root/feature-generated.pt.xz "$OUT/feature-generated.pt.xz"
+    # the text too, unless FEATURE_BENCH's three files would make $OUT more than the 8 files a call returns
+    [[ -f /root/feature-generated.pt.xz && "${FEATURE_BENCH:-0}" != 1 ]] && cp /root/feature-generated.pt.xz "$OUT/"
     python3 - "$OUT" <<'PY'
 import json, sys
 run = json.load(open(f"{sys.argv[1]}/distill-feature-train.json"))
