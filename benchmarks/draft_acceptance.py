@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     target, tok = load_model(None, dtype=dtype, device=args.device)
     held = {w: data.encode_prompts(prompts, tok) for w, prompts in data.held_out_prompts().items()}
-    drafts = {name: _load(shipped, target, path) for name, path in zip(args.names or args.drafts, args.drafts)}
+    drafts = {name: shipped.load_file(target, path) for name, path in zip(args.names or args.drafts, args.drafts)}
     if args.self_layers:
         drafts[f"self:{args.self_layers}"] = specdec.early_exit_model(target, args.self_layers)
     rows = {}
@@ -63,13 +63,6 @@ def main(argv: list[str] | None = None) -> dict:
               "drafts": rows}
     report.write_json(result, args.out)
     return result
-
-
-def _load(shipped, target, path: str) -> torch.nn.Module:
-    """A shipped draft file of either kind, around ``target``."""
-    if shipped.read_metadata(path)["kind"] == "feature":
-        return shipped.load_feature_draft(target, path)
-    return shipped.load_shipped_draft(target, path)
 
 
 if __name__ == "__main__":

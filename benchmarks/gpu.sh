@@ -168,18 +168,18 @@ fi
 FSHIP=smollm2-135m-instruct-feature.safetensors
 if [[ "$WHAT" == distill-feature ]]; then
     start=$(date +%s)
-    from=(--save-generated /root/feature-generated.pt.xz)
+    how=(--save-generated /root/feature-generated.pt.xz)
     if [[ -f /root/feature/feature-draft.safetensors ]]; then  # warm after a distill-feature run: chain on
         mkdir -p /root/chained /root/resume && cp /root/feature/feature-draft.safetensors /root/chained/
-        from+=(--resume /root/chained/feature-draft.safetensors --seed "${DISTILL_SEED:-1}")
+        how+=(--resume /root/chained/feature-draft.safetensors --seed "${DISTILL_SEED:-1}")
         [[ -f /root/feature-generated.pt.xz ]] && mv /root/feature-generated.pt.xz "/root/resume/feature-$(date +%s).pt.xz"
         if [[ "${DISTILL_ADD_OLD:-1}" == 1 ]] && compgen -G "/root/resume/feature-*.pt*" > /dev/null; then
-            from+=(--add-generated /root/resume/feature-*.pt*)
+            how+=(--add-generated /root/resume/feature-*.pt*)
         fi
     elif [[ "${FEATURE_RESUME:-0}" == 1 ]]; then
-        from+=(--resume "specdec/drafts/$FSHIP")
+        how+=(--resume "specdec/drafts/$FSHIP")
     fi
-    python3 -m specdec.cli distill --kind feature "${from[@]}" --steps 20000 --time-budget "${FEATURE_TRAIN_S:-270}" \
+    python3 -m specdec.cli distill --kind feature "${how[@]}" --steps 20000 --time-budget "${FEATURE_TRAIN_S:-270}" \
         --gen-time "${DISTILL_GEN_S:-45}" --deadline "${DISTILL_DEADLINE:-540}" --eval-every 100 --out /root/feature --ship "/root/feature-ship/$FSHIP" \
         --quiet ${DISTILL_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/distill-feature-log.txt" || true
     cp /root/feature/distill.json "$OUT/distill-feature-train.json"

@@ -406,12 +406,16 @@ def test_cli_help_and_bench_rows(target, capsys):
     assert "ours-draft" in names and "hf-assisted" not in names and "ours-draft+graphs" in names  # graphs: yes
 
 
-def test_draft_acceptance_script_loads_either_kind_of_file(target, tmp_path):
-    from benchmarks.draft_acceptance import _load
+def test_load_file_loads_either_kind_of_draft_file(target, tmp_path):  # what benchmarks.draft_acceptance uses
     from specdec.distill import model as layered
 
     feature = shipped.export_feature(_draft(target), target, tmp_path / "f.safetensors", name="tiny", bits=8)
     layers = shipped.export_shipped(layered.build_draft(target, [1, 3], dtype=torch.float32), target,
                                     tmp_path / "l.safetensors", [1, 3], bits=8)
-    assert isinstance(_load(shipped, target, str(feature)), FeatureDraft)
-    assert not isinstance(_load(shipped, target, str(layers)), FeatureDraft)
+    assert isinstance(shipped.load_file(target, str(feature)), FeatureDraft)
+    assert not isinstance(shipped.load_file(target, str(layers)), FeatureDraft)
+    with pytest.raises(ValueError, match="no such draft file"):
+        shipped.load_file(target, tmp_path / "missing.safetensors")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        shipped.load_file(target, tmp_path / "other.safetensors")

@@ -458,8 +458,8 @@ def _replay_file(target, path, eval_set, args) -> float:
     if args.kind == "feature":
         from specdec.distill.feature_train import replay_feature_acceptance
 
-        return replay_feature_acceptance(target, shipped.load_feature_draft(target, path), eval_set, autocast_dtype=amp)
-    return evaluate.replay_acceptance(shipped.load_shipped_draft(target, path), eval_set, autocast_dtype=amp)
+        return replay_feature_acceptance(target, shipped.load_file(target, path), eval_set, autocast_dtype=amp)
+    return evaluate.replay_acceptance(shipped.load_file(target, path), eval_set, autocast_dtype=amp)
 
 
 def _save(draft, target, tok, args, layers) -> None:
@@ -492,8 +492,7 @@ def _final_acceptance(target, draft, layers, held, args) -> dict:
     name, n_self = ("feature", 4) if args.kind == "feature" else ("distilled", len(layers))
     drafts = {name: draft, f"self:{n_self}": specdec.early_exit_model(target, n_self)}
     if args.ship:
-        load = shipped.load_feature_draft if args.kind == "feature" else shipped.load_shipped_draft
-        drafts[f"{name}-int{args.ship_bits}"] = load(target, args.ship)
+        drafts[f"{name}-int{args.ship_bits}"] = shipped.load_file(target, args.ship)
     if args.kind == "feature" and shipped.find_shipped(target, "layers") is not None:
         drafts["distilled-layers (shipped)"] = shipped.load_shipped_draft(target)
     n = args.final_prompts

@@ -136,8 +136,14 @@ def read_metadata(path: str | Path) -> dict:
     plus ``kind``: ``"layers"`` or ``"feature"``."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such draft file (make one with `specdec distill --ship FILE`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors' own error type: a file of another format
+        raise ValueError(f"{path} is not a safetensors file ({e}): a draft file is what `specdec distill --ship` "
+                         "writes") from e
     kinds = {fmt: kind for kind, fmt in KINDS.items()}
     if meta.get("format") not in kinds:
         raise ValueError(f"{path} is not a specdec shipped draft (format {meta.get('format')!r}, expected one of "
@@ -193,6 +199,17 @@ def load_named(target, name: str = "distilled") -> torch.nn.Module:
                          "'distilled-layers'")
     kind = kinds[name] or best_kind(target)
     return load_feature_draft(target) if kind == "feature" else load_shipped_draft(target)
+
+
+def load_file(target, path: str | Path) -> torch.nn.Module:
+    """A draft file of either kind (its metadata says which) around ``target``.
+
+    Raises:
+        ValueError: no such file, or not a draft file (``specdec distill --ship`` writes them).
+    """
+    if read_metadata(path)["kind"] == "feature":
+        return load_feature_draft(target, path)
+    return load_shipped_draft(target, path)
 
 
 def load_feature_draft(target, path: str | Path | None = None) -> torch.nn.Module:
