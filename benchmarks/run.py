@@ -350,8 +350,8 @@ def _notes(draft, distilled) -> list[str]:
     for row, d in (("ours-draft", draft), ("ours-distilled", distilled)):
         if d is not None and not hf_can_run(d):
             notes.append(f"{row} uses an EAGLE-style feature draft ({type(d).__name__}), which HF assisted generation "
-                         "cannot run (it is no causal LM) and compile=True does not support yet (no +graphs row): "
-                         "its speedup_vs_assisted is against HF assisted generation with the other (layered) draft")
+                         "cannot run (it is no causal LM): its speedup_vs_assisted is against HF assisted generation with "
+                         "the other (layered) draft")
     return notes
 
 
