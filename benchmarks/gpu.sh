@@ -24,7 +24,8 @@
 #   Every distill run ends within DISTILL_DEADLINE=540 s of its start (`--deadline`: training gets what loading
 #     and generation left), so a call's files come back even when generation and its setup run long (session 12:
 #     240 s of text + 200 s of training ran past the 10-minute call; keep DISTILL_GEN_S + DISTILL_TRAIN_S <= ~400).
-#   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship)
+#   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship; first
+#     measures it and the committed file held out, float32, all 22 prompts: draft-acceptance-gpu-fp32.json)
 #   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
 #     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
 #     draft; $OUT gets distill-feature-train.json, distill-feature-acceptance.json and the int8 file.
@@ -111,7 +112,7 @@ fi
 if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
     [ -f benchmarks/prefix_bench.py ] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
 fi
-SHIP=smollm2-135m-instruct-L4.safetensors
+SHIP=smollm2-135m-instruct-L6.safetensors  # the shipped layered file; a distill run here writes its file under this name
 if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more ]]; then
     start=$(date +%s)
     if [[ "$WHAT" == distill-more ]]; then  # new greedy text from the same prompts (sampled starts), trained on
@@ -162,7 +163,13 @@ PY
 fi
 if [[ ( "$WHAT" == distill && "${DISTILL_BENCH:-0}" == 1 ) || "$WHAT" == distill-bench ]]; then
     # what `--draft distilled` loads: the shipped file (committed, or just trained on this machine)
-    [ -f "/root/distilled-ship/$SHIP" ] && cp "/root/distilled-ship/$SHIP" specdec/drafts/
+    if [ -f "/root/distilled-ship/$SHIP" ]; then
+        # held out first (all 22 prompts, float32 as on CPU: seconds here), the committed file beside it
+        python3 -m benchmarks.draft_acceptance --device cuda --dtype float32 --self-layers 0 \
+            --drafts "specdec/drafts/$SHIP" "/root/distilled-ship/$SHIP" --names committed trained \
+            --out "$OUT/draft-acceptance-gpu-fp32.json" 2>&1 | grep -v "Loading weights" || true
+        cp "/root/distilled-ship/$SHIP" specdec/drafts/
+    fi
     for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled; done
 fi
 FSHIP=smollm2-135m-instruct-feature.safetensors
