@@ -5,7 +5,7 @@ Greedy, k=4, specdec.generate on every ``code`` and ``chat`` benchmark prompt (t
 Acceptance does not depend on timing, so a CPU run compares two draft files fairly (float32
 here; a bf16 GPU run rounds differently and may differ by a few tokens).
 
-    python -m benchmarks.draft_acceptance --drafts specdec/drafts/smollm2-135m-instruct-L4.safetensors new.safetensors \
+    python -m benchmarks.draft_acceptance --drafts specdec/drafts/smollm2-135m-instruct-L6.safetensors new.safetensors \
         --out benchmarks/results/cpu/draft-acceptance.json
 
 Feature drafts (``specdec distill --kind feature`` files) are measured the same way.

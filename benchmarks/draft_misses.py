@@ -6,7 +6,7 @@ n-gram (default 4 tokens) that occurs in the prompt, else *novel*. A draft that 
 novel tokens needs better language modelling (text, capacity), one that misses copied tokens
 needs to attend further back (long rows).
 
-    python -m benchmarks.draft_misses --draft specdec/drafts/smollm2-135m-instruct-L4.safetensors \
+    python -m benchmarks.draft_misses --draft specdec/drafts/smollm2-135m-instruct-L6.safetensors \
         --out benchmarks/results/cpu/draft-misses.json
 """
 
