@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> dict:
     from integrations.models import load_model
     from specdec.distill import data, shipped
 
+    labels = args.names or args.drafts
     target, tok = load_model(None, dtype=args.dtype, device=args.device)
     prompts = [(w, ids) for w, ps in data.held_out_prompts().items()
                for ids in data.encode_prompts(ps[:args.n_prompts], tok)]
     variants = {"plain": None} | {name: shipped.load_file(target, path)
-                                  for name, path in zip(args.names or args.drafts, args.drafts)}
+                                  for name, path in zip(labels, args.drafts)}
     runs = {name: {w: [] for w, _ in prompts} for name in variants}
     plain_out: dict[int, list[int]] = {}
     identical = {name: True for name in variants}
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"greedy": True, "batch_size": 1, "num_draft_tokens": "auto", "compile": args.compile,
                            "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "dtype": args.dtype,
                            "device": args.device, "prompts_per_workload": args.n_prompts,
-                           "files": dict(zip(args.names or args.drafts, args.drafts))},
+                           "files": dict(zip(labels, args.drafts))},
               "variants": rows}
     report.write_json(result, args.out)
     return result
