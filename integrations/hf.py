@@ -19,16 +19,17 @@ import inspect
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 import specdec
+from specdec import options
 from specdec.config import HONOURED, UnsupportedOption
 
 # keywords a patched generate() accepts on top of HF's: specdec's own (stripped on fallback)
-SPECDEC_KEYS = ("draft_model", "num_draft_tokens", "prefix_cache", "cache_namespace", "kv_quant")
+SPECDEC_KEYS = tuple(name for name in options.OPTIONS if name != "prompt_lookup_num_tokens")
 # GenerationConfig fields that change the output but that specdec.generate would ignore
 _OUTPUT_CHANGING = {"max_time": None, "encoder_repetition_penalty": 1.0, "remove_invalid_values": False,
                     "assistant_ensemble_weight": None}
@@ -45,12 +46,7 @@ class SpecdecFallbackWarning(UserWarning):
 class PatchSettings:
     """Defaults of a patched model's generate(); per-call keywords override them."""
 
-    draft_model: object = None                # a causal LM, "self:N", or None
-    num_draft_tokens: int | str = "auto"      # draft length k, or "auto" (adaptive)
-    prompt_lookup_num_tokens: int | None = None  # prompt-lookup drafting (no draft model)
-    prefix_cache: object = None               # a prefix_cache.PrefixCache shared across calls
-    cache_namespace: str | Callable | None = None  # tenant key, or f(input_ids, kwargs) -> str
-    kv_quant: str | None = None               # None, "int8", "int4"
+    options: options.Options                  # specdec's options (see specdec.options.Options)
     tokenizer: object = None                  # for stop_strings (a pipeline's own by default)
 
 
@@ -80,13 +76,14 @@ class _PatchedGenerate:
         call = _translate(self.model, self.settings, args, kwargs)
         if isinstance(call, str):
             return self._fallback(call, args, kwargs)
+        wants_stats = call.kwargs.pop("return_stats")
         try:
             with torch.no_grad():
                 out, self.last_stats = specdec.generate(self.model, call.input_ids, call.attention_mask,
                                                         return_stats=True, **call.kwargs)
         except UnsupportedOption as exc:
             return self._fallback(exc.what, args, kwargs)
-        return out
+        return (out, self.last_stats) if wants_stats else out
 
     def _fallback(self, what: str, args, kwargs):
         names = set(re.findall(r"(\w+)=", what)) or set(what.split(", "))
@@ -109,31 +106,35 @@ class _PatchedGenerate:
         return f"<specdec-patched generate of {type(self.model).__name__}>"
 
 
-def patch(obj, draft_model=None, *, num_draft_tokens="auto", prompt_lookup_num_tokens=None,
-          prefix_cache=None, cache_namespace=None, kv_quant=None, tokenizer=None):
+def patch(obj, draft_model=None, *, tokenizer=None, **specdec_options):
     """Make ``obj.generate`` (a model's, or a pipeline's model's) run ``specdec.generate``.
 
     Args:
         obj: a ``PreTrainedModel`` (decoder-only) or a transformers ``Pipeline``.
-        draft_model: a causal LM sharing the target's tokenizer, or ``"self:N"`` (the
-            target's first N layers). A call's ``assistant_model=`` overrides it.
-        num_draft_tokens: draft length k, or ``"auto"`` (adaptive).
-        prompt_lookup_num_tokens: draft by prompt lookup (instead of a draft model).
-            A call's ``prompt_lookup_num_tokens=`` overrides it.
-        prefix_cache: a ``prefix_cache.PrefixCache`` reused by every call.
-        cache_namespace: prefix-cache tenant key: a string, or a callable
-            ``(input_ids, call_kwargs) -> str`` evaluated per call (e.g. ``lambda ids, kw:
-            tenant.get()`` with a ``contextvars.ContextVar`` set per request). Tenants never
-            share cached blocks, so no tenant can time another's prompts (README: isolation).
-        kv_quant: None, ``"int8"`` or ``"int4"`` quantized KV cache.
+        draft_model: a causal LM sharing the target's tokenizer, ``"self:N"`` (the target's first N
+            layers), ``"distilled"`` (the shipped distilled draft; loaded once, here) or a
+            ``FeatureDraft``. A call's ``assistant_model=`` / ``draft_model=`` overrides it.
         tokenizer: for ``stop_strings`` (defaults to a pipeline's tokenizer).
+        **specdec_options: any of ``specdec.generate``'s own options, with the same meaning and
+            checks (``specdec.options.Options``): ``num_draft_tokens``, ``prompt_lookup_num_tokens``,
+            ``prefix_cache``, ``cache_namespace`` (here also a callable ``(input_ids, call_kwargs) ->
+            str`` evaluated per call, e.g. reading a ``contextvars.ContextVar`` set per request; tenants
+            never share cached blocks), ``kv_quant``, ``compile`` (``True``: static cache + CUDA graphs,
+            captured on the first call and reused by later calls of any prompt length and of batch
+            sizes up to the next power of two), ``generator``, ``return_stats`` (models only: a
+            pipeline needs generate() to return tokens; read ``last_stats(pipe)`` instead).
+            A call's keywords of the same names override these.
 
-    Patching again updates the settings and keeps the true original. Returns ``obj``.
+    Patching again replaces the settings and keeps the true original. Returns ``obj``.
     """
     model, default_tokenizer = _target(obj)
-    settings = PatchSettings(draft_model, num_draft_tokens, prompt_lookup_num_tokens, prefix_cache,
-                             cache_namespace, kv_quant, tokenizer if tokenizer is not None else default_tokenizer)
-    _check_settings(model, settings)
+    opts = options.check(options.from_keywords("patch()", specdec_options, draft_model=draft_model),
+                         namespace_callable=True)
+    if opts.return_stats and model is not obj:
+        raise ValueError("return_stats=True would make the pipeline's generate() return (output, stats), which "
+                         "pipelines cannot read: use integrations.last_stats(pipe) after a call instead")
+    opts = replace(opts, draft_model=options.resolve_draft(opts.draft_model, model))
+    settings = PatchSettings(opts, tokenizer if tokenizer is not None else default_tokenizer)
     current = _patch_of(model)
     if current is not None:
         current.settings = settings
@@ -202,28 +203,6 @@ def _target(obj):
 def _patch_of(model) -> _PatchedGenerate | None:
     current = vars(model).get("generate")
     return current if isinstance(current, _PatchedGenerate) else None
-
-
-def _check_settings(model, s: PatchSettings) -> None:
-    """Refuse bad settings at patch time, not on the first call."""
-    if s.draft_model is not None and s.prompt_lookup_num_tokens is not None:
-        raise ValueError("pass either draft_model= or prompt_lookup_num_tokens= to patch(), not both")
-    if isinstance(s.draft_model, str):
-        if not s.draft_model.startswith("self:") or not s.draft_model[5:].isdigit():
-            raise ValueError(f"draft_model={s.draft_model!r}: a string must be 'self:N' (the target's first N layers)")
-        specdec.early_exit_model(model, int(s.draft_model[5:]))  # raises if N does not fit
-    if s.kv_quant not in (None, "int8", "int4"):
-        raise ValueError(f"kv_quant must be None, 'int8' or 'int4', got {s.kv_quant!r}")
-    if s.num_draft_tokens != "auto" and (isinstance(s.num_draft_tokens, bool)
-                                         or not isinstance(s.num_draft_tokens, int) or s.num_draft_tokens < 1):
-        raise ValueError(f"num_draft_tokens must be an int >= 1 or 'auto', got {s.num_draft_tokens!r}")
-    if s.cache_namespace is not None and not isinstance(s.cache_namespace, str) and not callable(s.cache_namespace):
-        raise TypeError("cache_namespace must be a string or a callable (input_ids, kwargs) -> str")
-    if s.draft_model is not None and not isinstance(s.draft_model, (str, torch.nn.Module)):
-        raise TypeError(f"draft_model must be a causal LM or 'self:N', got {type(s.draft_model).__name__}")
-    if s.prompt_lookup_num_tokens is not None and (isinstance(s.prompt_lookup_num_tokens, bool) or not isinstance(
-            s.prompt_lookup_num_tokens, int) or s.prompt_lookup_num_tokens < 1):
-        raise ValueError(f"prompt_lookup_num_tokens must be an int >= 1, got {s.prompt_lookup_num_tokens!r}")
 
 
 # ---------------------------------------------------------------- translating one call
@@ -350,8 +329,9 @@ def _infer_mask(model, ids: torch.Tensor, generation_config, gen_kwargs: dict) -
 
 def _drafting(settings: PatchSettings, params: dict, extra: dict, generation_config) -> dict:
     """The drafter: the call's assistant/draft model or prompt lookup, else the patch's defaults."""
+    defaults = settings.options
     draft = extra.get("draft_model", params.get("assistant_model"))
-    k = extra.get("num_draft_tokens", settings.num_draft_tokens)
+    k = extra.get("num_draft_tokens", defaults.num_draft_tokens)
     if draft is not None:  # a draft model wins over prompt lookup: drafting never changes the output
         return dict(draft_model=draft, num_draft_tokens=k)
     lookup = extra.get("prompt_lookup_num_tokens")
@@ -359,17 +339,17 @@ def _drafting(settings: PatchSettings, params: dict, extra: dict, generation_con
         lookup = getattr(generation_config, "prompt_lookup_num_tokens", None)
     if lookup is not None:
         return dict(prompt_lookup_num_tokens=lookup, num_draft_tokens=k)
-    return dict(draft_model=settings.draft_model, prompt_lookup_num_tokens=settings.prompt_lookup_num_tokens,
+    return dict(draft_model=defaults.draft_model, prompt_lookup_num_tokens=defaults.prompt_lookup_num_tokens,
                 num_draft_tokens=k)
 
 
 def _caching(settings: PatchSettings, ids: torch.Tensor, extra: dict, call_kwargs: dict) -> dict:
-    namespace = extra.get("cache_namespace", settings.cache_namespace)
+    """The call's remaining specdec options: its own keywords over the patch's defaults."""
+    namespace = extra.get("cache_namespace", settings.options.cache_namespace)
     if callable(namespace):
         namespace = namespace(ids, dict(call_kwargs))
         if namespace is not None and not isinstance(namespace, str):
             raise TypeError(f"the cache_namespace callable returned {type(namespace).__name__}; it must return "
                             "a str (the tenant key) or None")
-    return dict(prefix_cache=extra.get("prefix_cache", settings.prefix_cache), cache_namespace=namespace,
-                kv_quant=extra.get("kv_quant", settings.kv_quant))
-
+    names = ("prefix_cache", "kv_quant", "compile", "generator", "return_stats")
+    return dict(cache_namespace=namespace, **{name: extra.get(name, getattr(settings.options, name)) for name in names})

@@ -1,24 +1,101 @@
-"""Choosing the draft length k each step to maximise expected tokens per second.
+"""Deciding, each step, whether to speculate and how far (``num_draft_tokens="auto"``).
 
-With per-token acceptance a, a step that drafts k tokens yields on average
-E(k) = (1 - a^(k+1)) / (1 - a) tokens per row (Leviathan et al. 2023) and costs
-T(k). We estimate both online and pick argmax_k E(k) / T(k):
+Everything is measured online, on this device, during this call:
 
-- a: maximum-likelihood estimate for i.i.d. acceptances truncated at k:
-  accepted / (accepted + rejections), where a step that kept all its drafts counts
-  no rejection. Exponential forgetting follows drift (code vs prose).
-- T(k) = alpha + beta * k: a weighted least-squares line through the measured wall
-  time of whole steps (drafting, verifying, bookkeeping), since verifying more tokens
-  costs more on CPUs and in eager GPU mode, and a draft model costs per token.
+- **The switch** between plain decoding and speculation. The loop's realized throughput in each
+  mode (tokens emitted per second of wall time, host work included) is tracked. When
+  speculation falls behind plain decoding, the loop decodes plainly for a stretch and then
+  probes again; the stretch doubles while probes keep losing (8 up to 128 steps) and shrinks
+  back when one wins. A draft that does not match costs a probe now and then, not a slowdown.
+- **How far, within a step.** Every drafted token carries a confidence (a model draft's top
+  probability; prompt lookup's matched n-gram length), and a calibration table maps confidence
+  to the chance that the target accepts the token (decayed counts per confidence bin, from what
+  verifies accepted and rejected). A draft model stops drafting once the chance that every token
+  drafted so far is accepted falls below the break-even value of one more token (what a draft
+  forward plus one more verified token cost, at the current rate); the verify then checks the
+  prefix that maximises the step's expected tokens per second (0 tokens: a plain step).
 
-One k per batch: rows share a verify pass, so the batch pools its acceptance
-counts. k = 0 (plain decoding) is allowed when drafting does not pay; exploration
-probes k = 1 regularly so a recovering draft is noticed.
+Costs: a draft forward (draft time / forwards; prompt lookup: per step), a verify of n drafted
+tokens as a line V(n) = v0 + v1 n (weighted least squares, slope >= 0: a launch-bound GPU
+verifies 8 tokens for the price of 1, a CPU does not), and the step's remaining host work.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
+
+import torch
+
+_BIN_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)   # upper edges; the last bin ends at 1
+_BIN_CENTRES = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.925, 0.975)
+
+
+@dataclass
+class StepRecord:
+    """What one speculative step did and cost (per-row lists are over the step's active rows)."""
+
+    verified: int                   # drafted tokens the target checked (the verify ran verified + 1)
+    forwards: int                   # draft forwards run (0 for prompt lookup)
+    accepted: list[int]             # per row: drafted tokens accepted
+    proposed: list[int]             # per row: drafted tokens checked (<= verified)
+    confidence: torch.Tensor | None  # (B, >= verified) each drafted token's confidence, on the host
+    draft_s: float
+    verify_s: float
+    step_s: float                   # the whole step, host work included
+
+
+class Calibration:
+    """P(the target accepts a drafted token | the token's confidence), per confidence bin.
+
+    Counts decay by ``decay`` per update so the table follows drift (code, then prose). Each bin
+    starts from ``prior`` pseudo-counts centred on the bin's confidence.
+    """
+
+    def __init__(self, decay: float = 0.98, prior: float = 2.0):
+        self.decay = decay
+        self.accepted = [prior * c for c in _BIN_CENTRES]
+        self.rejected = [prior * (1 - c) for c in _BIN_CENTRES]
+
+    @staticmethod
+    def bin(confidence: float) -> int:
+        return bisect.bisect_left(_BIN_EDGES, confidence)
+
+    def chance(self, confidence: float) -> float:
+        b = self.bin(confidence)
+        return self.accepted[b] / (self.accepted[b] + self.rejected[b])
+
+    def chances(self, confidence: list[float]) -> list[float]:
+        """Cumulative: entry j is the chance that tokens 0..j are all accepted."""
+        out, p = [], 1.0
+        for c in confidence:
+            p *= self.chance(c)
+            out.append(p)
+        return out
+
+    def update(self, confidence: list[float], accepted: int, judged: int) -> None:
+        """Tokens 0..accepted-1 were accepted; token ``accepted`` was rejected if < ``judged``."""
+        self.accepted = [a * self.decay for a in self.accepted]
+        self.rejected = [r * self.decay for r in self.rejected]
+        for c in confidence[:accepted]:
+            self.accepted[self.bin(c)] += 1
+        if accepted < judged:
+            self.rejected[self.bin(confidence[accepted])] += 1
+
+
+class _Mean:
+    """Exponentially weighted mean (None until the first sample)."""
+
+    def __init__(self, decay: float):
+        self.decay, self.weight, self.total = decay, 0.0, 0.0
+
+    def add(self, value: float, weight: float = 1.0) -> None:
+        self.weight = self.weight * self.decay + weight
+        self.total = self.total * self.decay + value * weight
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.weight if self.weight else None
 
 
 class _LineFit:
@@ -31,86 +108,183 @@ class _LineFit:
         sw, sx, sy, sxx, sxy = (v * self.decay for v in self.sums)
         self.sums = [sw + 1, sx + x, sy + y, sxx + x * x, sxy + x * y]
 
-    def predict(self, x: float) -> float:
+    def slope(self) -> float | None:
         sw, sx, sy, sxx, sxy = self.sums
-        if sw == 0:
-            return 1.0
         denom = sw * sxx - sx * sx
-        if denom <= 1e-9 * sw * sw:  # one x seen so far: assume +5% per unit of x
-            return (sy / sw) * (1 + 0.05 * (x - sx / sw))
-        beta = max((sw * sxy - sx * sy) / denom, 0.0)
-        return max((sy - beta * sx) / sw + beta * x, 1e-9)
+        if sw == 0 or denom <= 1e-9 * sw * sw:
+            return None
+        return max((sw * sxy - sx * sy) / denom, 0.0)
+
+    def predict(self, x: float, default_slope: float = 0.0) -> float | None:
+        sw, sx, sy, _, _ = self.sums
+        if sw == 0:
+            return None
+        beta = self.slope()
+        beta = default_slope * sy / sw if beta is None else beta
+        return max(sy / sw + beta * (x - sx / sw), 1e-9)
 
 
 @dataclass
 class AdaptiveDraftLength:
-    """Online controller for ``num_draft_tokens="auto"``.
+    """The controller for ``num_draft_tokens="auto"`` (see the module docstring).
 
-    Step cost is fitted as one line over k from the measured wall time of whole steps
-    (draft + verify + bookkeeping), so a drafter whose cost is per step (prompt lookup)
-    and one whose cost is per token (a draft model) are both modelled right. Every
-    ``explore_every`` steps it tries a neighbour of the best k, so the line has slope
-    information; at k = 0 that probe is k = 1.
+    The loop asks ``plain_steps()`` before each step (> 0: decode that many tokens plainly and
+    report them with ``observe_plain``), drafts up to ``draft_limit()`` tokens asking
+    ``keep_drafting`` after each, verifies ``verify_length(...)`` of them and reports the step
+    with ``update``.
     """
 
-    k_max: int = 8
-    k_init: int = 4
-    decay: float = 0.95          # forgetting factor per step for all running sums
-    explore_every: int = 8
-    allow_zero: bool = True
-    _acc: float = field(default=3.0, init=False)    # prior: a = 0.75 until data arrive
-    _rej: float = field(default=1.0, init=False)
-    _cost: _LineFit = field(default=None, init=False)
-    _steps: int = field(default=0, init=False)
-    _k: int = field(default=0, init=False)
+    k_max: int = 12
+    per_forward: bool = True         # a draft model (cost per drafted token), not prompt lookup
+    min_stretch: int = 8             # plain steps after a losing probe, doubling up to max_stretch
+    max_stretch: int = 128
+    margin: float = 0.03             # speculation must beat plain by this fraction to stay on
+    warmup_plain: int = 3            # plain steps first, to know what speculation must beat
+    decay: float = 0.9               # forgetting per step for rates and costs
+    calibration: Calibration = field(default_factory=Calibration)
+    _plain_s: _Mean = field(default=None, init=False)       # seconds per plain step
+    _spec_tokens: _Mean = field(default=None, init=False)   # tokens a speculative step emits (per row)
+    _spec_s: _Mean = field(default=None, init=False)        # seconds per speculative step
+    _forward_s: _Mean = field(default=None, init=False)     # one draft forward (or a lookup)
+    _verify: _LineFit = field(default=None, init=False)     # verify seconds over drafted tokens checked
+    _host_s: _Mean = field(default=None, init=False)        # the rest of a step
+    _stretch: int = field(default=0, init=False)
+    _off_for: int = field(default=0, init=False)
+    _run_steps: int = field(default=0, init=False)          # speculative steps since the last switch
 
     def __post_init__(self):
         if self.k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {self.k_max}")
-        self._k = min(self.k_init, self.k_max)
-        self._cost = _LineFit(self.decay)
+        self._plain_s, self._spec_s, self._spec_tokens = _Mean(self.decay), _Mean(self.decay), _Mean(self.decay)
+        self._forward_s, self._host_s = _Mean(self.decay), _Mean(self.decay)
+        self._verify = _LineFit(self.decay)
+        self._stretch = self.min_stretch
+
+    # -- the switch ---------------------------------------------------------------------------
+
+    def plain_steps(self) -> int:
+        """Plain steps to run before the next speculative one (0: speculate now)."""
+        if self._plain_s.value is None:
+            return self.warmup_plain
+        steps, self._off_for = self._off_for, 0
+        return steps
+
+    def observe_plain(self, steps: int, seconds: float) -> None:
+        """``steps`` plain steps took ``seconds`` of wall time (host work included)."""
+        if steps:
+            self._plain_s.add(seconds / steps, weight=steps)
+        self._run_steps = 0
+
+    @property
+    def plain_rate(self) -> float | None:
+        """Tokens per second per row of plain decoding, as measured."""
+        s = self._plain_s.value
+        return 1 / s if s else None
+
+    @property
+    def spec_rate(self) -> float | None:
+        s, tokens = self._spec_s.value, self._spec_tokens.value
+        return tokens / s if s else None
+
+    def _switch(self) -> None:
+        """After a speculative step: turn speculation off for a stretch if it loses to plain."""
+        plain, spec = self.plain_rate, self.spec_rate
+        if plain is None or spec is None or self._run_steps < 2:
+            return
+        if spec < plain * (1 - self.margin):
+            self._off_for, self._stretch = self._stretch, min(2 * self._stretch, self.max_stretch)
+            self._spec_s, self._spec_tokens = _Mean(self.decay), _Mean(self.decay)   # a probe starts fresh
+        elif self._run_steps >= 8:
+            self._stretch = self.min_stretch
+
+    # -- within a step ------------------------------------------------------------------------
+
+    def draft_limit(self) -> int:
+        return self.k_max
+
+    @property
+    def stops_early(self) -> bool:
+        """Whether a draft model should ask ``keep_drafting`` after each token (costs a host sync)."""
+        return self.per_forward
+
+    def keep_drafting(self, confidence: torch.Tensor) -> bool:
+        """Draft another token? ``confidence``: (B, j) the confidences drafted so far (host)."""
+        best = max(self.calibration.chances(row)[-1] for row in confidence.tolist())
+        return best >= self.threshold()
+
+    def threshold(self) -> float:
+        """Break-even chance for one more drafted token: its cost over the time of one token."""
+        per_token = self._forward_s.value if self.per_forward else 0.0
+        marginal = (per_token or 0.0) + (self._verify.slope() or 0.0)
+        rate = max(self.plain_rate or 0.0, self.spec_rate or 0.0)
+        return min(marginal * rate, 0.9) if rate else 0.0
+
+    def verify_length(self, confidence: torch.Tensor | None, proposed: list[int], draft_s: float) -> int:
+        """How many drafted tokens to verify: the prefix maximising expected tokens per second.
+
+        ``confidence``: (B, k) host confidences (None: verify everything proposed); ``proposed``:
+        per row, how many of the k are real.
+        """
+        longest = max(proposed, default=0)
+        if confidence is None or longest == 0:
+            return longest
+        chances = [self.calibration.chances(row[:p]) for row, p in zip(confidence.tolist(), proposed)]
+        best, best_rate = 0, None
+        for n in range(longest + 1):
+            tokens = sum(1 + sum(c[:n]) for c in chances) / len(chances)
+            rate = tokens / (draft_s + self._verify_s(n) + (self._host_s.value or 0.0))
+            if best_rate is None or rate > best_rate:
+                best, best_rate = n, rate
+        return best
+
+    def _verify_s(self, n: int) -> float:
+        predicted = self._verify.predict(n, default_slope=0.05)
+        if predicted is not None:
+            return predicted
+        plain = self._plain_s.value or 1.0
+        return plain * (1 + 0.05 * n)
+
+    def update(self, step: StepRecord) -> None:
+        """Learn from one speculative step."""
+        if step.confidence is not None:
+            for row, (a, p) in enumerate(zip(step.accepted, step.proposed)):
+                if p:
+                    self.calibration.update(step.confidence[row, :p].tolist(), a, p)
+        if step.forwards or not self.per_forward:
+            self._forward_s.add(step.draft_s / max(step.forwards, 1))
+        self._verify.add(step.verified, step.verify_s)
+        self._host_s.add(max(step.step_s - step.draft_s - step.verify_s, 0.0))
+        tokens = sum(a + 1 for a in step.accepted) / max(len(step.accepted), 1)
+        self._spec_tokens.add(tokens)
+        self._spec_s.add(step.step_s)
+        self._run_steps += 1
+        self._switch()
 
     @property
     def acceptance(self) -> float:
-        return self._acc / (self._acc + self._rej)
-
-    def choose(self) -> int:
-        self._steps += 1
-        if self._steps % self.explore_every == 0:
-            up = (self._steps // self.explore_every) % 2 == 1 or self._k == 0
-            return min(self._k + 1, self.k_max) if up else max(self._k - 1, 0 if self.allow_zero else 1)
-        return self._k
-
-    def update(self, k: int, accepted: list[int], proposed: list[int], draft_s: float, verify_s: float,
-               step_s: float | None = None) -> None:
-        """Record one step: per-row accepted/proposed counts and its timings (step_s: whole step)."""
-        if sum(proposed):  # a step without proposals says nothing about acceptance
-            self._acc, self._rej = self._acc * self.decay, self._rej * self.decay
-            self._acc += sum(accepted)
-            self._rej += sum(1 for a, p in zip(accepted, proposed) if a < p)
-        self._cost.add(k, step_s if step_s is not None else draft_s + verify_s)
-        self._k = self._best_k()
-
-    def step_time(self, k: int) -> float:
-        return self._cost.predict(k)
-
-    def expected_rate(self, k: int) -> float:
-        a = min(self.acceptance, 1 - 1e-6)
-        return (1 - a ** (k + 1)) / (1 - a) / self.step_time(k)
-
-    def _best_k(self) -> int:
-        lowest = 0 if self.allow_zero else 1
-        return max(range(lowest, self.k_max + 1), key=self.expected_rate)
+        """The calibration's overall acceptance (all bins pooled)."""
+        acc, rej = sum(self.calibration.accepted), sum(self.calibration.rejected)
+        return acc / (acc + rej)
 
 
 @dataclass
 class FixedDraftLength:
-    """A constant k (``num_draft_tokens=int``)."""
+    """A constant k (``num_draft_tokens=int``): always speculate, verify whatever was proposed."""
 
     k: int
+    stops_early = False
 
-    def choose(self) -> int:
+    def plain_steps(self) -> int:
+        return 0
+
+    def draft_limit(self) -> int:
         return self.k
 
-    def update(self, *args, **kwargs) -> None:
+    def verify_length(self, confidence, proposed: list[int], draft_s: float) -> int:
+        return max(proposed, default=0)
+
+    def observe_plain(self, steps: int, seconds: float) -> None:
+        pass
+
+    def update(self, step: StepRecord) -> None:
         pass

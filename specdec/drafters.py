@@ -31,10 +31,32 @@ class Proposal:
     tokens: torch.Tensor             # (B, k) drafted tokens
     probs: torch.Tensor | None       # (B, k, V) distribution each was drawn from; None = deterministic
     num_proposed: torch.Tensor       # (B,) how many of the k are real
+    counts: list[int] | None = None  # num_proposed on the host (None: every row proposed all k)
+    confidence: torch.Tensor | None = None  # (B, k) on the host: each token's confidence (see draft_length)
+    forwards: int = 0                # draft forwards this proposal ran
+
+    def host_counts(self) -> list[int]:
+        return self.counts if self.counts is not None else [self.tokens.shape[1]] * self.tokens.shape[0]
+
+    def first(self, n: int) -> "Proposal":
+        """The first n drafted tokens of every row."""
+        if n == self.tokens.shape[1]:
+            return self
+        probs = self.probs[:, :n] if self.probs is not None else None
+        counts = [min(c, n) for c in self.host_counts()]
+        confidence = self.confidence[:, :n] if self.confidence is not None else None
+        return Proposal(self.tokens[:, :n], probs, self.num_proposed.clamp(max=n), counts, confidence, self.forwards)
 
 
 # choose(logits (B, V), step j) -> (tokens (B,), probs (B, V) or None)
 Chooser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
+# keep_drafting(confidence (B, j) on the host) -> whether to draft token j + 1
+KeepDrafting = Callable[[torch.Tensor], bool]
+
+
+def top_probability(logits: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    """(B,) a draft's confidence in its token: the top probability of the distribution it drew from."""
+    return (probs if probs is not None else torch.softmax(logits.float(), dim=-1)).max(-1).values
 
 
 class ModelDrafter:
@@ -52,22 +74,40 @@ class ModelDrafter:
         self.target_vocab = target_vocab
         self.cache = self.runner.new_cache()
 
-    def propose(self, batch: SlotBatch, k: int, choose: Chooser) -> Proposal:
+    def propose(self, batch: SlotBatch, k: int, choose: Chooser,
+                keep_drafting: KeepDrafting | None = None) -> Proposal:
+        """Up to k tokens per row; with ``keep_drafting``, stop once it says so (one host sync a token)."""
         have = cache_length(self.cache)
         tokens = torch.cat([batch.slot_tokens[:, have:], batch.pending[:, None]], dim=1)
         mask = batch.key_mask(1)
         positions = positions_from_mask(mask)[:, have:]
-        drafted, probs = [], []
+        drafted, probs, confidence = [], [], []
         for j in range(k):
-            logits = self.runner.forward(tokens, mask, positions, self.cache, last_only=True)[:, -1]
-            token, prob = choose(self._fit_vocab(logits), j)
+            logits = self._forward(tokens, mask, positions, have if j == 0 else 0)
+            logits = self._fit_vocab(logits)
+            token, prob = choose(logits, j)
             drafted.append(token)
             probs.append(prob)
             tokens, positions = token[:, None], positions[:, -1:] + 1
             mask = torch.cat([mask, mask.new_ones(batch.size, 1)], dim=1)
+            if keep_drafting is not None:
+                confidence.append(top_probability(logits, prob).cpu())
+                if j + 1 < k and not keep_drafting(torch.stack(confidence, 1)):
+                    break
         stacked = torch.stack(probs, 1) if probs and probs[0] is not None else None
         out = torch.stack(drafted, 1) if drafted else batch.pending.new_zeros(batch.size, 0)
-        return Proposal(out, stacked, torch.full((batch.size,), k, device=out.device))
+        n = out.shape[1]
+        return Proposal(out, stacked, torch.full((batch.size,), n, device=out.device), None,
+                        torch.stack(confidence, 1) if confidence else None, forwards=n)
+
+    def _forward(self, tokens, mask, positions, have: int) -> torch.Tensor:
+        """(B, V) logits after ``tokens``; a long catch-up (after plain steps) runs in chunks the
+        static runner has graphs for."""
+        chunk = getattr(self.runner, "graph_max_tokens", 0) if have else 0
+        while chunk and tokens.shape[1] > chunk:
+            self.runner.forward(tokens[:, :chunk], mask[:, : have + chunk], positions[:, :chunk], self.cache)
+            tokens, positions, have = tokens[:, chunk:], positions[:, chunk:], have + chunk
+        return self.runner.forward(tokens, mask, positions, self.cache, last_only=True)[:, -1]
 
     @property
     def reusable_cache(self) -> bool:
@@ -131,15 +171,17 @@ class PromptLookupDrafter:
         self.histories = histories  # shared with the loop, which appends emitted tokens
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, batch: SlotBatch, k: int, choose: Chooser) -> Proposal:
-        found = [lookup(np.asarray(self.histories[r], dtype=np.int64), k, self.max_ngram, self.min_ngram)
+    def propose(self, batch: SlotBatch, k: int, choose: Chooser, keep_drafting=None) -> Proposal:
+        found = [lookup_with_size(np.asarray(self.histories[r], dtype=np.int64), k, self.max_ngram, self.min_ngram)
                  for r in batch.rows.tolist()]
         tokens = torch.zeros(batch.size, k, dtype=torch.long)
-        for i, cont in enumerate(found):
+        confidence = torch.zeros(batch.size, k)
+        for i, (cont, size) in enumerate(found):
             tokens[i, : len(cont)] = torch.as_tensor(cont, dtype=torch.long)
-        counts = torch.tensor([len(c) for c in found])
+            confidence[i, : len(cont)] = ngram_confidence(size)
+        counts = [len(c) for c, _ in found]
         device = batch.pending.device
-        return Proposal(tokens.to(device), None, counts.to(device))
+        return Proposal(tokens.to(device), None, torch.tensor(counts).to(device), counts, confidence)
 
     def rollback(self, num_slots: int) -> None:
         pass
@@ -150,14 +192,25 @@ class PromptLookupDrafter:
 
 def lookup(history: np.ndarray, k: int, max_ngram: int = 3, min_ngram: int = 1) -> np.ndarray:
     """Tokens that followed the latest earlier match of ``history``'s last n-gram (longest n first)."""
+    return lookup_with_size(history, k, max_ngram, min_ngram)[0]
+
+
+def lookup_with_size(history: np.ndarray, k: int, max_ngram: int = 3, min_ngram: int = 1) -> tuple[np.ndarray, int]:
+    """``lookup`` and the length of the n-gram that matched (0: no match)."""
     length = len(history)
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(history[: length - 1], n)
         hits = np.flatnonzero((windows == history[length - n:]).all(axis=1))
         if len(hits):
             start = hits[-1] + n
-            return history[start: start + k]
-    return history[:0]
+            return history[start: start + k], n
+    return history[:0], 0
+
+
+def ngram_confidence(size: int) -> float:
+    """A lookup token's confidence key for the calibration table: longer matches, higher bins.
+    (The table learns the real acceptance per bin; these are only its starting guesses.)"""
+    return min(0.15 + 0.2 * size, 0.95)
 
 
 _EARLY_EXIT: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.nn.Module]]" = weakref.WeakKeyDictionary()

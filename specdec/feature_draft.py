@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdec.drafters import Chooser, Proposal, _find_layer_list
+from specdec.drafters import Chooser, KeepDrafting, Proposal, _find_layer_list, top_probability
 from specdec.state import SlotBatch, positions_from_mask
 
 
@@ -291,25 +291,34 @@ class FeatureDrafter:
         self.window = feats if self.window is None else torch.cat([self.window, feats], dim=1)
 
     @torch.inference_mode()
-    def propose(self, batch: SlotBatch, k: int, choose: Chooser) -> Proposal:
+    def propose(self, batch: SlotBatch, k: int, choose: Chooser,
+                keep_drafting: KeepDrafting | None = None) -> Proposal:
+        """Up to k tokens per row; with ``keep_drafting``, stop once it says so (one host sync a token)."""
         start, device = self.cache.length, self._device
         mask = batch.key_mask(1).to(device)
         tokens = torch.cat([batch.slot_tokens[:, start:], batch.pending[:, None]], dim=1).to(device)
         positions = positions_from_mask(mask)[:, start:]
         prev = self._previous(mask, start)
-        drafted, probs = [], []
+        drafted, probs, confidence = [], [], []
         for j in range(k):
             f_hat, _ = self.draft(tokens, prev, positions, slot_allowed(mask, tokens.shape[1]), cache=self.cache)
-            token, prob = choose(self.draft.logits(f_hat[:, -1])[:, : self.target_vocab], j)
+            logits = self.draft.logits(f_hat[:, -1])[:, : self.target_vocab]
+            token, prob = choose(logits, j)
             drafted.append(token)
             probs.append(prob)
             if j == 0:
                 self._forget_window(batch.num_slots)
             tokens, prev, positions = token[:, None], f_hat[:, -1:], positions[:, -1:] + 1
             mask = torch.cat([mask, mask.new_ones(batch.size, 1)], dim=1)
+            if keep_drafting is not None:
+                confidence.append(top_probability(logits, prob).cpu())
+                if j + 1 < k and not keep_drafting(torch.stack(confidence, 1)):
+                    break
         stacked = torch.stack(probs, 1) if probs and probs[0] is not None else None
         out = torch.stack(drafted, 1) if drafted else batch.pending.new_zeros(batch.size, 0)
-        return Proposal(out, stacked, torch.full((batch.size,), k, device=out.device))
+        n = out.shape[1]
+        return Proposal(out, stacked, torch.full((batch.size,), n, device=out.device), None,
+                        torch.stack(confidence, 1) if confidence else None, forwards=n)
 
     def _previous(self, mask: torch.Tensor, start: int) -> torch.Tensor:
         """(B, S + 1 - start, H): the feature before each slot start..S (S = the pending token's slot)."""

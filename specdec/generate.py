@@ -13,16 +13,18 @@ from __future__ import annotations
 import contextlib
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from specdec import options
 from specdec import verify as verify_mod
 from specdec.adapter import ModelRunner, crop, select_rows
 from specdec.config import Settings, resolve
-from specdec.draft_length import AdaptiveDraftLength, FixedDraftLength
-from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal, cached_early_exit_model
+from specdec.draft_length import AdaptiveDraftLength, FixedDraftLength, StepRecord
+from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal
 from specdec.feature_draft import FeatureDraft, FeatureDrafter
+from specdec.options import DISTILLED_NAMES  # noqa: F401 - re-exported for the CLI and benchmarks
 from specdec.sampling import greedy, probabilities, sample, suppress_tokens
 from specdec.state import SlotBatch, positions_from_mask
 from specdec.stats import GenerationStats
@@ -110,27 +112,33 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     start = time.perf_counter()
     _check_model(model)
     input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask)
-    _check_options(streamer, generator, prefix_cache, cache_namespace)
-    draft_model = _pick_draft(draft_model, assistant_model, model)
+    if draft_model is not None and assistant_model is not None:
+        raise ValueError("pass draft_model= or assistant_model= (HF's name for it), not both")
+    opts = options.check(options.Options(
+        draft_model if draft_model is not None else assistant_model, num_draft_tokens, prompt_lookup_num_tokens,
+        prefix_cache, cache_namespace, kv_quant, compile, generator, return_stats))
+    options.check_streamer(streamer)
     settings = resolve(model, input_ids.shape[1], generation_config, **hf_kwargs)
+    if opts.prompt_lookup_num_tokens is None and opts.draft_model is None and settings.prompt_lookup_num_tokens:
+        opts = options.check(replace(opts, prompt_lookup_num_tokens=settings.prompt_lookup_num_tokens))
+    draft = options.resolve_draft(opts.draft_model, model)
     _check_length(model, attention_mask, settings.max_new_tokens)
     if settings.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=: pass the tokenizer that made input_ids")
     try:
         run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
-        if prompt_lookup_num_tokens is None and draft_model is None:
-            prompt_lookup_num_tokens = settings.prompt_lookup_num_tokens
-        run.drafter, run.controller = _make_drafter(run, draft_model, num_draft_tokens, prompt_lookup_num_tokens)
+        run.drafter, run.controller = _make_drafter(run, draft, opts)
         run.stats.drafter = getattr(run.drafter, "name", "none")
-        if compile:
+        mode = options.compile_mode(compile)
+        if mode is not None:
             from specdec.static import use_static
 
-            if getattr(run.drafter, "wants_features", False) and _compile_mode(compile) == "inductor":
+            if getattr(run.drafter, "wants_features", False) and mode == "inductor":
                 raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
                                  "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
-            k_max = _check_k(num_draft_tokens, prompt_lookup_num_tokens) if run.drafter is not None else 0
+            k_max = options.max_draft_tokens(num_draft_tokens, opts.prompt_lookup_num_tokens) if run.drafter else 0
             use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
-                       kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=_compile_mode(compile) == "inductor")
+                       kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=mode == "inductor")
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
         if prefix_cache is not None:
             from specdec.prefill import draft_namespace
@@ -146,14 +154,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         streamer.end()
     run.stats.total_s = time.perf_counter() - start
     return _finish(run, input_ids, return_stats)
-
-
-def _compile_mode(compile) -> str:
-    if compile is True or compile == "graphs":
-        return "graphs"
-    if compile == "inductor":
-        return "inductor"
-    raise ValueError(f"compile must be False, True, 'graphs' or 'inductor', got {compile!r}")
 
 
 def _out_of_memory(err: BaseException, input_ids, settings: Settings, prefix_cache) -> torch.OutOfMemoryError:
@@ -177,21 +177,6 @@ def _check_model(model) -> None:
     if model.get_input_embeddings().weight.device.type == "meta":
         raise ValueError("model's weights are on the meta device (not loaded): load it with from_pretrained, "
                          "or materialize it (model.to_empty(device=...) then load a state dict)")
-
-
-def _check_options(streamer, generator, prefix_cache, namespace) -> None:
-    if streamer is not None and not (callable(getattr(streamer, "put", None))
-                                     and callable(getattr(streamer, "end", None))):
-        raise TypeError(f"streamer must have put(token_ids) and end() (an HF TextStreamer / "
-                        f"TextIteratorStreamer), got {type(streamer).__name__}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}; "
-                        "for a seed pass torch.Generator().manual_seed(seed)")
-    if prefix_cache is not None and not (callable(getattr(prefix_cache, "match", None))
-                                         and callable(getattr(prefix_cache, "insert", None))):
-        raise TypeError(f"prefix_cache must be a prefix_cache.PrefixCache, got {type(prefix_cache).__name__}")
-    if namespace is not None and not isinstance(namespace, str):
-        raise TypeError(f"cache_namespace must be a str (a tenant key) or None, got {type(namespace).__name__}")
 
 
 def _check_length(model, mask: torch.Tensor, max_new_tokens: int) -> None:
@@ -242,41 +227,6 @@ def _check_inputs(model, input_ids, attention_mask):
     return input_ids.long().to(device), attention_mask.long().to(device)
 
 
-DISTILLED_NAMES = ("distilled", "distilled-feature", "distilled-layers")
-
-
-def _pick_draft(draft_model, assistant_model, target):
-    if draft_model is not None and assistant_model is not None:
-        raise ValueError("pass draft_model= or assistant_model= (HF's name for it), not both")
-    draft = draft_model if draft_model is not None else assistant_model
-    if isinstance(draft, str):
-        if draft in DISTILLED_NAMES:
-            from specdec.distill.shipped import load_named
-
-            return load_named(target, draft)
-        if not draft.startswith("self:") or not draft[5:].isdigit():
-            raise ValueError(f"draft_model={draft!r}: a string must be 'self:N' (the target's first N layers), "
-                             "'distilled' (the best draft shipped for the bundled default model), "
-                             "'distilled-feature' or 'distilled-layers' (one kind of it)")
-        return cached_early_exit_model(target, int(draft[5:]))
-    if isinstance(draft, FeatureDraft):
-        if not draft.fits(target):
-            raise ValueError("this FeatureDraft was built around another target model's embeddings and head: "
-                             "load it for this target (specdec.distill.load_feature_draft(target, path))")
-        return draft
-    if draft is not None and not (isinstance(draft, torch.nn.Module)
-                                  and callable(getattr(draft, "get_input_embeddings", None))):
-        raise TypeError(f"draft_model must be a causal LM sharing the target's tokenizer, or 'self:N', got "
-                        f"{type(draft).__name__}; load it with AutoModelForCausalLM.from_pretrained")
-    if draft is not None:
-        target_vocab = target.get_output_embeddings().weight.shape[0]
-        draft_vocab = draft.get_input_embeddings().weight.shape[0]
-        if draft_vocab < target_vocab:
-            raise ValueError(f"the draft's vocabulary ({draft_vocab}) is smaller than the target's ({target_vocab}): "
-                             "draft and target must share a tokenizer; pick a draft of the same model family")
-    return draft
-
-
 def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_quant) -> _Run:
     runner = ModelRunner(model, make_cache=_kv_cache_factory(kv_quant))
     B = input_ids.shape[0]
@@ -313,39 +263,26 @@ def _uniform_table(settings: Settings, batch: int, generator, device) -> torch.T
 def _kv_cache_factory(kv_quant):
     if kv_quant is None:
         return None
-    if kv_quant not in ("int8", "int4"):
-        raise ValueError(f"kv_quant must be None, 'int8' or 'int4', got {kv_quant!r}")
     from quant.kv import QuantizedKVCache
 
     bits = 8 if kv_quant == "int8" else 4
     return lambda model: QuantizedKVCache(model.config, bits=bits)
 
 
-def _make_drafter(run: _Run, draft_model, num_draft_tokens, lookup_tokens):
-    k_max = _check_k(num_draft_tokens, lookup_tokens)
-    if draft_model is not None and lookup_tokens:
-        raise ValueError("pass either a draft model or prompt_lookup_num_tokens, not both")
-    if isinstance(draft_model, FeatureDraft):
-        drafter = FeatureDrafter(draft_model, run.runner.vocab_size)
-    elif draft_model is not None:
-        drafter = ModelDrafter(draft_model, run.runner.vocab_size)
-    elif lookup_tokens:
+def _make_drafter(run: _Run, draft, opts: options.Options):
+    """The drafter and its draft-length controller (None, None: plain decoding)."""
+    if isinstance(draft, FeatureDraft):
+        drafter = FeatureDrafter(draft, run.runner.vocab_size)
+    elif draft is not None:
+        drafter = ModelDrafter(draft, run.runner.vocab_size)
+    elif opts.prompt_lookup_num_tokens:
         drafter = PromptLookupDrafter(run.histories)
     else:
         return None, None
-    if num_draft_tokens == "auto":
-        return drafter, AdaptiveDraftLength(k_max=k_max, k_init=min(4, k_max))
-    return drafter, FixedDraftLength(int(num_draft_tokens))
-
-
-def _check_k(num_draft_tokens, lookup_tokens) -> int:
-    if lookup_tokens is not None and (not isinstance(lookup_tokens, int) or lookup_tokens < 1):
-        raise ValueError(f"prompt_lookup_num_tokens must be an int >= 1, got {lookup_tokens!r}")
-    if num_draft_tokens == "auto":
-        return lookup_tokens or 8
-    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens must be an int >= 1 or 'auto', got {num_draft_tokens!r}")
-    return num_draft_tokens
+    k_max = options.max_draft_tokens(opts.num_draft_tokens, opts.prompt_lookup_num_tokens)
+    if opts.num_draft_tokens == "auto":
+        return drafter, AdaptiveDraftLength(k_max=k_max, per_forward=not isinstance(drafter, PromptLookupDrafter))
+    return drafter, FixedDraftLength(int(opts.num_draft_tokens))
 
 
 def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
@@ -368,32 +305,45 @@ def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
 
 
 def _decode(run: _Run) -> None:
-    """Decode until every row is done: one step ahead of the host when there is no drafter."""
+    """Decode until every row is done: plain stretches (one step ahead of the host) wherever the
+    controller finds speculation does not pay, speculative steps elsewhere."""
     if run.drafter is None:
         _plain_loop(run)
         return
     while run.batch.size:
-        _step(run)
+        stretch = run.controller.plain_steps()
+        if stretch:
+            t0 = time.perf_counter()
+            steps = _plain_loop(run, stretch)
+            run.controller.observe_plain(steps, time.perf_counter() - t0)
+        else:
+            _step(run)
 
 
-def _plain_loop(run: _Run) -> None:
+def _plain_loop(run: _Run, max_steps: int | None = None) -> int:
     """Plain decoding, one step ahead: step t+1 is launched before step t's token is read back,
     so the device does not sit idle while the host checks stops, streams and keeps stats (about a
     millisecond a step, much of a small model's step). A row that stops at step t has already run
     step t+1 (unless max_new_tokens ended it); that forward's result leaves with the row. Nothing
     else changes: the next token never depends on the host, and each token is emitted as ``_step``
-    would emit it."""
-    readback, inflight = _Readback(run.batch.pending.device), None
+    would emit it. Stops after ``max_steps`` steps (None: when every row is done); returns the
+    number of steps run."""
+    readback, inflight, launches = _Readback(run.batch.pending.device), None, 0
     while run.batch.size:
         launched = None
-        if inflight is None or run.room > 1:            # else the in-flight token is every row's last
+        more = max_steps is None or launches < max_steps
+        if more and (inflight is None or run.room > 1):   # else the in-flight token is every row's last
             _plain_launch(run)
+            launches += 1
             launched = (readback.start(run.batch.pending), list(run.rows_host))
         if inflight is not None:
             values = dict(zip(inflight[1], readback.finish(inflight[0])))
             nexts = [values[row] for row in run.rows_host]       # rows may have left since
             _emit(run, [[] for _ in nexts], [0] * len(nexts), nexts)
         inflight = launched
+        if inflight is None and not more:
+            break
+    return launches
 
 
 class _Readback:
@@ -430,23 +380,25 @@ class _Readback:
 def _plain_launch(run: _Run) -> None:
     """Queue one plain step (forward, pick, advance) on the device, without waiting for it."""
     batch = run.batch
-    t0 = time.perf_counter()
     positions = batch.next_positions()[:, None]
     # a NaN row's pending id is BROKEN (-1); emitting it raises, but this step is queued first
     tokens = batch.pending.clamp(min=0)[:, None]
     logits = run.runner.forward(tokens, batch.key_mask(1), positions, run.cache)
     proposal = Proposal(batch.pending.new_zeros(batch.size, 0), None, torch.zeros_like(batch.produced))
     verdict = _verify(run, logits, proposal)
-    _advance(run, proposal, verdict)
-    _record(run, 0, proposal, verdict, 0.0, time.perf_counter() - t0, time.perf_counter() - t0)
+    _observe(run, _advance(run, proposal, verdict))
+    _count_step(run, 0, [0] * batch.size, [0] * batch.size)
 
 
 def _step(run: _Run) -> None:
-    batch = run.batch
+    """One speculative step: draft, verify the prefix the controller picks, keep what passes."""
+    batch, controller = run.batch, run.controller
     # never draft past the budget: wasted work, and past a learned position table (GPT-2) an IndexError
-    k = min(run.controller.choose(), run.room - 1) if run.drafter is not None else 0
+    limit = min(controller.draft_limit(), run.room - 1)
     t0 = time.perf_counter()
-    proposal = _propose(run, k)
+    proposal = _propose(run, limit)
+    draft_s = time.perf_counter() - t0
+    proposal = proposal.first(controller.verify_length(proposal.confidence, proposal.host_counts(), draft_s))
     t1 = _sync_time(batch.pending)
     k = proposal.tokens.shape[1]
     tokens = torch.cat([batch.pending[:, None], proposal.tokens], dim=1)
@@ -455,15 +407,20 @@ def _step(run: _Run) -> None:
     verdict = _verify(run, logits, proposal)
     t2 = _sync_time(batch.pending)
     _observe(run, _advance(run, proposal, verdict))
-    _record(run, k, proposal, verdict, t1 - t0, t2 - t1, time.perf_counter() - t0)
-    _emit(run, proposal.tokens, verdict.num_accepted, verdict.next_token)
+    accepted = verdict.num_accepted.tolist() if k else [0] * batch.size
+    _count_step(run, k, accepted, proposal.host_counts())
+    run.stats.draft_s += t1 - t0
+    run.stats.verify_s += t2 - t1
+    _emit(run, proposal.tokens, accepted, verdict.next_token)
+    controller.update(StepRecord(k, proposal.forwards, accepted, proposal.host_counts(), proposal.confidence,
+                                 t1 - t0, t2 - t1, time.perf_counter() - t0))
 
 
 def _propose(run: _Run, k: int) -> Proposal:
     batch = run.batch
-    if k == 0:
+    if k <= 0:
         empty = batch.pending.new_zeros(batch.size, 0)
-        return Proposal(empty, None, torch.zeros_like(batch.produced))
+        return Proposal(empty, None, torch.zeros_like(batch.produced), [0] * batch.size)
     produced = batch.produced
 
     def choose(logits: torch.Tensor, j: int):
@@ -473,10 +430,12 @@ def _propose(run: _Run, k: int) -> Proposal:
         probs = probabilities(logits, run.settings.sampling)
         return sample(probs, _uniforms_at(run, j, 0).to(probs.device)), probs
 
-    proposal = run.drafter.propose(batch, k, choose)
+    keep = run.controller.keep_drafting if run.controller.stops_early else None
+    proposal = run.drafter.propose(batch, k, choose, keep) if keep else run.drafter.propose(batch, k, choose)
     device = batch.pending.device
     probs = proposal.probs.to(device) if proposal.probs is not None else None
-    return Proposal(proposal.tokens.to(device), probs, proposal.num_proposed.to(device))
+    return replace(proposal, tokens=proposal.tokens.to(device), probs=probs,
+                   num_proposed=proposal.num_proposed.to(device))
 
 
 def _verify(run: _Run, logits: torch.Tensor, proposal: Proposal) -> verify_mod.Verdict:
@@ -527,22 +486,15 @@ def _sync_time(t: torch.Tensor) -> float:
     return time.perf_counter()
 
 
-def _record(run: _Run, k, proposal: Proposal, verdict, draft_s: float, verify_s: float, step_s: float) -> None:
-    stats, rows = run.stats, run.rows_host
-    if k:
-        accepted, proposed = verdict.num_accepted.tolist(), proposal.num_proposed.tolist()
-    else:                                               # a plain step: nothing to read back
-        accepted = proposed = [0] * len(rows)
-    for row, a, p in zip(rows, accepted, proposed):
+def _count_step(run: _Run, k: int, accepted: list[int], proposed: list[int]) -> None:
+    """Per-row stats of one target forward that checked k drafted tokens."""
+    stats = run.stats
+    for row, a, p in zip(run.rows_host, accepted, proposed):
         stats.accepted[row] += a
         stats.proposed[row] += p
         stats.steps[row] += 1
     stats.target_forwards += 1
     stats.k_history.append(k)
-    stats.draft_s += draft_s
-    stats.verify_s += verify_s
-    if run.controller is not None:
-        run.controller.update(k, accepted, proposed, draft_s, verify_s, step_s)
 
 
 def _feature_tap(run: _Run):

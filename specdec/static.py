@@ -43,6 +43,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from specdec.adapter import ModelRunner, _accepts, cache_keyword, hook_last_layer
 from quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
@@ -127,7 +128,8 @@ def _bucket(n: int) -> int:
     return -(-n // 4096) * 4096
 
 
-_PREFILL_BUCKETS = (32, 64, 128, 256)  # suffix lengths (after a cached prefix) run as padded graphs
+_PREFILL_BUCKETS = (32, 64, 128, 256)
+DRAFT_GRAPH_TOKENS = 8                 # a draft model's largest graph-captured forward  # suffix lengths (after a cached prefix) run as padded graphs
 _MIN_WINDOW = 256                      # smallest attention window (key slots a forward reads)
 
 
@@ -448,23 +450,28 @@ class StaticRunner:
         graphs = self.use_graphs and torch.cuda.is_available() and self._device.type == "cuda"
         if not (graphs or self._fused):
             return
-        with torch.inference_mode():
-            for window in _attend_buckets(self.max_len):
+        todo = [(n, window) for window in _attend_buckets(self.max_len) for n in range(1, self.graph_max_tokens + 1)
+                if (n, window) not in self._graphs and (n, window) not in self._warm]
+        if not todo:
+            return
+        what = "compiling and capturing" if self._fused else "capturing CUDA graphs"
+        progress = tqdm(total=len(todo), desc=f"specdec: {what} for {type(self.model).__name__} "
+                        f"(batch {self.batch_size}, once per model)", leave=False, unit="graph")
+        with torch.inference_mode(), progress:
+            for n, window in todo:
                 self._attend = window
-                for n in range(1, self.graph_max_tokens + 1):
-                    if (n, window) in self._graphs or (n, window) in self._warm:
-                        continue
-                    tokens = torch.zeros(self.batch_size, n, dtype=torch.long, device=self._device)
-                    positions = self._arange[:n].expand(self.batch_size, n)
-                    self._key_slots.zero_()
-                    self._key_slots[:, :n] = True
-                    if not self._initialized():
-                        self._run(tokens, positions, self._arange[:n])  # lazy cache-layer allocation
-                    if graphs and self.use_graphs:  # (a failed capture turns graphs off for the rest)
-                        self._replay(tokens, positions, self._arange[:n])
-                    elif self._fused:
-                        self._run(tokens, positions, self._arange[:n])
-                        self._warm.add((n, window))
+                tokens = torch.zeros(self.batch_size, n, dtype=torch.long, device=self._device)
+                positions = self._arange[:n].expand(self.batch_size, n)
+                self._key_slots.zero_()
+                self._key_slots[:, :n] = True
+                if not self._initialized():
+                    self._run(tokens, positions, self._arange[:n])  # lazy cache-layer allocation
+                if graphs and self.use_graphs:  # (a failed capture turns graphs off for the rest)
+                    self._replay(tokens, positions, self._arange[:n])
+                elif self._fused:
+                    self._run(tokens, positions, self._arange[:n])
+                    self._warm.add((n, window))
+                progress.update()
             self._key_slots.zero_()
 
     def _capture(self, tokens, positions, slots) -> _Graph:
@@ -575,23 +582,40 @@ def release(model: torch.nn.Module) -> int:
 
 def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=None, fuse: bool = False) -> None:
     """Switch a generate() run (before its prefill) to static runners for target and draft model
-    (``fuse``: torch.compile the forwards before capturing them; see the module docstring)."""
+    (``fuse``: torch.compile the forwards before capturing them; see the module docstring).
+
+    Runners hold a power-of-two batch: a call of 3 rows runs on a runner of 4 with one row idle
+    from the start, so calls of other batch sizes (a pipeline's last, smaller batch) reuse graphs."""
     from specdec.drafters import ModelDrafter
 
     # room for a cached prefix's suffix padded up to its graph size
     max_len = prompt_len + run.settings.max_new_tokens + k_max + 2 + (_PREFILL_BUCKETS[-1] if prefix_cache else 0)
     B = run.batch.size
     kv_bits = {None: None, "int8": 8, "int4": 4}[kv_quant]
-    run.runner = static_runner(run.runner.model, B, max_len, "target", graph_max_tokens=k_max + 1, fuse=fuse,
-                               kv_bits=kv_bits)
+    run.runner = static_runner(run.runner.model, batch_bucket(B), max_len, "target", graph_max_tokens=k_max + 1,
+                               fuse=fuse, kv_bits=kv_bits)
     _capture_all(run.runner)
-    run.cache = run.runner.new_cache()
+    run.cache = _cache_for(run.runner, B)
     if isinstance(run.drafter, ModelDrafter):
-        # the draft feeds 1 token per forward, 2 after a step that accepted every draft
-        run.drafter.runner = static_runner(run.drafter.runner.model, B, max_len, "draft", graph_max_tokens=2,
-                                           fuse=fuse)
+        # the draft feeds 1 token per forward, 2 after a step that accepted every draft, and catches
+        # up after plain stretches in chunks of DRAFT_GRAPH_TOKENS
+        run.drafter.runner = static_runner(run.drafter.runner.model, batch_bucket(B), max_len, "draft",
+                                           graph_max_tokens=DRAFT_GRAPH_TOKENS, fuse=fuse)
         _capture_all(run.drafter.runner)
-        run.drafter.cache = run.drafter.runner.new_cache()
+        run.drafter.cache = _cache_for(run.drafter.runner, B)
+
+
+def batch_bucket(batch_size: int) -> int:
+    """The static batch that serves ``batch_size`` rows: the next power of two."""
+    return 1 << max(batch_size - 1, 0).bit_length()
+
+
+def _cache_for(runner, batch_size: int):
+    """A fresh cache of ``runner`` for ``batch_size`` active rows (the runner's extra rows idle)."""
+    cache = runner.new_cache()
+    if isinstance(runner, StaticRunner) and runner.batch_size > batch_size:
+        cache.rows = torch.arange(batch_size, device=runner.device)
+    return cache
 
 
 def _capture_all(runner) -> None:

@@ -204,7 +204,9 @@ def test_cache_namespace_callable_is_evaluated_per_call(model, batch, monkeypatc
         return real(*args, **{**kwargs, "prefix_cache": None})
 
     monkeypatch.setattr(specdec, "generate", spy)
-    store = object()
+    from prefix_cache import PrefixCache
+
+    store = PrefixCache(max_bytes=1 << 20)
     tenant = lambda input_ids, kw: f"t{int(input_ids[0, -1])}:{input_ids.shape[0]}:{kw['max_new_tokens']}"  # noqa
     patch(model, prefix_cache=store, cache_namespace=tenant)
     model.generate(ids, attention_mask=mask, max_new_tokens=3)
