@@ -165,7 +165,7 @@ CASES = {
                                 ValueError, r"pass draft_model= or assistant_model=.*not both"),
     "draft_and_lookup": Case(G, "draft_model and prompt_lookup_num_tokens",
                              lambda: gen(draft_model="self:1", prompt_lookup_num_tokens=3),
-                             ValueError, r"either a draft model or prompt_lookup_num_tokens"),
+                             ValueError, r"either draft_model= or prompt_lookup_num_tokens=, not both"),
     # ---- specdec.generate: budgets and draft lengths
     "k_zero": Case(G, "num_draft_tokens=0", lambda: gen(draft_model="self:1", num_draft_tokens=0),
                    ValueError, r"num_draft_tokens must be an int >= 1 or 'auto', got 0"),
@@ -224,7 +224,7 @@ CASES = {
                          TypeError, r"cannot patch a object: pass a PreTrainedModel or a transformers Pipeline"),
     "patch_both_drafters": Case(P, "draft_model and prompt_lookup_num_tokens",
                                 lambda: patch(llama(), draft_model="self:1", prompt_lookup_num_tokens=4),
-                                ValueError, r"either draft_model= or prompt_lookup_num_tokens= to patch\(\)"),
+                                ValueError, r"either draft_model= or prompt_lookup_num_tokens=, not both"),
     "patch_k_zero": Case(P, "num_draft_tokens=0", lambda: patch(llama(), num_draft_tokens=0),
                          ValueError, r"num_draft_tokens must be an int >= 1"),
     "patch_lookup_zero": Case(P, "prompt_lookup_num_tokens=0", lambda: patch(llama(), prompt_lookup_num_tokens=0),
