@@ -121,12 +121,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="benchmarks/results/cpu/prefix-draft-cpu.json")
     args = p.parse_args(argv)
     from integrations.models import load_default
-    from specdec.generate import _pick_draft
+    from specdec.options import resolve_draft
 
     model, tok = load_default(dtype="float32", device="cpu")
     draft_name = args.draft
     try:
-        draft = _pick_draft(draft_name, None, model)    # the module draft_model=draft_name runs
+        draft = resolve_draft(draft_name, model)    # the module draft_model=draft_name runs
     except (ValueError, OSError) as err:
         print(f"draft {draft_name!r} did not load ({err}); using self:4", file=sys.stderr)
         draft_name, draft = "self:4", _pick_draft("self:4", None, model)
