@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         draft = resolve_draft(draft_name, model)    # the module draft_model=draft_name runs
     except (ValueError, OSError) as err:
         print(f"draft {draft_name!r} did not load ({err}); using self:4", file=sys.stderr)
-        draft_name, draft = "self:4", _pick_draft("self:4", None, model)
+        draft_name, draft = "self:4", resolve_draft("self:4", model)
     if not isinstance(draft, torch.nn.Module) or not hasattr(draft, "get_input_embeddings"):
         raise SystemExit(f"draft {draft_name!r} is not a causal LM draft (a feature draft keeps prefilling)")
     settings = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
