@@ -35,7 +35,7 @@ def variants(draft: str) -> dict[str, dict | None]:
 
 
 def run_once(pipe, patch_kw, chats, batch_size: int, max_new: int) -> tuple[list[list[int]], float]:
-    """Token ids of each answer and the wall time of the whole pipeline call."""
+    """Token ids of each answer's text and the wall time of the whole pipeline call."""
     from integrations import patch, unpatch
 
     if patch_kw is not None:
@@ -44,12 +44,13 @@ def run_once(pipe, patch_kw, chats, batch_size: int, max_new: int) -> tuple[list
         _sync(pipe)
         start = time.perf_counter()
         out = pipe([[{"role": "user", "content": c}] for c in chats], batch_size=batch_size, max_new_tokens=max_new,
-                   do_sample=False, return_full_text=False, return_tensors=True)
+                   do_sample=False, return_full_text=False)
         _sync(pipe)
         seconds = time.perf_counter() - start
     finally:
         unpatch(pipe)
-    return [list(o[0]["generated_token_ids"]) for o in out], seconds
+    # the answers' text, tokenized again: what the user got, counted in tokens
+    return [pipe.tokenizer(o[0]["generated_text"], add_special_tokens=False).input_ids for o in out], seconds
 
 
 def _sync(pipe) -> None:

@@ -180,7 +180,7 @@ def _add_speculation(row: dict, samples: list[Sample]) -> None:
     row["tokens_per_step"] = sum(len(x.new_tokens) - 1 for x in samples) / max(forwards, 1)
     row["mean_k"] = sum(ks) / len(ks) if ks else 0.0
     row["draft_s"], row["verify_s"] = draft_s, verify_s
-    row["draft_cost_ratio"] = (draft_s / max(sum(ks), 1)) / (verify_s / max(forwards, 1)) if ks else None
+    row["draft_cost_ratio"] = (draft_s / max(sum(ks), 1)) / (verify_s / max(forwards, 1)) if ks and verify_s else None
 
 
 def add_relative(rows: list[dict]) -> None:
