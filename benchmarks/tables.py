@@ -31,6 +31,8 @@ FEATURE_DRAFT = {"code": f"{RESULTS}/h100/bench-code-smollm2-distilled-feature-b
                  "chat": f"{RESULTS}/h100/bench-chat-smollm2-distilled-feature-bf16.json"}
 SUMMARIZE = {"summarize": f"{RESULTS}/h100/bench-summarize-bf16.json"}
 FP32 = f"{RESULTS}/h100/bench-code-fp32.json"
+LONG = {"long": f"{RESULTS}/h100/bench-long-bf16.json"}
+CPU_DEFAULT = {"code": f"{RESULTS}/cpu/default-bench-code.json"}
 SWEEPS = {"code": f"{RESULTS}/h100/sweep-code-bf16.json", "summarize": f"{RESULTS}/h100/sweep-summarize-bf16.json"}
 CPU_SWEEPS = {"code": f"{RESULTS}/cpu/2026-11-23-amd-epyc-code.json",
               "summarize": f"{RESULTS}/cpu/2026-11-23-amd-epyc-summarize.json"}
@@ -43,6 +45,10 @@ PREFIX = {"1B eager": f"{RESULTS}/h100/prefix-h100-1b-eager.json",
           "8B eager": f"{RESULTS}/h100/prefix-h100-8b-eager.json"}
 ACCEPTANCE = f"{RESULTS}/cpu/draft-acceptance-smollm2-layers.json"
 ACCEPTANCE_FEATURE = f"{RESULTS}/cpu/draft-acceptance-smollm2-feature.json"
+ACCEPTANCE_GPU = f"{RESULTS}/h100/draft-acceptance-smollm2-gpu-fp32.json"
+DRAFT_SPEED = f"{RESULTS}/cpu/draft-speed-smollm2-layers4-vs-layers6.json"
+DRAFT_NAMES = {"plain": "no draft (plain decoding)", "layers4": "a 4-layer layered draft",
+               "layers6-shipped": "`distilled-layers` (6 layers, shipped)"}
 QUANT_QUALITY = f"{RESULTS}/quant-quality-cpu.json"
 QUANT_SPEED = f"{RESULTS}/quant-speed-h100.json"
 MULTI_GPU = f"{RESULTS}/h200x2-multi-gpu-device-map.json"
@@ -240,7 +246,7 @@ def acceptance_table(drafts: dict[str, tuple[str, str]], base: str) -> str:
     for label, (path, key) in drafts.items():
         data = load(path)
         d = data["drafts"][key]
-        body.append([label, f"{d['code']['acceptance_rate']:.3f}", f"{d['code']['tokens_per_step']:.2f}",
+        body.append([DRAFT_NAMES.get(label, label), f"{d['code']['acceptance_rate']:.3f}", f"{d['code']['tokens_per_step']:.2f}",
                      f"{d['chat']['acceptance_rate']:.3f}", f"{d['chat']['tokens_per_step']:.2f}",
                      f"{d['mean']:.3f}" if isinstance(d["mean"], float) else f"{d['mean']['acceptance_rate']:.3f}",
                      link(path, base)])
@@ -251,6 +257,25 @@ def acceptance_table(drafts: dict[str, tuple[str, str]], base: str) -> str:
     note = (f"Greedy, k={s['k']}, {s['max_new_tokens']} new tokens, {s['dtype']} on {s['device']}, every held-out "
             f"prompt ({s['prompts']['code']} code, {s['prompts']['chat']} chat; training never saw them).")
     return _table(header, body) + "\n\n" + note
+
+
+def draft_speed_table(path: str, base: str) -> str:
+    """Decode tokens/s of drafts of different depths, one run, variants taking turns."""
+    data = load(path)
+    workloads = list(next(iter(data["variants"].values()))["workloads"])
+    body = []
+    for name, result in data["variants"].items():
+        cells = []
+        for w in workloads:
+            r = result["workloads"][w]
+            acc = f", acceptance {r['acceptance']:.2f}" if r.get("acceptance") is not None else ""
+            cells.append(f"{r['tokens_per_s']:.1f} ({r['tokens_per_step']:.2f} tokens / forward{acc})")
+        body.append([DRAFT_NAMES.get(name, f"`{name}`"), *cells])
+    s = data["settings"]
+    note = (f"Decode tokens/s, {s['dtype']} on {s['device']} ({_environment(data)}), batch {s['batch_size']}, greedy, "
+            f"`num_draft_tokens={s['num_draft_tokens']!r}`, {s['max_new_tokens']} new tokens, "
+            f"{s['prompts_per_workload']} prompts per workload; file: {link(path, base)}.")
+    return _table(["draft", *workloads], body) + "\n\n" + note
 
 
 def quant_quality_table(path: str, base: str) -> str:
@@ -302,6 +327,10 @@ TABLES: dict[str, Callable[[str], str]] = {
         "ours-distilled+graphs": "ours, draft `distilled-feature`, `compile=True`"}),
     "summarize": lambda base: bench_table(SUMMARIZE, list(VARIANTS), base),
     "fp32": lambda base: bench_detail_table({"code": FP32}, base),
+    "long": lambda base: bench_table(LONG, list(VARIANTS), base),
+    "cpu-default": lambda base: bench_detail_table(CPU_DEFAULT, base, {
+        "hf-assisted-distilled": "`hf-assisted` (`assistant_model=` a 4-layer int8 distilled draft)",
+        "ours-distilled": "ours, a 4-layer int8 distilled draft, eager"}),
     "feature-draft": lambda base: bench_detail_table(FEATURE_DRAFT, base, {
         "hf-assisted-distilled": "`hf-assisted` (`assistant_model=` a 4-layer layered draft)",
         "ours-distilled": "ours, the 4-layer layered draft, eager",
@@ -315,6 +344,9 @@ TABLES: dict[str, Callable[[str], str]] = {
         "`distilled-layers` (6 layers, shipped)": (ACCEPTANCE, "layers6-shipped"),
         "`distilled-feature` (1 layer on the target's features, shipped)": (ACCEPTANCE_FEATURE, "feature-shipped"),
     }, base),
+    "acceptance-gpu": lambda base: acceptance_table({
+        name: (ACCEPTANCE_GPU, name) for name in ("layers4", "layers6-shipped")}, base),
+    "draft-speed": lambda base: draft_speed_table(DRAFT_SPEED, base),
     "quant-quality": lambda base: quant_quality_table(QUANT_QUALITY, base),
     "quant-speed": lambda base: quant_speed_table(QUANT_SPEED, base),
     "multi-gpu": lambda base: multi_gpu_table(MULTI_GPU, base),
@@ -329,7 +361,7 @@ def render(text: str, base: str, tables: dict[str, Callable[[str], str]] = TABLE
             raise ValueError(f"unknown table {name!r} (known: {', '.join(sorted(tables))}): fix the marker")
         return f"{match[1]}{tables[name](base)}\n{match[4]}"
 
-    if text.count("<!-- table:") != len(MARKER.findall(text)):
+    if len(re.findall(r"<!-- table:[\w-]+ -->", text)) != len(MARKER.findall(text)):
         raise ValueError("a '<!-- table:NAME -->' marker has no '<!-- /table -->' after it")
     return MARKER.sub(fill, text)
 
