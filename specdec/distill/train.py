@@ -29,7 +29,7 @@ from specdec.distill.qat import fake_quantized
 log_ = logging.getLogger("specdec.distill")
 # With a time budget the step count is fitted at step 13 to the pace of steps 3..13 (after warm-up), and
 # again at 113 to that of steps 13..113: the first steps run slow while the allocator grows (fitted to
-# them alone, a 230 s budget on an H100 trained 100 s: benchmarks/results/h100/distill-s10-r1-train.json).
+# them alone, a 230 s budget on an H100 trained only 100 s).
 _PACE_POINTS = (3, 13, 113)
 
 
