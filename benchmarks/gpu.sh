@@ -37,8 +37,8 @@
 #     warm, it trains on from the last run's float checkpoint (seed DISTILL_SEED=1) on new text plus that
 #     run's (DISTILL_ADD_OLD=0: new text only).
 #     FEATURE_BENCH=1 also benches code + chat with it (else run `distill-feature-bench` next, warm).
-#   distill-feature-bench: bench code + chat with --draft distilled-feature (ours-draft rows; the layered
-#     draft gets the ours-distilled and hf-assisted-distilled rows: HF cannot run a feature draft), on a
+#   distill-feature-bench: bench code + chat with --draft distilled-feature (ours-draft(distilled-feature)
+#     rows) --also-draft distilled-layers (hf-assisted/ours-draft(distilled-layers): HF cannot run a feature draft), on a
 #     warm machine after `distill-feature` (reuses /root/feature-ship) or with the file in specdec/drafts
 # These need no GGUF (random-weight models), so ONE call does them (carry .whl only):
 #   fastpath:      8B-shaped roofline (HF eager, ours graphs, ours inductor + coordinate
@@ -206,7 +206,7 @@ PY
 fi
 if [[ ( "$WHAT" == distill-feature && "${FEATURE_BENCH:-0}" == 1 ) || "$WHAT" == distill-feature-bench ]]; then
     [ -f "/root/feature-ship/$FSHIP" ] && cp "/root/feature-ship/$FSHIP" specdec/drafts/
-    for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled-feature; done 2>&1 \
+    for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled-feature --also-draft distilled-layers; done 2>&1 \
         | tee "$OUT/bench-feature-log.txt"
 fi
 ls -la "$OUT"

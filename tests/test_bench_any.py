@@ -134,14 +134,15 @@ def test_bench_on_the_real_pair(tmp_path):
                      for size in ("1.5b", "0.5b"))
     if target is None or draft is None:
         pytest.skip(f"the real pair is not in {PAIR} (python shared/models/qwen_coder_pair.py --hf)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning leaks from any row
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = main(["--target", str(target.parent), "--draft", str(draft.parent), "--device", "cpu",
                        "--workload", "prose", "--n-prompts", "1", "--max-new-tokens", "16", "--out", str(tmp_path),
                        "--quiet", "--no-plot"])
+    assert not caught, [str(w.message) for w in caught]  # no warning leaks from any row
     rows = {r["variant"]: r for r in result["rows"]}
     label = draft.parent.name
     assert {"hf", f"hf-assisted({label})", "ours-plain", f"ours-draft({label})"} <= set(rows)
     for name, row in rows.items():
         assert row["error"] is None and row["identical_to_hf"] is True, (name, row["error"])
-    assert rows[f"ours-draft({label})"]["acceptance_rate"] > 0.3
+    assert rows[f"ours-draft({label})"]["acceptance_rate"] > 0.2
