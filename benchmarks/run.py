@@ -463,16 +463,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--also-draft", action="append", metavar="DRAFT",
                    help="more draft rows, same forms as --draft (repeatable), e.g. --also-draft distilled-feature")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16 (default on CUDA)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="float32 (default on CPU) or bfloat16 (default on CUDA)")
     p.add_argument("--batch-size", type=_positive_int, default=1,
                    help="prompts decoded together (left-padded); HF assisted/lookup rows run batch 1 only and are "
                         "skipped above it (default: 1)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy (rows report speed only)")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default: 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --sample, in (0, 1] (default: 1.0)")
-    p.add_argument("--n-prompts", type=int, default=None, help="prompts per workload (default: all; --quick: 2; "
-                                                                "on a CPU without --full: 3)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per prompt (default: the workload's)")
+    p.add_argument("--n-prompts", type=_positive_int, default=None,
+                   help="prompts per workload (default: the workload's set; --quick: 2; on a CPU without --full: 3)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="new tokens per prompt (default: the workload's; --quick: 32; on a CPU without --full: 64)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="cut longer prompts in the middle")
     p.add_argument("--quick", action="store_true", help="a smoke run (2 prompts, 32 tokens)")
     p.add_argument("--full", action="store_true", help="every prompt of the workload, its full length, on a CPU too")

@@ -21,7 +21,8 @@ Examples:
   specdec generate "Write a haiku about caching" --chat
   specdec generate "def fibonacci(n):" --draft self:8 --max-new-tokens 64
   specdec generate "def fibonacci(n):" --draft distilled     (the best draft shipped for the default model)
-  specdec bench --quick
+  specdec bench                 (side by side on the default model and its draft; --quick: a smoke run)
+  specdec bench --target big/ --draft small/ --workload prose
 """
 
 
