@@ -327,6 +327,8 @@ def verdict(rows: list[dict]) -> str:
     best = max(ok, key=lambda r: r["decode_tok_s"])
     speed = [f"{best['speedup_vs_hf']:.2f}x hf"] if best.get("speedup_vs_hf") is not None else []
     speed += [f"{best['spec_over_plain']:.2f}x our plain"] if best.get("spec_over_plain") is not None else []
+    if best.get("variant") == _BASELINE:
+        speed = ["(no row beat HF generate())"]
     head = f"fastest: {best['variant']}" + (f" {', '.join(speed)}" if speed else "")
     return f"{head}; {_outputs_verdict(rows)}"
 

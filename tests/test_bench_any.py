@@ -119,6 +119,7 @@ def test_verdict_and_legend():
             report.new_row(variant="ours-lookup", decode_tok_s=21.0, speedup_vs_hf=2.1, spec_over_plain=1.3125,
                            identical_to_hf=True, **common)]
     assert report.verdict(rows) == "fastest: ours-lookup 2.10x hf, 1.31x our plain; all greedy outputs identical to hf"
+    assert report.verdict(rows[:1]).startswith("fastest: hf (no row beat HF generate()); all greedy")
     rows.append(report.new_row(variant="ours-draft(x)", decode_tok_s=30.0, identical_to_hf=False, **common))
     assert report.verdict(rows).endswith("FAILED: ours-draft(x)")
     table = report.bench_table(rows)
