@@ -213,7 +213,7 @@ PY
 fi
 if [[ ( "$WHAT" == distill-feature && "${FEATURE_BENCH:-0}" == 1 ) || "$WHAT" == distill-feature-bench ]]; then
     [ -f "/root/feature-ship/$FSHIP" ] && cp "/root/feature-ship/$FSHIP" specdec/drafts/
-    for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled-feature; done 2>&1 \
+    for w in code chat; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft distilled-feature --also-draft distilled-layers; done 2>&1 \
         | tee "$OUT/bench-feature-log.txt"
 fi
 ls -la "$OUT"

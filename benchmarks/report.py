@@ -9,7 +9,9 @@ Row schema (units in the names; ``None`` = not measured / not applicable):
 
 =====================  =======================================================================
 workload               "code" | "chat" | "summarize" | "long" | "sessions" | ...
-variant                "hf", "hf-assisted", "hf-lookup", "ours-draft", "ours-lookup", ...
+variant                "hf", "hf-assisted(D)", "hf-lookup", "ours-draft(D)", "ours-lookup", ... (D: the draft)
+draft                  label of the draft model the row uses (None: no draft model)
+compile                True for our compile=True rows (static cache + CUDA graphs, "+graphs")
 device                 device name (e.g. "NVIDIA H100 80GB HBM3", "cpu")
 dtype                  "float32" | "bfloat16" | "float16"
 batch_size             rows decoded together
@@ -25,10 +27,13 @@ decode_tok_s           new tokens / decode time (after the first token)
 e2e_tok_s              new tokens / whole generate() time
 speedup_vs_hf          e2e_tok_s / e2e_tok_s of "hf" on the same settings
 speedup_vs_assisted    e2e_tok_s / e2e_tok_s of "hf-assisted" on the same settings
+spec_over_plain        decode_tok_s / decode_tok_s of "ours-plain" on the same path (eager / graphs)
 acceptance_rate        a: accepted draft tokens / proposed draft tokens
 tokens_per_step        mean tokens emitted per target forward pass
 k                      draft length: int, or "auto" for the adaptive controller
 k_mean                 mean draft length actually used (what "auto" settled on)
+draft_s                time in the drafter, s (all prompts)
+verify_s               time in target verify forwards, s (all prompts)
 draft_cost_ratio       c: time of one draft step / time of one target step
 theoretical_speedup    (1 - a^(k+1)) / ((1 - a)(c*k + 1))  (Leviathan et al. 2023)
 efficiency             speedup_vs_hf / theoretical_speedup
@@ -67,7 +72,9 @@ SCHEMA_VERSION = 1
 
 ROW_FIELDS: dict[str, str] = {
     "workload": "workload name",
-    "variant": "what ran (hf, hf-assisted, hf-lookup, ours-...)",
+    "variant": "what ran (hf, hf-assisted(D), hf-lookup, ours-...)",
+    "draft": "label of the draft model used",
+    "compile": "our compile=True path (+graphs)",
     "device": "device name",
     "dtype": "float32 | bfloat16 | float16",
     "batch_size": "rows decoded together",
@@ -83,10 +90,13 @@ ROW_FIELDS: dict[str, str] = {
     "e2e_tok_s": "end-to-end tokens/s",
     "speedup_vs_hf": "e2e speedup over hf",
     "speedup_vs_assisted": "e2e speedup over hf-assisted",
+    "spec_over_plain": "decode speedup over ours-plain on the same path",
     "acceptance_rate": "accepted / proposed draft tokens",
     "tokens_per_step": "tokens per target forward",
     "k": "draft length (int or 'auto')",
     "k_mean": "mean draft length used",
+    "draft_s": "time in the drafter, s",
+    "verify_s": "time in verify forwards, s",
     "draft_cost_ratio": "draft step time / target step time",
     "theoretical_speedup": "(1-a^(k+1)) / ((1-a)(ck+1))",
     "efficiency": "realized / theoretical speedup",
@@ -159,6 +169,10 @@ def row_failure(row: dict) -> str | None:
     return None
 
 
+def _is_baseline(variant) -> bool:
+    return variant in (_BASELINE, _ASSISTED) or str(variant).startswith(_ASSISTED + "(")
+
+
 def derive(rows: list[dict]) -> list[dict]:
     """Copies of ``rows`` with speedups, theoretical speedup and efficiency filled in.
 
@@ -172,12 +186,14 @@ def derive(rows: list[dict]) -> list[dict]:
 
     baselines: dict[tuple, dict] = {}
     for r in out:
-        if r.get("variant") in (_BASELINE, _ASSISTED) and not row_failure(r) and rate(r):
+        if _is_baseline(r.get("variant")) and not row_failure(r) and rate(r):
             baselines.setdefault((r["variant"],) + tuple(r.get(k) for k in _GROUP_KEYS), r)
     for r in out:
         group = tuple(r.get(k) for k in _GROUP_KEYS)
         for field, base in (("speedup_vs_hf", _BASELINE), ("speedup_vs_assisted", _ASSISTED)):
             ref = baselines.get((base,) + group)
+            if base == _ASSISTED and r.get("draft"):  # HF assisted generation with the same draft
+                ref = baselines.get((f"{_ASSISTED}({r['draft']})",) + group)
             if r.get(field) is None and ref is not None and rate(r) is not None:
                 r[field] = rate(r) / rate(ref)
         k = r.get("k_mean") if r.get("k") == "auto" or r.get("k_mean") is not None else r.get("k")
@@ -223,6 +239,8 @@ def _k(row) -> str:
 
 
 def _identical(row) -> str:
+    if row.get("do_sample"):
+        return "sampled"
     ident, agree, prefix = row.get("identical_to_hf"), row.get("agreement"), row.get("identical_prefix_len")
     if ident is True:
         return "yes"
@@ -257,6 +275,7 @@ COLUMNS: dict[str, tuple] = {
     "decode_tok_s": ("decode tok/s", lambda r: _num(r.get("decode_tok_s"), ".1f"), False),
     "speedup_vs_hf": ("vs hf", _speed("speedup_vs_hf"), False),
     "speedup_vs_assisted": ("vs hf-assisted", _speed("speedup_vs_assisted"), False),
+    "spec_over_plain": ("vs our plain", _speed("spec_over_plain"), False),
     "ttft_ms": ("TTFT ms", lambda r: _num(r.get("ttft_ms"), ".1f"), False),
     "itl_ms": ("ITL ms", lambda r: _num(r.get("itl_ms"), ".2f"), False),
     "acceptance_rate": ("acceptance", lambda r: _num(r.get("acceptance_rate"), ".1%"), False),
@@ -276,6 +295,57 @@ COLUMNS: dict[str, tuple] = {
 
 DEFAULT_COLUMNS = ("workload", "variant", "e2e_tok_s", "speedup_vs_hf", "speedup_vs_assisted", "ttft_ms", "itl_ms",
                    "acceptance_rate", "tokens_per_step", "k", "identical", "peak_mem_bytes", "efficiency", "status")
+
+
+# `specdec bench`'s table: what a reader needs first (the JSON holds every field)
+BENCH_COLUMNS = ("variant", "decode_tok_s", "speedup_vs_hf", "spec_over_plain", "acceptance_rate", "tokens_per_step",
+                 "identical", "ttft_ms")
+
+BENCH_LEGEND = """\
+columns: decode tok/s = new tokens per second after the first one (all rows of a batch) |
+  vs hf = over HF generate() | vs our plain = over ours-plain on the same path (eager, or +graphs):
+  what speculation alone adds | acceptance = accepted / proposed draft tokens |
+  tokens/step = tokens per target forward | identical to hf = greedy tokens equal HF's (else: share
+  of equal tokens, identical prefix length; "sampled": speed only) | TTFT ms = median time to first token.
+rows: (D) = the draft model used | +graphs = compile=True (static cache + CUDA graphs) |
+  FAIL = an error, or greedy fp32 tokens that differ from hf."""
+
+
+def bench_table(rows: list[dict]) -> str:
+    """The ``specdec bench`` table (``BENCH_COLUMNS``)."""
+    return markdown_table(rows, list(BENCH_COLUMNS))
+
+
+def verdict(rows: list[dict]) -> str:
+    """One line: the fastest row against hf and our plain row, then whether the outputs held.
+
+    e.g. ``fastest: ours-lookup 2.10x hf, 1.30x our plain; all greedy outputs identical to hf``.
+    """
+    ok = [r for r in rows if not row_failure(r) and r.get("decode_tok_s")]
+    if not ok:
+        return "verdict: no row finished (see the errors in the JSON)"
+    best = max(ok, key=lambda r: r["decode_tok_s"])
+    speed = [f"{best['speedup_vs_hf']:.2f}x hf"] if best.get("speedup_vs_hf") is not None else []
+    speed += [f"{best['spec_over_plain']:.2f}x our plain"] if best.get("spec_over_plain") is not None else []
+    if best.get("variant") == _BASELINE:
+        speed = ["(no row beat HF generate())"]
+    head = f"fastest: {best['variant']}" + (f" {', '.join(speed)}" if speed else "")
+    return f"{head}; {_outputs_verdict(rows)}"
+
+
+def _outputs_verdict(rows: list[dict]) -> str:
+    failed = [r["variant"] for r in rows if row_failure(r)]
+    if failed:
+        return "FAILED: " + ", ".join(failed)
+    if any(r.get("do_sample") for r in rows):
+        return "sampled: speed only, no identity check"
+    checked = [r for r in rows if r.get("identical_to_hf") is not None]
+    if checked and all(r["identical_to_hf"] for r in checked):
+        return "all greedy outputs identical to hf"
+    agree = [r["agreement"] for r in checked if r.get("agreement") is not None]
+    if agree:
+        return f"greedy agreement with hf >= {min(agree):.1%} (bf16/fp16 rounding; identity is checked in fp32)"
+    return "outputs not compared"
 
 
 def _measured(rows, key) -> bool:
@@ -359,9 +429,17 @@ def read_json(path) -> dict:
         return json.load(f)
 
 
-def result_path(root, env: dict, workload: str) -> Path:
-    """``root/<date>-<device slug>-<workload>.json`` (the name BENCHMARKS.md asks for)."""
-    return Path(root) / f"{env.get('date', _dt.date.today().isoformat())}-{device_slug(env)}-{workload}.json"
+def result_path(root, env: dict, workload: str, model: str = "model", settings: tuple[str, ...] = ()) -> Path:
+    """``root/<workload>-<model>-<device slug>[-<settings>...]-<date>.json``: what the file measures.
+
+    ``settings``: extra tags that change what is measured (e.g. ``("bs4", "sampled")``)."""
+    parts = [workload, model, device_slug(env), *settings]
+    stem = "-".join(_file_slug(p) for p in parts)
+    return Path(root) / f"{stem}-{env.get('date', _dt.date.today().isoformat())}.json"
+
+
+def _file_slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", str(text).lower()).strip("-")[:40] or "-"
 
 
 # --------------------------------------------------------------------------------------

@@ -23,6 +23,15 @@ Workloads (``WORKLOADS``):
                key sentences.": the output quotes the input, prompt lookup's home ground.
 ``long``       8k-16k token prompts (reference pages concatenated, each prompt starting
                at a different page, so they share no prefix) + a question at the end.
+``prose``      openings of ordinary explanatory prose (bread, tides, railway time, ...), written
+               for this benchmark; the model continues the text. Raw text by default.
+``general``    everyday chat requests (a packing list, a translation, a story, arithmetic, an
+               email, a recipe, ...), written for this benchmark, chat-formatted: where a
+               draft must generalize beyond code and reference text.
+
+``prose`` and ``general`` are kept out of every distillation corpus (``specdec.distill.data``
+trains on stdlib / site-packages code and reference pages, never on this module's text), so
+they measure how a distilled draft does on text it never saw.
 
 Lengths are tuned for the SmolLM2 tokenizer (the default model); other tokenizers give
 similar lengths within ~20%.
@@ -38,7 +47,7 @@ from pathlib import Path
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "texts.json"
 
-WORKLOADS = ("code", "chat", "summarize", "long")
+WORKLOADS = ("code", "chat", "summarize", "long", "prose", "general")
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Workload:
-    name: str  # "code" | "chat" | "summarize" | "long"
+    name: str  # one of WORKLOADS
     description: str  # one line, including where the text comes from
     prompts: list[Prompt] = field(hash=False)
     max_new_tokens: int  # a sensible default for the workload
@@ -122,7 +131,71 @@ CHAT_SYSTEM_INTRO = (
     "Reference material (from the Python Language Reference):\n\n"
 )
 
+# prose: openings of ordinary explanatory prose (written for this benchmark), continued by the model
+PROSE_TEXTS = (
+    ("bread", "Why bread rises",
+     "Bread rises because of a small, busy organism. Baker's yeast is a single-celled fungus that feeds on the "
+     "sugars released when flour meets water. As it eats, it gives off carbon dioxide and a little alcohol. The "
+     "gas would simply escape if it were not for gluten, a stretchy network of proteins that forms when the dough "
+     "is kneaded. Each bubble of carbon dioxide is caught in that network like air in a balloon, and the dough "
+     "swells. In the oven, three things happen at once."),
+    ("tides", "The tides",
+     "Twice a day, on most coasts, the sea creeps up the beach and then slips back again. The cause lies a quarter "
+     "of a million miles away. The Moon's gravity pulls on the whole Earth, but it pulls hardest on the side that "
+     "faces it and weakest on the far side. The oceans respond to that difference: water heaps up in a bulge under "
+     "the Moon and in a second bulge on the opposite side of the planet. As the Earth turns beneath these two "
+     "bulges, a given harbour passes through both of them every day, which is why"),
+    ("trains", "A history of railway time",
+     "Before the railways, every town in Britain kept its own time. Noon was when the sun stood highest over the "
+     "market square, so Bristol ran about ten minutes behind London, and nobody minded, because nobody could travel "
+     "between them fast enough to notice. The trains changed that. A passenger who left Paddington at nine and "
+     "arrived in Bristol needed to know whose nine o'clock the timetable meant. In the 1840s the Great Western "
+     "Railway began to run all its clocks to London time, and other companies soon followed."),
+    ("garden", "Starting a vegetable garden",
+     "The first vegetable garden most people plant is too big. It looks modest on a bright afternoon in April, when "
+     "the soil is dark and the seed packets promise so much, but by July the weeds grow faster than anyone can pull "
+     "them and the beans need picking every second day. A better start is a single bed, about the size of a door, "
+     "in the sunniest corner you have. Fill it with a few crops that are easy and that you actually like to eat. "
+     "Lettuce, radishes and bush beans are good choices, because"),
+    ("sleep", "What sleep is for",
+     "We spend about a third of our lives asleep, and for most of history nobody could say why. It seemed an odd "
+     "bargain for an animal to make: hours each night of lying still, blind and deaf to danger. Research over the "
+     "last century has given some answers. During deep sleep the brain replays the events of the day and moves "
+     "some of them into long-term memory. Sleep also seems to give the brain a chance to clear away waste products "
+     "that build up while we are awake. People who are kept awake for long stretches"),
+    ("letters", "The decline of the handwritten letter",
+     "My grandmother wrote a letter every Sunday evening. She sat at the kitchen table with a pad of blue paper and "
+     "a fountain pen, and she wrote to her sister in Canada, to an old school friend in Leeds, and, once a month, to "
+     "me. Her letters were not remarkable. They reported the weather, the health of the neighbours and the price of "
+     "things at the market. But they arrived, week after week, for thirty years, and when she died I found that I "
+     "had kept every one of them. Reading them again, I understood"),
+)
+
+# general: everyday chat requests (written for this benchmark), unlike code or reference text
+GENERAL_REQUESTS = (
+    ("packing-list", "I'm going camping for a weekend in the mountains in early autumn. Can you give me a packing "
+                     "list, grouped into clothing, cooking and safety?"),
+    ("translate", "Please translate these sentences into Spanish and French: \"Where is the train station?\", "
+                  "\"I would like a table for two, please.\" and \"How much does this cost?\""),
+    ("explain-rainbow", "My eight-year-old asked me why rainbows are curved and I didn't know what to say. How would "
+                        "you explain it to a child?"),
+    ("story", "Write a short bedtime story about a lighthouse keeper who finds a lost penguin on the rocks one "
+              "stormy night."),
+    ("arithmetic", "I bought 3 notebooks at 4.50 each, 2 pens at 1.25 each and a backpack for 32. I paid with a "
+                   "50 note. How much change should I get? Show the steps."),
+    ("email", "Write a short, polite email to my landlord saying that the kitchen tap has been dripping for a week "
+              "and asking when someone could come and fix it."),
+    ("recipe", "I have eggs, spinach, an onion, some cheddar and half a loaf of bread. What can I cook for dinner "
+               "for two people? Give me a simple recipe with steps."),
+    ("advice", "I have a job interview for a library assistant position on Friday. What questions might they ask, "
+               "and how should I prepare?"),
+    ("compare", "What are the main differences between a cold and the flu, and when should someone see a doctor?"),
+    ("plan", "Make me a simple weekly plan for learning to run 5 kilometres, for someone who has not exercised in "
+             "years."),
+)
+
 CODE_CHAT_INSTRUCTION = "Complete this Python function:"
+PROSE_CHAT_INSTRUCTION = "Continue this text:"
 SUMMARIZE_INSTRUCTION = "Summarize the text above, quoting its key sentences."
 
 # questions asked after a `long` prompt, keyed by the page the prompt starts with (the
@@ -144,9 +217,9 @@ LONG_QUESTIONS = {
 LONG_TOKENS_RANGE = (8_500, 15_500)  # long prompts span this range (SmolLM2 tokens)
 LONG_CHARS_PER_TOKEN = 4.0  # measured on the pool with the SmolLM2 tokenizer
 
-_DEFAULT_N = {"code": 8, "chat": 8, "summarize": 4, "long": 4}
-_MAX_NEW = {"code": 128, "chat": 128, "summarize": 128, "long": 64}
-_DEFAULT_CHAT = {"code": False, "chat": True, "summarize": True, "long": True}
+_DEFAULT_N = {"code": 8, "chat": 8, "summarize": 4, "long": 4, "prose": 6, "general": 10}
+_MAX_NEW = {"code": 128, "chat": 128, "summarize": 128, "long": 64, "prose": 128, "general": 128}
+_DEFAULT_CHAT = {"code": False, "chat": True, "summarize": True, "long": True, "prose": False, "general": True}
 
 
 # --------------------------------------------------------------------------------------
@@ -263,11 +336,37 @@ def _long(n: int | None, chat: bool) -> Workload:
                     "concatenated + a question at the end", prompts, _MAX_NEW["long"], False)
 
 
-_BUILDERS = {"code": _code, "chat": _chat, "summarize": _summarize, "long": _long}
+def _prose(n: int | None, chat: bool) -> Workload:
+    n = _check_n("prose", n, len(PROSE_TEXTS))
+    prompts = []
+    for key, title, text in PROSE_TEXTS[:n]:
+        body = f"{title}\n\n{text}"
+        if chat:
+            prompts.append(Prompt(f"prose/{key}", [{"role": "user", "content": f"{PROSE_CHAT_INSTRUCTION}\n\n{body}"}],
+                                  None))
+        else:
+            prompts.append(Prompt(f"prose/{key}", None, body))
+    return Workload("prose", "openings of explanatory prose on everyday topics (written for this benchmark); "
+                    "the model continues the text", prompts, _MAX_NEW["prose"], False)
+
+
+def _general(n: int | None, chat: bool) -> Workload:
+    n = _check_n("general", n, len(GENERAL_REQUESTS))
+    prompts = []
+    for key, request in GENERAL_REQUESTS[:n]:
+        messages = [{"role": "user", "content": request}]
+        prompts.append(Prompt(f"general/{key}", messages, None) if chat else
+                       Prompt(f"general/{key}", None, _plain(messages)))
+    return Workload("general", "everyday chat requests (lists, translation, explanations, a story, arithmetic, "
+                    "an email, a recipe; written for this benchmark)", prompts, _MAX_NEW["general"], False)
+
+
+_BUILDERS = {"code": _code, "chat": _chat, "summarize": _summarize, "long": _long, "prose": _prose,
+             "general": _general}
 
 
 def get_workload(name: str, n_prompts: int | None = None, *, chat: bool | None = None) -> Workload:
-    """The named workload with its first ``n_prompts`` prompts (default: 8, 8, 4, 4).
+    """The named workload with its first ``n_prompts`` prompts (default: ``_DEFAULT_N``).
 
     ``chat`` overrides whether prompts are chat messages (default: code raw text, the others
     chat-formatted). Raises ``KeyError`` for an unknown name, ``ValueError`` for a bad count.

@@ -20,7 +20,8 @@ Run `specdec COMMAND --help` for a command's options.
 Examples:
   specdec generate "Write a haiku about caching"
   specdec generate "def fibonacci(n):" --raw --draft distilled --max-new-tokens 64
-  specdec bench --quick
+  specdec bench                 (side by side on the default model and its draft; --quick: a smoke run)
+  specdec bench --target big/ --draft small/ --workload prose
   specdec distill --layers 4 --time-budget 240 --out ./my-draft
 """
 

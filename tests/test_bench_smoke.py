@@ -20,13 +20,25 @@ def test_bench_quick_writes_json_with_identical_tokens(tmp_path):
     saved = json.loads(files[0].read_text())
     assert saved["environment"]["torch"] and saved["rows"]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert {"hf", "hf-assisted", "hf-lookup", "ours-plain", "ours-lookup", "ours-draft"} <= set(rows)
+    assert {"hf", "hf-assisted(self:4)", "hf-lookup", "ours-plain", "ours-lookup", "ours-draft(self:4)"} <= set(rows)
     for name, row in rows.items():
         assert row["error"] is None, (name, row["error"])
         assert row["identical_to_hf"] is True, name
         for field in ("ttft_ms", "itl_ms", "decode_tok_s", "speedup_vs_hf"):
             assert row[field] is not None, (name, field)
     assert rows["ours-lookup"]["acceptance_rate"] is not None
+
+
+def test_default_run_uses_the_shipped_distilled_draft(tmp_path):
+    from benchmarks.run import main
+
+    result = main(["--quick", "--n-prompts", "1", "--max-new-tokens", "8", "--max-prompt-tokens", "128", "--out",
+                   str(tmp_path), "--quiet", "--device", "cpu", "--no-plot"])
+    names = [r["variant"] for r in result["rows"]]
+    assert names == ["hf", "hf-lookup", "hf-assisted(distilled-layers)", "ours-plain", "ours-lookup",
+                     "ours-draft(distilled-layers)"]
+    assert all(r["error"] is None and r["identical_to_hf"] for r in result["rows"])
+    assert list(tmp_path.glob("code-smollm2-135m-cpu-*.json"))
 
 
 def test_cli_help_teaches(capsys):

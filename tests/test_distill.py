@@ -634,17 +634,20 @@ def test_function_stubs_include_methods_under_their_class():
         compile(stub, "stub", "exec")  # a stub is valid Python: the target continues a real function
 
 
-def test_bench_adds_distilled_rows_against_assisted_with_the_same_draft(target):
-    from benchmarks.run import add_relative, make_variants
+def test_bench_names_the_draft_and_compares_with_assisted_on_the_same_draft(target):
+    from benchmarks.run import Draft, add_relative, make_variants
 
     draft = model.build_draft(target, [0, 3])
-    names = [v.name for v in make_variants(target, None, ["auto"], lookup=False, assisted=True, max_new=4,
-                                           distilled=draft)]
-    assert {"hf", "hf-assisted-distilled", "ours-distilled"} <= set(names) and "ours-draft" not in names
-    rows = [dict(variant="hf", decode_tok_s=10.0), dict(variant="hf-assisted", decode_tok_s=5.0),
-            dict(variant="hf-assisted-distilled", decode_tok_s=20.0), dict(variant="ours-distilled", decode_tok_s=40.0)]
+    variants, _ = make_variants(target, [Draft("distilled-layers", draft)], gen=dict(max_new_tokens=4), lookup=False)
+    names = [v.name for v in variants]
+    assert names == ["hf", "hf-assisted(distilled-layers)", "ours-plain", "ours-draft(distilled-layers)"]
+    rows = [dict(variant="hf", decode_tok_s=10.0), dict(variant="hf-assisted(self:4)", draft="self:4", decode_tok_s=5.0),
+            dict(variant="hf-assisted(distilled-layers)", draft="distilled-layers", decode_tok_s=20.0),
+            dict(variant="ours-plain", decode_tok_s=25.0),
+            dict(variant="ours-draft(distilled-layers)", draft="distilled-layers", decode_tok_s=40.0)]
     add_relative(rows)
-    assert rows[3]["speedup_vs_hf"] == 4.0 and rows[3]["speedup_vs_assisted"] == 2.0
+    assert rows[4]["speedup_vs_hf"] == 4.0 and rows[4]["speedup_vs_assisted"] == 2.0
+    assert rows[4]["spec_over_plain"] == 1.6
 
 
 @pytest.mark.slow

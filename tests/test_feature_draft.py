@@ -394,16 +394,18 @@ def test_shipped_feature_draft_is_lossless_on_the_default_model():
 
 
 def test_cli_help_and_bench_rows(target, capsys):
-    from benchmarks.run import hf_can_run, make_variants
+    from benchmarks.run import Draft, hf_can_run, make_variants
     from specdec.distill.cli import build_parser
 
     text = build_parser().format_help()
     assert "--kind" in text and "EAGLE" in text and "--depths" in text
     draft = _draft(target)
-    names = [v.name for v in make_variants(target, draft, ["auto"], lookup=False, assisted=True, max_new=4,
-                                           graphs=True)]
-    assert not hf_can_run(draft)
-    assert "ours-draft" in names and "hf-assisted" not in names and "ours-draft+graphs" in names  # graphs: yes
+    variants, notes = make_variants(target, [Draft("feature", draft)], gen=dict(max_new_tokens=4), lookup=False,
+                                    graphs=True)
+    names = [v.name for v in variants]
+    assert not hf_can_run(draft) and "hf-assisted(feature)" in notes[0]
+    assert "ours-draft(feature)" in names and "hf-assisted(feature)" not in names
+    assert "ours-draft(feature)+graphs" in names  # graphs: yes
 
 
 def test_load_file_loads_either_kind_of_draft_file(target, tmp_path):  # what benchmarks.draft_acceptance uses

@@ -160,8 +160,10 @@ def test_environment_is_hostname_free():
     assert report.device_slug({"device": "NVIDIA H100 80GB HBM3", "cpu": "x"}) == "h100"
     assert report.device_slug({"device": "NVIDIA H200", "cpu": "x"}) == "h200"
     assert report.device_slug({"device": "Intel Xeon", "cpu": "Intel Xeon"}) == "cpu"
-    name = report.result_path("res", {"date": "2026-11-23", "device": "NVIDIA H100 80GB HBM3"}, "chat").name
-    assert name == "2026-11-23-h100-chat.json"
+    h100 = {"date": "2026-11-23", "device": "NVIDIA H100 80GB HBM3"}
+    assert report.result_path("res", h100, "chat", "SmolLM2-135M").name == "chat-smollm2-135m-h100-2026-11-23.json"
+    name = report.result_path("res", h100, "prose", "qwen2.5-coder-1.5b", ("bs4", "sampled")).name
+    assert name == "prose-qwen2.5-coder-1.5b-h100-bs4-sampled-2026-11-23.json"
 
 
 def _png_ok(path):

@@ -36,7 +36,7 @@ def test_workload_shape_and_real_text(name):
         assert p.name.startswith(name + "/")
         assert (p.messages is None) != (p.text is None)
         body = _body(p)
-        assert len(body) > 200
+        assert len(body) > (60 if name == "general" else 200)
         assert "lorem" not in body.lower()
         if p.messages is not None:
             assert all(set(m) == {"role", "content"} and m["content"] for m in p.messages)
@@ -187,3 +187,19 @@ def test_encode_truncates_with_real_template(tokenizer):
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
     assert W.LONG_QUESTIONS["formatstrings"] in text
+
+
+def test_prose_and_general_are_varied_and_held_out_of_distillation():
+    from specdec.distill import data
+
+    prose, general = get_workload("prose"), get_workload("general")
+    assert len(prose.prompts) >= 5 and len(general.prompts) >= 8
+    assert all(p.text is not None for p in prose.prompts)  # raw continuation by default
+    assert all(p.messages is not None for p in general.prompts)  # chat-templated like `chat`
+    assert get_workload("prose", chat=True).prompts[0].messages is not None
+    assert prose.fingerprint != get_workload("prose", 5).fingerprint
+    sentences = [_body(p).split(". ")[0][-60:] for p in prose.prompts + general.prompts]
+    training = [str(p.messages or p.text) for p in data.training_prompts(40)]
+    training += data.plain_texts(200_000)
+    for s in sentences:
+        assert not any(s in t for t in training), s
