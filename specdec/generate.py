@@ -116,6 +116,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     _check_length(model, attention_mask, settings.max_new_tokens)
     if settings.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=: pass the tokenizer that made input_ids")
+    runners = []  # static runners checked out for this call (compile): given back however it ends
     try:
         run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
         if prompt_lookup_num_tokens is None and draft_model is None:
@@ -129,8 +130,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
                                  "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
             k_max = _check_k(num_draft_tokens, prompt_lookup_num_tokens) if run.drafter is not None else 0
-            use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
-                       kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=_compile_mode(compile) == "inductor")
+            runners = use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
+                                 kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=_compile_mode(compile) == "inductor")
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
         if prefix_cache is not None:
             from specdec.prefill import draft_namespace
@@ -142,6 +143,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     except torch.OutOfMemoryError as err:
         run = None  # noqa: F841 - this call's KV cache must not outlive it in the traceback
         raise _out_of_memory(err, input_ids, settings, prefix_cache) from err
+    finally:
+        if runners:
+            from specdec.static import give_back
+
+            give_back(*runners)
     if streamer is not None:
         streamer.end()
     run.stats.total_s = time.perf_counter() - start

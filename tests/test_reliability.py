@@ -17,7 +17,7 @@ import torch
 import prefix_cache.cache as cache_mod
 import specdec
 import specdec.prefill as prefill_mod
-from conftest import VOCAB, prompts, run_in_threads, tiny_model
+from conftest import VOCAB, hf_greedy, prompts, run_in_threads, tiny_model
 from integrations import last_stats, patched
 from prefix_cache import PrefixCache
 
@@ -276,3 +276,72 @@ def test_tenants_of_a_patched_model_never_hit_each_others_blocks():
         for tenant in ("alice", "bob", "alice", "bob", "carol"):
             run(tenant)
     assert seen == [("alice", 0), ("bob", 0), ("alice", 32), ("bob", 32), ("carol", 0)]
+
+
+# ---------------------------------------------------------------- compiled calls in threads
+
+@pytest.mark.parametrize("threads", [2, 4, 8])
+def test_compiled_calls_in_threads_each_equal_hf_greedy(threads):
+    """compile=True keeps static runners (KV cache, slot buffers, graphs) per model and shape:
+    concurrent calls must each get one of their own, never share one."""
+    from specdec import static
+
+    model = tiny_model("llama", seed=5)
+    jobs = [prompts(1, [4 + t % 5], seed=30 + t) for t in range(threads)]
+    expected = [hf_greedy(model, ids, mask, 40, eos_token_id=None) for ids, mask in jobs]
+    specdec.generate(model, *jobs[0], max_new_tokens=40, eos_token_id=None, compile=True)  # a runner exists
+    for _ in range(3):
+        results = [None] * threads
+
+        def work(t: int) -> None:
+            results[t] = specdec.generate(model, *jobs[t], max_new_tokens=40, eos_token_id=None, compile=True)
+
+        run_in_threads(work, threads, timeout=120)
+        assert all(torch.equal(r, e) for r, e in zip(results, expected))
+    runners = [r for key, r in static._RUNNERS.items() if key[0] == id(model)]
+    assert 1 <= len(runners) <= static.MAX_COPIES and not any(r in static._BUSY for r in runners)
+
+
+def test_compiled_calls_beyond_the_copy_limit_wait_for_a_runner(monkeypatch):
+    from specdec import static
+
+    monkeypatch.setattr(static, "MAX_COPIES", 1)
+    model = tiny_model("llama", seed=6)
+    jobs = [prompts(1, [5 + t], seed=40 + t) for t in range(4)]
+    expected = [hf_greedy(model, ids, mask, 20, eos_token_id=None) for ids, mask in jobs]
+    results = [None] * 4
+
+    def work(t: int) -> None:
+        results[t] = specdec.generate(model, *jobs[t], max_new_tokens=20, eos_token_id=None, compile=True,
+                                      draft_model="self:1", num_draft_tokens=2)
+
+    run_in_threads(work, 4, timeout=120)
+    assert all(torch.equal(r, e) for r, e in zip(results, expected))
+    assert len([key for key in static._RUNNERS if key[0] == id(model)]) == 1  # one target runner, shared in turn
+
+
+def test_a_failing_compiled_call_gives_its_runners_back():
+    from specdec import static
+
+    model, ids = tiny_model("llama", seed=7), prompts(1, [6], seed=50)[0]
+    with failing(static.StaticRunner, "forward", KeyboardInterrupt(), at=3) as calls:
+        with pytest.raises(KeyboardInterrupt):
+            specdec.generate(model, ids, max_new_tokens=8, compile=True, prompt_lookup_num_tokens=2)
+    assert calls[0] == 3
+    assert not [r for key, r in static._RUNNERS.items() if key[0] == id(model) and r in static._BUSY]
+    out = specdec.generate(model, ids, max_new_tokens=8, compile=True, prompt_lookup_num_tokens=2)
+    assert torch.equal(out, hf_greedy(model, ids, torch.ones_like(ids), 8))
+
+
+def test_overlapping_attention_switches_restore_the_model():
+    from specdec.attention import PACKED_GQA, attention_implementation
+
+    model = tiny_model("llama", seed=8)
+    before = model.config._attn_implementation
+    first, second = attention_implementation(model, PACKED_GQA), attention_implementation(model, PACKED_GQA)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)      # threads leave in any order
+    assert model.config._attn_implementation == PACKED_GQA  # the other is still inside
+    second.__exit__(None, None, None)
+    assert model.config._attn_implementation == before
