@@ -345,3 +345,60 @@ def test_overlapping_attention_switches_restore_the_model():
     assert model.config._attn_implementation == PACKED_GQA  # the other is still inside
     second.__exit__(None, None, None)
     assert model.config._attn_implementation == before
+
+
+# ---------------------------------------------------------------- faults inside eviction
+
+def held_by_storage(cache: PrefixCache) -> int:
+    """Device bytes the cache's K/V storage really holds: every distinct storage its blocks (and
+    segments waiting for compaction) point at."""
+    tensors = []
+    for node in cache._tree.nodes():
+        block = node.handle
+        tensors += block.own if block.segment is None else block.segment.parts
+    for segment in cache._shrunk:
+        tensors += segment.parts
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def row_kv(seed: int, tokens: int, layers: int = 2) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, 2, tokens, 4, generator=g), torch.randn(1, 2, tokens, 4, generator=g))
+            for _ in range(layers)]
+
+
+def full_cache(offload: bool) -> tuple[PrefixCache, int]:
+    """A cache of exactly 4 blocks of 4 tokens, full: one 4-block prompt (one segment)."""
+    from prefix_cache.store import block_nbytes
+
+    per_block = block_nbytes(row_kv(0, 4), 4)
+    cache = PrefixCache(max_bytes=4 * per_block, block_size=4, offload_bytes=8 * per_block if offload else 0)
+    assert cache.insert(list(range(16)), row_kv(0, 16)) == 16 and cache.nbytes == cache.max_bytes
+    return cache, per_block
+
+
+FAULTS = [(name, offload, at) for name, offload in (("empty", True), ("cat", True), ("cat", False))
+          for at in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("name,offload,at", FAULTS, ids=[f"{n}-{'spill' if o else 'drop'}-{a}" for n, o, a in FAULTS])
+def test_an_oom_inside_eviction_keeps_nbytes_equal_to_the_bytes_held(name, offload, at):
+    """torch.empty (the CPU spill of an evicted block) or torch.cat (compacting a segment that lost
+    blocks, or stacking the new row) raises once while an insert evicts: nbytes must still be the
+    bytes storage holds, and the next insert must work and bring the cache back within budget."""
+    cache, per_block = full_cache(offload)
+    new_ids, new_kv = [100 + i for i in range(8)], row_kv(1, 8)       # 2 new blocks: 2 evicted
+    with failing(torch, name, torch.OutOfMemoryError("CUDA out of memory (simulated)"), at) as calls:
+        try:
+            cache.insert(new_ids, new_kv)
+        except torch.OutOfMemoryError:
+            pass
+    assert calls[0] >= min(at, 1)
+    assert cache.nbytes == held_by_storage(cache), f"{calls[0]} calls of torch.{name}"
+    assert cache.stats.offloaded_bytes == sum(b.nbytes for _, b in cache._spill._entries.values())
+    cache.insert(new_ids, new_kv)
+    assert cache.nbytes == held_by_storage(cache) <= cache.max_bytes
+    with cache.match(new_ids + [0]) as hit:
+        assert hit.num_tokens == 8 and torch.equal(hit.kv()[1][0], new_kv[1][0])
+    assert_consistent(cache)
