@@ -23,6 +23,7 @@ from specdec.config import Settings, resolve
 from specdec.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal, cached_early_exit_model
 from specdec.feature_draft import FeatureDraft, FeatureDrafter
+from specdec.randomness import Uniforms
 from specdec.sampling import greedy, probabilities, sample, suppress_tokens
 from specdec.state import SlotBatch, positions_from_mask
 from specdec.stats import GenerationStats
@@ -41,7 +42,7 @@ class _Run:
     outputs: list[list[int]]        # per input row: emitted tokens
     stop: StopChecker
     stats: GenerationStats
-    uniforms: torch.Tensor | None   # (B, max_new_tokens + 1, 3): per (row, position) randomness
+    uniforms: Uniforms | None       # per (row, output position, use) randomness, when sampling
     streamer: object = None
     drafter: object = None
     controller: object = None
@@ -295,25 +296,11 @@ def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_
     # an EOS id outside the vocabulary can never be generated: nothing to suppress (HF ignores it too)
     eos = torch.tensor([e for e in settings.eos_ids if 0 <= e < runner.vocab_size], dtype=torch.long,
                        device=input_ids.device)
+    uniforms = Uniforms(B, settings.max_new_tokens, generator, input_ids.device) if settings.sampling.do_sample \
+        else None
     return _Run(runner, runner.new_cache(), settings, batch, histories, [[] for _ in range(B)],
-                StopChecker(settings, tokenizer), GenerationStats(B),
-                _uniform_table(settings, B, generator, input_ids.device), streamer, eos=eos,
+                StopChecker(settings, tokenizer), GenerationStats(B), uniforms, streamer, eos=eos,
                 rows_host=list(range(B)))
-
-
-def _uniform_table(settings: Settings, batch: int, generator, device) -> torch.Tensor | None:
-    """Randomness indexed by (row, output position, use): draft draw, accept test, target draw.
-
-    Indexing by position instead of drawing per step makes a seeded run reproducible
-    whatever draft lengths the adaptive controller picks. It stays lossless: a position's
-    uniforms only matter once every earlier position is final, so they are fresh then.
-    """
-    if not settings.sampling.do_sample:
-        return None
-    shape = (batch, settings.max_new_tokens + 1, 3)
-    if generator is not None:
-        return torch.rand(shape, generator=generator, device=generator.device).to(device)
-    return torch.rand(shape, device=device)
 
 
 def _kv_cache_factory(kv_quant):
@@ -519,12 +506,10 @@ def _suppress_eos(run: _Run, logits: torch.Tensor, where: torch.Tensor) -> torch
 
 
 def _uniforms_at(run: _Run, offsets, use: int) -> torch.Tensor:
-    """Uniforms of each active row at output positions produced - 1 + offsets: (B,) or (B, n)."""
-    table, batch = run.uniforms, run.batch
-    offsets = torch.as_tensor(offsets, device=table.device)
-    pos = (batch.produced.to(table.device)[:, None] + offsets.view(1, -1)).clamp(max=table.shape[1] - 1)
-    out = table[batch.rows.to(table.device)[:, None], pos, use]
-    return out[:, 0] if offsets.dim() == 0 else out
+    """Uniforms of each active row at output positions produced - 1 + offsets: (B,) or (B, n).
+    A row's ``produced`` runs at most one step (one token, plain loop) ahead of its emitted output."""
+    most = max(len(run.outputs[row]) for row in run.rows_host) + 1
+    return run.uniforms.at(run.batch.rows, run.batch.produced, offsets, use, most)
 
 
 def _sync_time(t: torch.Tensor) -> float:
