@@ -298,6 +298,13 @@ def _check_sizes(max_bytes: int, block_size: int, offload_bytes: int) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
             raise TypeError(f"{name} must be a number, got {value!r}; e.g. PrefixCache(max_bytes=2 << 30) "
                             "for 2 GiB of K/V")
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be finite, got {value!r}; e.g. PrefixCache(max_bytes=2 << 30) "
+                             "for 2 GiB of K/V")
+        if value != int(value):   # int() would round it silently (0.5 bytes -> 0, 1.5 tokens -> 1)
+            unit = "tokens" if name == "block_size" else "bytes"
+            raise ValueError(f"{name} must be a whole number of {unit}, got {value!r}; e.g. "
+                             f"{name}={max(int(value), 1)}")
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be > 0 (device bytes for cached K/V), got {max_bytes}; "
                          "e.g. PrefixCache(max_bytes=2 << 30) for 2 GiB")
