@@ -101,11 +101,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         **hf_kwargs: HF generation keywords (max_new_tokens, do_sample, temperature, top_k,
             top_p, min_p, eos_token_id, pad_token_id, min_new_tokens, stop_strings,
             return_dict_in_generate, ...). Options we cannot honour exactly raise
-            ``specdec.UnsupportedOption`` (a ValueError).
+            ``specdec.UnsupportedOption`` (a ValueError); so does ``return_dict_in_generate=True``
+            unless ``use_cache=False``: HF's dict then carries ``past_key_values``, which this
+            function does not return (a patched ``generate()`` falls back to HF's for it).
 
     Returns:
         (B, P + N) token ids like HF (finished rows padded with pad_token_id), a
-        ``GenerateDecoderOnlyOutput`` if ``return_dict_in_generate``, and with
+        ``GenerateDecoderOnlyOutput`` holding only ``sequences`` if ``return_dict_in_generate``
+        (with ``use_cache=False``, as HF's), and with
         ``return_stats`` a tuple ``(output, stats)``.
     """
     start = time.perf_counter()
