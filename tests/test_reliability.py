@@ -302,6 +302,29 @@ def test_compiled_calls_in_threads_each_equal_hf_greedy(threads):
     assert 1 <= len(runners) <= static.MAX_COPIES and not any(r in static._BUSY for r in runners)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_compiled_calls_in_threads_capture_and_replay_graphs_correctly():
+    """On CUDA the runners capture graphs: a capture in one thread (thread-local capture mode, one
+    at a time) must neither break nor record another thread's forwards."""
+    from specdec import static
+
+    model = tiny_model("llama", seed=9).cuda()
+    jobs = [tuple(t.cuda() for t in prompts(1, [4 + t], seed=60 + t)) for t in range(4)]
+    expected = [hf_greedy(model, ids, mask, 40, eos_token_id=None) for ids, mask in jobs]
+    before = static.captures
+    for _ in range(2):   # the first round captures (each copy its own graphs), the second replays
+        results = [None] * len(jobs)
+
+        def work(t: int) -> None:
+            results[t] = specdec.generate(model, *jobs[t], max_new_tokens=40, eos_token_id=None, compile=True,
+                                          draft_model="self:1", num_draft_tokens=3)
+
+        run_in_threads(work, len(jobs), timeout=300)
+        assert all(torch.equal(r, e) for r, e in zip(results, expected))
+    assert static.captures > before
+
+
 def test_compiled_calls_beyond_the_copy_limit_wait_for_a_runner(monkeypatch):
     from specdec import static
 
