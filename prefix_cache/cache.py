@@ -12,7 +12,7 @@ import torch
 
 from .keys import BlockChain, TokenIds, token_array
 from .store import (KV, Block, Layout, Segment, SpillStore, block_nbytes, compact, concat_parts, cut_blocks,
-                    layout_of, stack_kv, to_home)
+                    dead_nbytes, layout_of, stack_kv, to_home)
 from .tree import Node, RadixTree
 
 
@@ -119,8 +119,11 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of K/V held on the device now (spilled bytes: ``stats.offloaded_bytes``)."""
-        return self._tree.nbytes
+        """Bytes of K/V held on the device now (spilled bytes: ``stats.offloaded_bytes``): the
+        cached blocks, plus evicted blocks' bytes that a failed compaction (an OOM copying the
+        survivors) left in storage until the next eviction frees them."""
+        with self._lock:
+            return self._held()
 
     @property
     def stats(self) -> CacheStats:
@@ -250,27 +253,35 @@ class PrefixCache:
 
     def _make_room(self, nbytes: int) -> bool:
         """Evict until ``nbytes`` more fit in the budget; whether they do."""
+        self._compact()                              # what a failed compaction left, first
         excess = self._tree.nbytes + nbytes - self.max_bytes
         if excess > 0:
             self._tree.evict(excess)
             self._compact()
         return self._tree.nbytes + nbytes <= self.max_bytes
 
+    def _held(self) -> int:
+        """Device bytes held: the tree's blocks + evicted bytes still in uncompacted segments."""
+        return self._tree.nbytes + sum(dead_nbytes(s) for s in {id(s): s for s in self._shrunk}.values())
+
     def _free(self, node: Node) -> None:
-        """Tree callback for an evicted node: spill its block to CPU when there is a budget."""
+        """Tree callback for an evicted node: spill its block to CPU when there is a budget. Changes
+        nothing if the spill raises (the tree then keeps the node)."""
+        spilled = self._spilling and self._spill.spill(node.key, node._tokens, node.handle)
         self._stats.evictions += 1
-        if self._spilling and self._spill.spill(node.key, node._tokens, node.handle):
-            self._stats.offloads += 1
+        self._stats.offloads += int(spilled)
         block, node.handle = node.handle, None
         block.alive = False
         if block.segment is not None:
             self._shrunk.append(block.segment)
 
     def _compact(self) -> None:
-        """Give evicted blocks' bytes back: shrink each segment that lost blocks (one copy each)."""
-        shrunk, self._shrunk = {id(s): s for s in self._shrunk}, []
-        for segment in shrunk.values():
-            compact(segment)
+        """Give evicted blocks' bytes back: shrink each segment that lost blocks (one copy each).
+        A segment leaves the to-do list only once compacted: after a failed copy (OOM) it stays,
+        its dead bytes still counted in ``nbytes``, and the next eviction tries again."""
+        while self._shrunk:
+            compact(self._shrunk[-1])
+            self._shrunk.pop()
 
     def _count_match(self, path: list[Node]) -> None:
         for node in path:
@@ -287,6 +298,13 @@ def _check_sizes(max_bytes: int, block_size: int, offload_bytes: int) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
             raise TypeError(f"{name} must be a number, got {value!r}; e.g. PrefixCache(max_bytes=2 << 30) "
                             "for 2 GiB of K/V")
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be finite, got {value!r}; e.g. PrefixCache(max_bytes=2 << 30) "
+                             "for 2 GiB of K/V")
+        if value != int(value):   # int() would round it silently (0.5 bytes -> 0, 1.5 tokens -> 1)
+            unit = "tokens" if name == "block_size" else "bytes"
+            raise ValueError(f"{name} must be a whole number of {unit}, got {value!r}; e.g. "
+                             f"{name}={max(int(value), 1)}")
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be > 0 (device bytes for cached K/V), got {max_bytes}; "
                          "e.g. PrefixCache(max_bytes=2 << 30) for 2 GiB")

@@ -28,7 +28,12 @@ def namespace_bytes(namespace: str | None) -> bytes:
         return b"\x00"
     if not isinstance(namespace, str):
         raise ValueError(f"namespace must be a str or None, got {type(namespace).__name__}")
-    return b"\x01" + namespace.encode("utf-8")
+    try:
+        return b"\x01" + namespace.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"namespace must be encodable as UTF-8, got {namespace!r} (a lone surrogate at "
+                         f"index {err.start}); decode tenant names with errors='replace' or pass a plain "
+                         "ASCII key") from None
 
 
 def root_key(namespace: str | None) -> int:

@@ -123,6 +123,11 @@ class Segment:
         return self.parts[g][:, :, first * self.block_size:stop * self.block_size]
 
 
+def dead_nbytes(segment: Segment) -> int:
+    """Bytes a segment still holds for its evicted blocks (0 once compacted)."""
+    return sum(b.nbytes for b in segment.blocks if not b.alive)
+
+
 def parts_nbytes(parts: Sequence[torch.Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in parts)
 
@@ -173,15 +178,15 @@ def cut_blocks(parts: Sequence[torch.Tensor], block_size: int, layout: Layout, f
 
 def compact(segment: Segment) -> None:
     """Free the bytes of a segment's evicted blocks: its live blocks move to fresh, smaller
-    storage (one copy per part); a segment with no live block lets its storage go."""
+    storage (one copy per part); a segment with no live block lets its storage go. If the copy
+    raises, the segment is left unchanged."""
     live = [b for b in segment.blocks if b.alive]
     if len(live) == len(segment.blocks):
         return
-    segment.blocks = live
-    if not live:
-        segment.parts = ()
-        return
-    segment.parts = tuple(concat_parts(live))
+    # copy first, then switch: if the copy raises (OOM) the segment is as it was, dead blocks
+    # included, so a later compaction can try again
+    parts = tuple(concat_parts(live)) if live else ()
+    segment.blocks, segment.parts = live, parts
     for i, block in enumerate(live):
         block.index = i
 

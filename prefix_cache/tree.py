@@ -137,7 +137,8 @@ class RadixTree:
         """Evict unreferenced leaves, least recently used first, until ``bytes_needed`` are freed.
 
         A parent whose last child goes becomes a leaf and may be evicted in the same call.
-        Returns the evicted nodes (each already passed to ``free``).
+        Returns the evicted nodes (each already passed to ``free``). If ``free`` raises, the node
+        it was given stays in the tree (the ones evicted before it are gone) and the error propagates.
         """
         heap = [(n.last_access, i, n) for i, n in enumerate(self.nodes()) if self._evictable(n)]
         heapq.heapify(heap)
@@ -169,7 +170,9 @@ class RadixTree:
         return node is not self.root and node.is_leaf and node.lock_ref == 0
 
     def _remove(self, node: Node) -> None:
+        # free first: if it raises (an OOM spilling the block), the node stays, linked and counted,
+        # so the tree's bytes still equal what its blocks hold
+        self.free(node)
         del node.parent.children[node.key]
         self.nbytes -= node.nbytes
         self.num_nodes -= 1
-        self.free(node)

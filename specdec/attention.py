@@ -15,6 +15,7 @@ shapes it does not cover (no 4D mask, dropout, softcapping, position bias) go to
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -53,17 +54,31 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_GQA, sdpa_mask)
 
 
+_SWITCH = threading.Lock()
+_ORIGINAL: dict[int, tuple[str, int]] = {}   # id(config) -> (implementation before, blocks inside)
+
+
 @contextlib.contextmanager
 def attention_implementation(model: torch.nn.Module, name: str | None):
-    """Run the block with ``model.config._attn_implementation = name`` (None: leave it)."""
+    """Run the block with ``model.config._attn_implementation = name`` (None: leave it).
+
+    Blocks may overlap (threads running one model): the first one in sets ``name`` and the
+    last one out restores the original, so no block leaves the model switched."""
     if name is None:
         yield
         return
     register()
     config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = name
+    with _SWITCH:
+        before, inside = _ORIGINAL.get(id(config), (config._attn_implementation, 0))
+        _ORIGINAL[id(config)] = (before, inside + 1)
+        config._attn_implementation = name
     try:
         yield
     finally:
-        config._attn_implementation = before
+        with _SWITCH:
+            before, inside = _ORIGINAL.pop(id(config))
+            if inside > 1:
+                _ORIGINAL[id(config)] = (before, inside - 1)
+            else:
+                config._attn_implementation = before

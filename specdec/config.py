@@ -109,6 +109,11 @@ def _refuse_unsupported(gc) -> None:
         value = getattr(gc, name, None)
         if value not in (None, False, 0, 0.0, 1.0, []):
             problems.append(f"{name}={value!r}")
+    if gc.return_dict_in_generate and getattr(gc, "use_cache", None) is not False:
+        # HF's dict then carries the KV cache (past_key_values), which specdec does not hand out: its
+        # cache holds rejected-draft slots, padding holes and runner-specific layouts
+        problems.append("return_dict_in_generate=True with use_cache (HF's dict then holds past_key_values, "
+                        "which specdec does not return; pass use_cache=False for the dict without it)")
     if problems:
         raise UnsupportedOption(", ".join(problems))
 

@@ -15,6 +15,7 @@ All share one small interface::
 from __future__ import annotations
 
 import copy
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -213,16 +214,18 @@ def ngram_confidence(size: int) -> float:
     return min(0.15 + 0.2 * size, 0.95)
 
 
+_EARLY_EXIT_LOCK = threading.Lock()
 _EARLY_EXIT: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.nn.Module]]" = weakref.WeakKeyDictionary()
 
 
 def cached_early_exit_model(target: torch.nn.Module, num_layers: int) -> torch.nn.Module:
     """``early_exit_model``, the same object on every call for a (target, num_layers) while the
     target lives, so the fast path's graphs and compiled kernels (keyed by model) are reused."""
-    per_target = _EARLY_EXIT.setdefault(target, {})
-    if num_layers not in per_target:
-        per_target[num_layers] = early_exit_model(target, num_layers)
-    return per_target[num_layers]
+    with _EARLY_EXIT_LOCK:   # threads asking at once get one draft (and so share its static runners)
+        per_target = _EARLY_EXIT.setdefault(target, {})
+        if num_layers not in per_target:
+            per_target[num_layers] = early_exit_model(target, num_layers)
+        return per_target[num_layers]
 
 
 def early_exit_model(target: torch.nn.Module, num_layers: int) -> torch.nn.Module:

@@ -21,6 +21,7 @@ no hooks (accelerate offload), and its biases all present or all absent.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_JOINING = threading.Lock()   # two threads joining one model at once would each re-point the other's views
 
 
 @dataclass(eq=False)
@@ -80,11 +82,12 @@ def join_projections(model: nn.Module) -> list[ProjectionGroup]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"join_projections needs a torch.nn.Module, got {type(model).__name__}")
     groups = []
-    for parent in model.modules():
-        for names in _SIBLINGS:
-            members = [getattr(parent, name, None) for name in names]
-            if all(_joinable(m) for m in members) and _alike(members):
-                groups.append(_existing(members) or _join(members))
+    with _JOINING:
+        for parent in model.modules():
+            for names in _SIBLINGS:
+                members = [getattr(parent, name, None) for name in names]
+                if all(_joinable(m) for m in members) and _alike(members):
+                    groups.append(_existing(members) or _join(members))
     return groups
 
 

@@ -25,6 +25,7 @@ from specdec.draft_length import AdaptiveDraftLength, FixedDraftLength, StepReco
 from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal
 from specdec.feature_draft import FeatureDraft, FeatureDrafter
 from specdec.options import DISTILLED_NAMES  # noqa: F401 - re-exported for the CLI and benchmarks
+from specdec.randomness import Uniforms
 from specdec.sampling import greedy, probabilities, sample, suppress_tokens
 from specdec.state import SlotBatch, positions_from_mask
 from specdec.stats import GenerationStats
@@ -43,7 +44,7 @@ class _Run:
     outputs: list[list[int]]        # per input row: emitted tokens
     stop: StopChecker
     stats: GenerationStats
-    uniforms: torch.Tensor | None   # (B, max_new_tokens + 1, 3): per (row, position) randomness
+    uniforms: Uniforms | None       # per (row, output position, use) randomness, when sampling
     streamer: object = None
     drafter: object = None
     controller: object = None
@@ -102,11 +103,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         **hf_kwargs: HF generation keywords (max_new_tokens, do_sample, temperature, top_k,
             top_p, min_p, eos_token_id, pad_token_id, min_new_tokens, stop_strings,
             return_dict_in_generate, ...). Options we cannot honour exactly raise
-            ``specdec.UnsupportedOption`` (a ValueError).
+            ``specdec.UnsupportedOption`` (a ValueError); so does ``return_dict_in_generate=True``
+            unless ``use_cache=False``: HF's dict then carries ``past_key_values``, which this
+            function does not return (a patched ``generate()`` falls back to HF's for it).
 
     Returns:
         (B, P + N) token ids like HF (finished rows padded with pad_token_id), a
-        ``GenerateDecoderOnlyOutput`` if ``return_dict_in_generate``, and with
+        ``GenerateDecoderOnlyOutput`` holding only ``sequences`` if ``return_dict_in_generate``
+        (with ``use_cache=False``, as HF's), and with
         ``return_stats`` a tuple ``(output, stats)``.
     """
     start = time.perf_counter()
@@ -125,6 +129,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     _check_length(model, attention_mask, settings.max_new_tokens)
     if settings.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=: pass the tokenizer that made input_ids")
+    runners = []  # static runners checked out for this call (compile): given back however it ends
     try:
         run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
         run.drafter, run.controller = _make_drafter(run, draft, opts)
@@ -137,8 +142,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
                                  "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
             k_max = options.max_draft_tokens(num_draft_tokens, opts.prompt_lookup_num_tokens) if run.drafter else 0
-            use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
-                       kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=mode == "inductor")
+            runners = use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
+                                 kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=mode == "inductor")
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
         if prefix_cache is not None:
             from specdec.prefill import draft_namespace
@@ -150,6 +155,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     except torch.OutOfMemoryError as err:
         run = None  # noqa: F841 - this call's KV cache must not outlive it in the traceback
         raise _out_of_memory(err, input_ids, settings, prefix_cache) from err
+    finally:
+        if runners:
+            from specdec.static import give_back
+
+            give_back(*runners)
     if streamer is not None:
         streamer.end()
     run.stats.total_s = time.perf_counter() - start
@@ -239,25 +249,11 @@ def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_
     # an EOS id outside the vocabulary can never be generated: nothing to suppress (HF ignores it too)
     eos = torch.tensor([e for e in settings.eos_ids if 0 <= e < runner.vocab_size], dtype=torch.long,
                        device=input_ids.device)
+    uniforms = Uniforms(B, settings.max_new_tokens, generator, input_ids.device) if settings.sampling.do_sample \
+        else None
     return _Run(runner, runner.new_cache(), settings, batch, histories, [[] for _ in range(B)],
-                StopChecker(settings, tokenizer), GenerationStats(B),
-                _uniform_table(settings, B, generator, input_ids.device), streamer, eos=eos,
+                StopChecker(settings, tokenizer), GenerationStats(B), uniforms, streamer, eos=eos,
                 rows_host=list(range(B)))
-
-
-def _uniform_table(settings: Settings, batch: int, generator, device) -> torch.Tensor | None:
-    """Randomness indexed by (row, output position, use): draft draw, accept test, target draw.
-
-    Indexing by position instead of drawing per step makes a seeded run reproducible
-    whatever draft lengths the adaptive controller picks. It stays lossless: a position's
-    uniforms only matter once every earlier position is final, so they are fresh then.
-    """
-    if not settings.sampling.do_sample:
-        return None
-    shape = (batch, settings.max_new_tokens + 1, 3)
-    if generator is not None:
-        return torch.rand(shape, generator=generator, device=generator.device).to(device)
-    return torch.rand(shape, device=device)
 
 
 def _kv_cache_factory(kv_quant):
@@ -472,12 +468,10 @@ def _suppress_eos(run: _Run, logits: torch.Tensor, where: torch.Tensor) -> torch
 
 
 def _uniforms_at(run: _Run, offsets, use: int) -> torch.Tensor:
-    """Uniforms of each active row at output positions produced - 1 + offsets: (B,) or (B, n)."""
-    table, batch = run.uniforms, run.batch
-    offsets = torch.as_tensor(offsets, device=table.device)
-    pos = (batch.produced.to(table.device)[:, None] + offsets.view(1, -1)).clamp(max=table.shape[1] - 1)
-    out = table[batch.rows.to(table.device)[:, None], pos, use]
-    return out[:, 0] if offsets.dim() == 0 else out
+    """Uniforms of each active row at output positions produced - 1 + offsets: (B,) or (B, n).
+    A row's ``produced`` runs at most one step (one token, plain loop) ahead of its emitted output."""
+    most = max(len(run.outputs[row]) for row in run.rows_host) + 1
+    return run.uniforms.at(run.batch.rows, run.batch.produced, offsets, use, most)
 
 
 def _sync_time(t: torch.Tensor) -> float:

@@ -17,7 +17,10 @@ does in well under one), and speculative decoding multiplies what a step costs. 
   Larger n (the prefill) runs eagerly through the same cache. Without CUDA the same
   runner runs eagerly (what CI tests).
 - Runners are kept per (model, role, batch, dtype, device, max_len bucket, fuse) while the
-  model lives, so a second ``generate()`` captures nothing.
+  model lives, so a second ``generate()`` captures nothing. A runner's cache and graph buffers
+  serve one call at a time: ``static_runner`` checks one out for the caller alone and
+  ``give_back`` returns it; concurrent calls (threads) get copies, at most
+  ``MAX_COPIES`` per key, then wait for one to come back.
 - ``fuse=True`` (``compile="inductor"``) runs the forward through ``torch.compile``
   (Inductor, no CUDA graphs of its own) before our capture: a graph replay still pays a
   few microseconds per kernel, and an eager Llama layer is ~40 kernels (norms, rotary,
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import threading
 import types
 import warnings
 import weakref
@@ -50,16 +54,26 @@ from quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
 from specdec.fused_linear import fused_projections, join_projections
 
+MAX_COPIES = 4                    # runners per key (concurrent calls of one shape); more calls wait
 captures = 0                      # CUDA graphs captured so far in this process
 _compiled = 0                     # fused (torch.compile) forwards made so far
+# (model id, role, batch, dtype, device, fuse, kv_bits, max_len bucket, copy) -> runner
 _RUNNERS: dict[tuple, "StaticRunner"] = {}
+_BUSY: "weakref.WeakSet[StaticRunner]" = weakref.WeakSet()   # checked out by a running call
 _WARNED: set[str] = set()
+# guards _RUNNERS' checkouts, _BUSY, _WARNED and the counters; reentrant: a warning or a runner
+# built under it may land back here
+_LOCK = threading.RLock()
+_RETURNED = threading.Condition(_LOCK)   # notified when a runner is given back
+_CAPTURING = threading.Lock()            # one CUDA graph capture at a time in this process
 
 
 def _warn_once(message: str) -> None:
-    if message not in _WARNED:
+    with _LOCK:
+        if message in _WARNED:
+            return
         _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class StaticSlots:
@@ -475,8 +489,17 @@ class StaticRunner:
             self._key_slots.zero_()
 
     def _capture(self, tokens, positions, slots) -> _Graph:
-        """Warm up on a side stream (these runs write this step's KV, as the replay will), then capture."""
+        """Warm up on a side stream (these runs write this step's KV, as the replay will), then capture.
+        One capture at a time, and in thread-local mode: another thread's work on the device (its own
+        forwards, allocations, syncs) neither lands in this graph nor breaks the capture."""
         global captures
+        with _CAPTURING:
+            entry = self._capture_alone(tokens, positions, slots)
+        with _LOCK:
+            captures += 1
+        return entry
+
+    def _capture_alone(self, tokens, positions, slots) -> _Graph:
         ids, pos, sl = tokens.clone(), positions.clone(), slots.clone()
         side = torch.cuda.Stream(self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
@@ -489,9 +512,9 @@ class StaticRunner:
         graph = torch.cuda.CUDAGraph()
         # record the last layer's output buffer for feature drafts (not under torch.compile: a hook
         # added there would recompile the fused forward; generate() refuses feature drafts with it)
-        with (nullcontext() if self._fused else self._hidden_hook()), torch.cuda.graph(graph, pool=self._pool):
+        with (nullcontext() if self._fused else self._hidden_hook()), \
+                torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._run(ids, pos, sl)
-        captures += 1
         return _Graph(graph, ids, pos, sl, logits, self._hidden)
 
     @contextmanager
@@ -517,8 +540,10 @@ def _compiled_call():
     an argument, not a closure, so the compiled function does not keep it alive. Shapes:
     n = 1 compiles once, n >= 2 once more with n dynamic."""
     global _compiled
-    _compiled += 1
-    code = _call.__code__.replace(co_name=f"_call_{_compiled}", co_qualname=f"_call_{_compiled}")
+    with _LOCK:
+        _compiled += 1
+        name = f"_call_{_compiled}"
+    code = _call.__code__.replace(co_name=name, co_qualname=name)
     return torch.compile(types.FunctionType(code, _call.__globals__, code.co_name), dynamic=None)
 
 
@@ -540,25 +565,58 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: str = "target",
                   graph_max_tokens: int = 17, fuse: bool = False, kv_bits: int | None = None):
-    """A (cached) ``StaticRunner`` with at least ``max_len`` slots, or the eager ``ModelRunner``
-    with a warning (once) where the static path does not fit this model."""
+    """A (cached) ``StaticRunner`` with at least ``max_len`` slots, checked out for the caller alone:
+    hand it back with ``give_back`` when the call ends (also when it fails). A free copy is reused,
+    else a new one is built (at most ``MAX_COPIES`` per key, then this waits for one to come back).
+    Where the static path does not fit this model: the eager ``ModelRunner``, with a warning (once)."""
     emb = model.get_input_embeddings().weight
-    key = (id(model), role, batch_size, emb.dtype, emb.device, fuse, kv_bits, _bucket(max_len))
-    runner = _RUNNERS.get(key)
-    if runner is not None and runner._model_ref() is model and runner._signature != weights_signature(model):
-        del _RUNNERS[key]     # weights replaced since (quantized, .to(), reloaded): its graphs read old memory
-        runner = None
-    if runner is None or runner._model_ref() is not model:
-        try:
-            runner = StaticRunner(model, batch_size, key[-1], graph_max_tokens=graph_max_tokens, fuse=fuse,
-                                  kv_bits=kv_bits)
-        except Exception as exc:  # noqa: BLE001 - unsupported architecture / cache: eager fallback
-            _warn_once(f"compile=True: {type(model).__name__} falls back to the eager runner: {exc}")
-            return ModelRunner(model)
-        _RUNNERS[key] = runner
-        weakref.finalize(model, _RUNNERS.pop, key, None)
+    base = (id(model), role, batch_size, emb.dtype, emb.device, fuse, kv_bits, _bucket(max_len))
+    with _RETURNED:
+        runner, copy = _free_runner(model, base)
+        while runner is None and copy is None:
+            _RETURNED.wait()
+            runner, copy = _free_runner(model, base)
+        if runner is None:
+            try:   # under the lock: joining the model's projections must not run twice at once
+                runner = StaticRunner(model, batch_size, base[-1], graph_max_tokens=graph_max_tokens, fuse=fuse,
+                                      kv_bits=kv_bits)
+            except Exception as exc:  # noqa: BLE001 - unsupported architecture / cache: eager fallback
+                _warn_once(f"compile=True: {type(model).__name__} falls back to the eager runner: {exc}")
+                return ModelRunner(model)
+            _RUNNERS[base + (copy,)] = runner
+            weakref.finalize(model, _RUNNERS.pop, base + (copy,), None)
+        _BUSY.add(runner)
     runner.graph_max_tokens = graph_max_tokens
     return runner
+
+
+def _free_runner(model: torch.nn.Module, base: tuple) -> tuple["StaticRunner | None", int | None]:
+    """(an idle runner of ``base``, None), or (None, a free copy number to build), or (None, None):
+    all ``MAX_COPIES`` busy. Drops runners whose weights were replaced since (quantized, .to(),
+    reloaded: their graphs read old memory). Call under ``_LOCK``."""
+    signature, free = None, None
+    for copy in range(MAX_COPIES):
+        runner = _RUNNERS.get(base + (copy,))
+        if runner is not None and runner not in _BUSY:
+            signature = signature or weights_signature(model)
+            if runner._model_ref() is not model or runner._signature != signature:
+                _RUNNERS.pop(base + (copy,), None)
+                runner = None
+            else:
+                return runner, None
+        if runner is None and free is None:
+            free = copy
+    return None, free
+
+
+def give_back(*runners) -> None:
+    """Return runners that ``static_runner`` checked out (anything else, e.g. an eager
+    ``ModelRunner``, is ignored), so the next call can use them."""
+    with _RETURNED:
+        for runner in runners:
+            if isinstance(runner, StaticRunner):
+                _BUSY.discard(runner)
+        _RETURNED.notify_all()
 
 
 def weights_signature(model: torch.nn.Module) -> tuple:
@@ -572,37 +630,49 @@ def release(model: torch.nn.Module) -> int:
     replacing the model's weights (``.to()``, quantizing, loading) between ``compile=True`` calls."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"release needs the model (a torch.nn.Module) passed to generate, got {type(model).__name__}")
-    keys = [key for key, runner in _RUNNERS.items() if runner._model_ref() is model]
-    for key in keys:
-        del _RUNNERS[key]
+    with _LOCK:
+        keys = [key for key in list(_RUNNERS) if getattr(_RUNNERS.get(key), "_model_ref", lambda: None)() is model]
+        for key in keys:
+            _RUNNERS.pop(key, None)
     if keys:
         gc.collect()  # a runner sits in reference cycles (its caches and graphs point back at it): free it now
     return len(keys)
 
 
-def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=None, fuse: bool = False) -> None:
+def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=None,
+               fuse: bool = False) -> list:
     """Switch a generate() run (before its prefill) to static runners for target and draft model
     (``fuse``: torch.compile the forwards before capturing them; see the module docstring).
 
     Runners hold a power-of-two batch: a call of 3 rows runs on a runner of 4 with one row idle
-    from the start, so calls of other batch sizes (a pipeline's last, smaller batch) reuse graphs."""
+    from the start, so calls of other batch sizes (a pipeline's last, smaller batch) reuse graphs.
+    Returns the runners checked out for this run: the caller hands them to ``give_back`` when the
+    run ends, in a ``finally``. If this fails, it gives back what it took itself."""
     from specdec.drafters import ModelDrafter
 
     # room for a cached prefix's suffix padded up to its graph size
     max_len = prompt_len + run.settings.max_new_tokens + k_max + 2 + (_PREFILL_BUCKETS[-1] if prefix_cache else 0)
     B = run.batch.size
     kv_bits = {None: None, "int8": 8, "int4": 4}[kv_quant]
-    run.runner = static_runner(run.runner.model, batch_bucket(B), max_len, "target", graph_max_tokens=k_max + 1,
-                               fuse=fuse, kv_bits=kv_bits)
-    _capture_all(run.runner)
-    run.cache = _cache_for(run.runner, B)
-    if isinstance(run.drafter, ModelDrafter):
-        # the draft feeds 1 token per forward, 2 after a step that accepted every draft, and catches
-        # up after plain stretches in chunks of DRAFT_GRAPH_TOKENS
-        run.drafter.runner = static_runner(run.drafter.runner.model, batch_bucket(B), max_len, "draft",
-                                           graph_max_tokens=DRAFT_GRAPH_TOKENS, fuse=fuse)
-        _capture_all(run.drafter.runner)
-        run.drafter.cache = _cache_for(run.drafter.runner, B)
+    taken = []
+    try:
+        run.runner = static_runner(run.runner.model, batch_bucket(B), max_len, "target",
+                                   graph_max_tokens=k_max + 1, fuse=fuse, kv_bits=kv_bits)
+        taken.append(run.runner)
+        _capture_all(run.runner)
+        run.cache = _cache_for(run.runner, B)
+        if isinstance(run.drafter, ModelDrafter):
+            # the draft feeds 1 token per forward, 2 after a step that accepted every draft, and catches
+            # up after plain stretches in chunks of DRAFT_GRAPH_TOKENS
+            run.drafter.runner = static_runner(run.drafter.runner.model, batch_bucket(B), max_len, "draft",
+                                               graph_max_tokens=DRAFT_GRAPH_TOKENS, fuse=fuse)
+            taken.append(run.drafter.runner)
+            _capture_all(run.drafter.runner)
+            run.drafter.cache = _cache_for(run.drafter.runner, B)
+    except BaseException:
+        give_back(*taken)
+        raise
+    return taken
 
 
 def batch_bucket(batch_size: int) -> int:

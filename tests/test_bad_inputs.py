@@ -131,6 +131,9 @@ CASES = {
     "ids_too_long": Case(G, "prompt + max_new_tokens past a learned position table (GPT-2)",
                          lambda: gen(gpt2(), ids(500), max_new_tokens=20),
                          ValueError, r"prompt \(500 tokens\) \+ max_new_tokens \(20\).*max_position_embeddings"),
+    "namespace_surrogate": Case(G, "cache_namespace='\\ud800' (not UTF-8)",
+                                lambda: gen(prefix_cache=PrefixCache(1 << 20, 4), cache_namespace="\ud800"),
+                                ValueError, r"namespace must be encodable as UTF-8"),
     "mask_list": Case(G, "attention_mask a list", lambda: gen(llama(), ids(), [[1] * 5]),
                       ValueError, r"attention_mask must be a tensor"),
     "mask_shape": Case(G, "attention_mask shape != input_ids shape", lambda: gen(llama(), ids(), torch.ones(1, 4)),
@@ -246,6 +249,18 @@ CASES = {
                              ValueError, r"max_bytes must be > 0.*2 << 30"),
     "cache_string_bytes": Case(C, "max_bytes='2GB'", lambda: PrefixCache(max_bytes="2GB"),
                                TypeError, r"max_bytes must be a number.*2 << 30"),
+    "cache_fraction_bytes": Case(C, "max_bytes=0.5", lambda: PrefixCache(max_bytes=0.5),
+                                 ValueError, r"max_bytes must be a whole number of bytes, got 0\.5"),
+    "cache_infinite_bytes": Case(C, "max_bytes=float('inf')", lambda: PrefixCache(max_bytes=float("inf")),
+                                 ValueError, r"max_bytes must be finite, got inf.*2 << 30"),
+    "cache_fraction_block": Case(C, "block_size=1.5", lambda: PrefixCache(max_bytes=1 << 20, block_size=1.5),
+                                 ValueError, r"block_size must be a whole number of tokens, got 1\.5"),
+    "cache_infinite_offload": Case(C, "offload_bytes=float('inf')",
+                                   lambda: PrefixCache(max_bytes=1 << 20, offload_bytes=float("inf")),
+                                   ValueError, r"offload_bytes must be finite"),
+    "cache_namespace_surrogate": Case(C, "match(namespace='\\ud800') (not UTF-8)",
+                                      lambda: PrefixCache(1 << 20, 4).match(list(range(9)), "\ud800"),
+                                      ValueError, r"namespace must be encodable as UTF-8.*'\\ud800'"),
     "cache_block_zero": Case(C, "block_size=0", lambda: PrefixCache(max_bytes=1 << 20, block_size=0),
                              ValueError, r"block_size must be >= 1 token"),
     "cache_offload_negative": Case(C, "offload_bytes=-1", lambda: PrefixCache(max_bytes=1 << 20, offload_bytes=-1),
@@ -366,6 +381,12 @@ def test_patched_model_falls_back_to_hf_for_right_padding():
             assert last_stats(model) is None  # HF's own generate ran
     assert any(issubclass(w.category, SpecdecFallbackWarning) and "padding_side" in str(w.message) for w in caught)
     assert torch.equal(out, hf_greedy(model, ids_, mask, 3))
+
+
+def test_prefix_cache_sizes_may_be_integral_floats():
+    cache = PrefixCache(max_bytes=2.0 ** 20, block_size=8.0, offload_bytes=0.0)
+    assert (cache.max_bytes, cache.block_size, cache.offload_bytes) == (1 << 20, 8, 0)
+    assert all(type(v) is int for v in (cache.max_bytes, cache.block_size, cache.offload_bytes))
 
 
 def test_cache_namespace_without_a_prefix_cache_is_ignored():

@@ -83,7 +83,7 @@ def test_max_length_and_generation_config(llama):
     gc = GenerationConfig(max_length=15, do_sample=False, pad_token_id=0)
     out = specdec.generate(llama, ids, mask, generation_config=gc, prompt_lookup_num_tokens=3)
     assert torch.equal(out, llama.generate(ids, attention_mask=mask, generation_config=gc))
-    out = specdec.generate(llama, ids, mask, max_new_tokens=5, return_dict_in_generate=True)
+    out = specdec.generate(llama, ids, mask, max_new_tokens=5, return_dict_in_generate=True, use_cache=False)
     assert out.sequences.shape == (1, 11)
 
 

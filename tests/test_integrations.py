@@ -61,13 +61,16 @@ def test_generation_config_and_return_dict(model, batch):
     ids, mask = batch
     config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0)
     ref = model.generate(ids, config, attention_mask=mask)
-    ref_dict = model.generate(ids, attention_mask=mask, max_new_tokens=10, return_dict_in_generate=True)
+    ref_dict = model.generate(ids, attention_mask=mask, max_new_tokens=10, return_dict_in_generate=True,
+                              use_cache=False)
     patch(model, draft_model="self:2")
     assert torch.equal(model.generate(ids, config, attention_mask=mask), ref)
     assert torch.equal(model.generate(ids, generation_config=config, attention_mask=mask), ref)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, return_dict_in_generate=True)
-    assert type(out) is type(ref_dict) is GenerateDecoderOnlyOutput
-    assert torch.equal(out.sequences, ref_dict.sequences)
+    before = last_stats(model)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, return_dict_in_generate=True,
+                         use_cache=False)
+    assert type(out) is type(ref_dict) is GenerateDecoderOnlyOutput and last_stats(model) is not before
+    assert torch.equal(out.sequences, ref_dict.sequences) and out.past_key_values is ref_dict.past_key_values is None
 
 
 def test_missing_attention_mask_is_inferred_from_padding_like_hf(model, batch):
@@ -322,3 +325,27 @@ def test_pipeline_chat_equals_unpatched_and_hits_the_prefix_cache(pipe, referenc
     assert out[0][0]["generated_text"][-1]["role"] == "assistant"
     assert cache.stats.hits > 0 and min(cached) > 0  # the shared system prompt came from the cache
     assert not is_patched(pipe)
+
+
+def test_a_dict_with_the_cache_comes_from_hf_generate(model, batch):
+    """HF's dict carries past_key_values (use_cache on, the default), which specdec does not return:
+    the patched model falls back to HF's generate for it (with a warning), so the cache is HF's own;
+    specdec.generate refuses it and says how to get the dict without it."""
+    from transformers import DynamicCache
+
+    ids, mask = batch
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True)
+    assert isinstance(ref.past_key_values, DynamicCache)
+    with patched(model, prompt_lookup_num_tokens=3):
+        with pytest.warns(SpecdecFallbackWarning, match="return_dict_in_generate=True with use_cache"):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert out.past_key_values.get_seq_length() == ref.past_key_values.get_seq_length() == ref.sequences.shape[1] - 1
+    for (k, v), (rk, rv) in zip(_layers(out.past_key_values), _layers(ref.past_key_values)):
+        assert torch.allclose(k, rk) and torch.allclose(v, rv)
+    with pytest.raises(specdec.UnsupportedOption, match="pass use_cache=False"):
+        specdec.generate(model, ids, mask, max_new_tokens=6, return_dict_in_generate=True)
+
+
+def _layers(cache) -> list:
+    return [(layer.keys, layer.values) for layer in cache.layers]

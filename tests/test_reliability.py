@@ -17,7 +17,7 @@ import torch
 import prefix_cache.cache as cache_mod
 import specdec
 import specdec.prefill as prefill_mod
-from conftest import VOCAB, prompts, run_in_threads, tiny_model
+from conftest import VOCAB, hf_greedy, prompts, run_in_threads, tiny_model
 from integrations import last_stats, patched
 from prefix_cache import PrefixCache
 
@@ -276,3 +276,152 @@ def test_tenants_of_a_patched_model_never_hit_each_others_blocks():
         for tenant in ("alice", "bob", "alice", "bob", "carol"):
             run(tenant)
     assert seen == [("alice", 0), ("bob", 0), ("alice", 32), ("bob", 32), ("carol", 0)]
+
+
+# ---------------------------------------------------------------- compiled calls in threads
+
+@pytest.mark.parametrize("threads", [2, 4, 8])
+def test_compiled_calls_in_threads_each_equal_hf_greedy(threads):
+    """compile=True keeps static runners (KV cache, slot buffers, graphs) per model and shape:
+    concurrent calls must each get one of their own, never share one."""
+    from specdec import static
+
+    model = tiny_model("llama", seed=5)
+    jobs = [prompts(1, [4 + t % 5], seed=30 + t) for t in range(threads)]
+    expected = [hf_greedy(model, ids, mask, 40, eos_token_id=None) for ids, mask in jobs]
+    specdec.generate(model, *jobs[0], max_new_tokens=40, eos_token_id=None, compile=True)  # a runner exists
+    for _ in range(3):
+        results = [None] * threads
+
+        def work(t: int) -> None:
+            results[t] = specdec.generate(model, *jobs[t], max_new_tokens=40, eos_token_id=None, compile=True)
+
+        run_in_threads(work, threads, timeout=120)
+        assert all(torch.equal(r, e) for r, e in zip(results, expected))
+    runners = [r for key, r in static._RUNNERS.items() if key[0] == id(model)]
+    assert 1 <= len(runners) <= static.MAX_COPIES and not any(r in static._BUSY for r in runners)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_compiled_calls_in_threads_capture_and_replay_graphs_correctly():
+    """On CUDA the runners capture graphs: a capture in one thread (thread-local capture mode, one
+    at a time) must neither break nor record another thread's forwards."""
+    from specdec import static
+
+    model = tiny_model("llama", seed=9).cuda()
+    jobs = [tuple(t.cuda() for t in prompts(1, [4 + t], seed=60 + t)) for t in range(4)]
+    expected = [hf_greedy(model, ids, mask, 40, eos_token_id=None) for ids, mask in jobs]
+    before = static.captures
+    for _ in range(2):   # the first round captures (each copy its own graphs), the second replays
+        results = [None] * len(jobs)
+
+        def work(t: int) -> None:
+            results[t] = specdec.generate(model, *jobs[t], max_new_tokens=40, eos_token_id=None, compile=True,
+                                          draft_model="self:1", num_draft_tokens=3)
+
+        run_in_threads(work, len(jobs), timeout=300)
+        assert all(torch.equal(r, e) for r, e in zip(results, expected))
+    assert static.captures > before
+
+
+def test_compiled_calls_beyond_the_copy_limit_wait_for_a_runner(monkeypatch):
+    from specdec import static
+
+    monkeypatch.setattr(static, "MAX_COPIES", 1)
+    model = tiny_model("llama", seed=6)
+    jobs = [prompts(1, [5 + t], seed=40 + t) for t in range(4)]
+    expected = [hf_greedy(model, ids, mask, 20, eos_token_id=None) for ids, mask in jobs]
+    results = [None] * 4
+
+    def work(t: int) -> None:
+        results[t] = specdec.generate(model, *jobs[t], max_new_tokens=20, eos_token_id=None, compile=True,
+                                      draft_model="self:1", num_draft_tokens=2)
+
+    run_in_threads(work, 4, timeout=120)
+    assert all(torch.equal(r, e) for r, e in zip(results, expected))
+    assert len([key for key in static._RUNNERS if key[0] == id(model)]) == 1  # one target runner, shared in turn
+
+
+def test_a_failing_compiled_call_gives_its_runners_back():
+    from specdec import static
+
+    model, ids = tiny_model("llama", seed=7), prompts(1, [6], seed=50)[0]
+    with failing(static.StaticRunner, "forward", KeyboardInterrupt(), at=3) as calls:
+        with pytest.raises(KeyboardInterrupt):
+            specdec.generate(model, ids, max_new_tokens=8, compile=True, prompt_lookup_num_tokens=2)
+    assert calls[0] == 3
+    assert not [r for key, r in static._RUNNERS.items() if key[0] == id(model) and r in static._BUSY]
+    out = specdec.generate(model, ids, max_new_tokens=8, compile=True, prompt_lookup_num_tokens=2)
+    assert torch.equal(out, hf_greedy(model, ids, torch.ones_like(ids), 8))
+
+
+def test_overlapping_attention_switches_restore_the_model():
+    from specdec.attention import PACKED_GQA, attention_implementation
+
+    model = tiny_model("llama", seed=8)
+    before = model.config._attn_implementation
+    first, second = attention_implementation(model, PACKED_GQA), attention_implementation(model, PACKED_GQA)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)      # threads leave in any order
+    assert model.config._attn_implementation == PACKED_GQA  # the other is still inside
+    second.__exit__(None, None, None)
+    assert model.config._attn_implementation == before
+
+
+# ---------------------------------------------------------------- faults inside eviction
+
+def held_by_storage(cache: PrefixCache) -> int:
+    """Device bytes the cache's K/V storage really holds: every distinct storage its blocks (and
+    segments waiting for compaction) point at."""
+    tensors = []
+    for node in cache._tree.nodes():
+        block = node.handle
+        tensors += block.own if block.segment is None else block.segment.parts
+    for segment in cache._shrunk:
+        tensors += segment.parts
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def row_kv(seed: int, tokens: int, layers: int = 2) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, 2, tokens, 4, generator=g), torch.randn(1, 2, tokens, 4, generator=g))
+            for _ in range(layers)]
+
+
+def full_cache(offload: bool) -> tuple[PrefixCache, int]:
+    """A cache of exactly 4 blocks of 4 tokens, full: one 4-block prompt (one segment)."""
+    from prefix_cache.store import block_nbytes
+
+    per_block = block_nbytes(row_kv(0, 4), 4)
+    cache = PrefixCache(max_bytes=4 * per_block, block_size=4, offload_bytes=8 * per_block if offload else 0)
+    assert cache.insert(list(range(16)), row_kv(0, 16)) == 16 and cache.nbytes == cache.max_bytes
+    return cache, per_block
+
+
+FAULTS = [(name, offload, at) for name, offload in (("empty", True), ("cat", True), ("cat", False))
+          for at in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("name,offload,at", FAULTS, ids=[f"{n}-{'spill' if o else 'drop'}-{a}" for n, o, a in FAULTS])
+def test_an_oom_inside_eviction_keeps_nbytes_equal_to_the_bytes_held(name, offload, at):
+    """torch.empty (the CPU spill of an evicted block) or torch.cat (compacting a segment that lost
+    blocks, or stacking the new row) raises once while an insert evicts: nbytes must still be the
+    bytes storage holds, and the next insert must work and bring the cache back within budget."""
+    cache, per_block = full_cache(offload)
+    new_ids, new_kv = [100 + i for i in range(8)], row_kv(1, 8)       # 2 new blocks: 2 evicted
+    with failing(torch, name, torch.OutOfMemoryError("CUDA out of memory (simulated)"), at) as calls:
+        try:
+            cache.insert(new_ids, new_kv)
+        except torch.OutOfMemoryError:
+            pass
+    assert calls[0] >= min(at, 1)
+    assert cache.nbytes == held_by_storage(cache), f"{calls[0]} calls of torch.{name}"
+    assert cache.stats.offloaded_bytes == sum(b.nbytes for _, b in cache._spill._entries.values())
+    cache.insert(new_ids, new_kv)
+    assert cache.nbytes == held_by_storage(cache) <= cache.max_bytes
+    with cache.match(new_ids + [0]) as hit:
+        assert hit.num_tokens == 8 and torch.equal(hit.kv()[1][0], new_kv[1][0])
+    assert_consistent(cache)
