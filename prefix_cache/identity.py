@@ -22,6 +22,7 @@ import itertools
 import threading
 import weakref
 
+import numpy as np
 import torch
 import xxhash
 
@@ -40,8 +41,27 @@ def object_number(model: torch.nn.Module) -> int:
         return number
 
 
+# per module object: its submodules (name, module, that module's children when listed), so that
+# a signature walks flat lists instead of nn.Module's recursive generators (a few times faster)
+_DTYPES: dict[torch.dtype, int] = {}   # a small number per dtype seen (within this process)
+_TREES: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def _submodules(model: torch.nn.Module) -> list:
+    """[(name, module, children tuple)] of every submodule; relisted when any module's children
+    changed (a layer swapped by ``quantize()``, a module added or removed)."""
+    tree = _TREES.get(model)
+    if tree is None or any(tuple(m._modules.values()) != kids for _, m, kids in tree):
+        tree = [(name, m, tuple(m._modules.values())) for name, m in model.named_modules(remove_duplicate=False)]
+        with _LOCK:
+            _TREES[model] = tree
+    return tree
+
+
 def _tensors(model: torch.nn.Module):
-    return itertools.chain(model.named_parameters(), model.named_buffers())
+    """Per module: its name and its parameters and buffers, read fresh (a replaced tensor shows)."""
+    for prefix, m, _ in _submodules(model):
+        yield prefix, m._parameters, m._buffers
 
 
 def _version(t: torch.Tensor) -> int:
@@ -53,17 +73,24 @@ def _version(t: torch.Tensor) -> int:
 
 def weights_signature(model: torch.nn.Module) -> str:
     """A hash of where each parameter and buffer lives, its dtype and in-place write count."""
-    h = xxhash.xxh3_64()
-    for _, t in _tensors(model):
-        h.update(f"{t.data_ptr()}:{t.dtype}:{_version(t)};".encode())
-    return h.hexdigest()
+    tensors = [t for _, params, buffers in _tensors(model) for group in (params, buffers)
+               for t in group.values() if t is not None]
+    try:
+        versions = [t._version for t in tensors]      # bumped by every in-place write (load_state_dict's copy_)
+    except RuntimeError:                              # inference tensors keep no version counter
+        versions = [_version(t) for t in tensors]
+    dtypes = _DTYPES
+    values = [t.data_ptr() for t in tensors] + versions + [dtypes.setdefault(t.dtype, len(dtypes)) for t in tensors]
+    return xxhash.xxh3_64_hexdigest(np.asarray(values, dtype=np.int64).tobytes())
 
 
 def structure_signature(model: torch.nn.Module) -> str:
     """A hash of each parameter's and buffer's name, shape and dtype (not where it lives)."""
     h = xxhash.xxh3_64()
-    for name, t in _tensors(model):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    for prefix, params, buffers in _tensors(model):
+        for name, t in itertools.chain(params.items(), buffers.items()):
+            if t is not None:
+                h.update(f"{prefix}.{name}:{tuple(t.shape)}:{t.dtype};".encode())
     return h.hexdigest()
 
 
