@@ -170,7 +170,9 @@ def load(name: str, device: str, dtype: str):
         return load_default(dtype=dtype, device=device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shapes = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    shapes = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=96),
+              "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256),
               "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256)}
@@ -185,7 +187,7 @@ def load(name: str, device: str, dtype: str):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default",
-                   help="'default' (bundled SmolLM2-135M), '1b' or '8b' (random Llama of that shape)")
+                   help="'default' (bundled SmolLM2-135M), '1b' or '8b' (random Llama of that shape), 'tiny' (smoke tests)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--lengths", default="512,2048,8192", help="shared prefix lengths in tokens")
