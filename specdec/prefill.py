@@ -61,10 +61,12 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
     pads, regular = _row_spans(mask)
     host_ids = input_ids.cpu()
     quantized = _quantizes(run.runner)
-    if quantized and not _quantized_hits_exact(run.runner, P):
-        regular = [False] * len(pads)                  # this prompt's uncached prefill attends dequantized K/V
-    start, kv = _load_rows(prefix_cache, host_ids, pads, regular, namespace, keys, input_ids.device)
-    for b, (pad, ok) in enumerate(zip(pads, regular)):
+    # a quantized static runner's uncached prefill of a short prompt attends dequantized K/V, which no
+    # hit reproduces: such a prompt runs as uncached, and looks nothing up for the target
+    exact = not quantized or _quantized_hits_exact(run.runner, P)
+    rows = regular if exact else [False] * len(pads)
+    start, kv = _load_rows(prefix_cache, host_ids, pads, rows, namespace, keys, input_ids.device)
+    for b, (pad, ok) in enumerate(zip(pads, rows)):
         run.stats.cached_prompt_tokens[b] = max(start - pad, 0) if ok else 0
     if getattr(run, "draft_namespace", None) is not None:
         _, draft_kv = _load_rows(prefix_cache, host_ids, pads, regular, run.draft_namespace, _Keys(None),
@@ -72,6 +74,8 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
         if draft_kv is not None:
             run.drafter.load_prefix(draft_kv)
     positions = positions_from_mask(mask)[:, start:]
+    if not exact:
+        return run.runner.forward(input_ids, mask, positions, run.cache, last_only=True)
     if quantized:
         return _prefill_quantized(run, input_ids, mask, positions, start, kv, prefix_cache, namespace, keys)
     if kv is not None:

@@ -227,3 +227,14 @@ def test_kv_quant_hit_on_the_default_model():
                                       return_stats=True)
         assert torch.equal(out, alone)
     assert stats.cached_prompt_tokens[0] >= 16
+
+
+def test_kv_quant_static_short_prompt_runs_as_uncached():
+    model = tiny_model("llama")
+    cache = PrefixCache(max_bytes=64 << 20, block_size=4)
+    ids = prompts(1, [8], seed=13)[0]            # <= the static runner's graph_max_tokens (k_max + 1 = 9)
+    kw = dict(max_new_tokens=6, kv_quant="int8", compile=True, prompt_lookup_num_tokens=8)
+    for _ in range(2):
+        out, stats = specdec.generate(model, ids, prefix_cache=cache, return_stats=True, **kw)
+        assert torch.equal(out, specdec.generate(model, ids, **kw))
+        assert stats.cached_prompt_tokens == [0]
