@@ -238,3 +238,45 @@ def test_kv_quant_static_short_prompt_runs_as_uncached():
         out, stats = specdec.generate(model, ids, prefix_cache=cache, return_stats=True, **kw)
         assert torch.equal(out, specdec.generate(model, ids, **kw))
         assert stats.cached_prompt_tokens == [0]
+
+
+# ---- the cost of a hit --------------------------------------------------------------------------
+
+def test_a_hit_reads_every_layer_and_block_with_one_copy():
+    """A hit's K/V for all layers is one ``torch.cat`` over the runs of blocks stored together
+    (one run per insert), then per-layer views: no kernel per layer or per block."""
+    import collections
+
+    import transformers
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from prefix_cache.hf_cache import cache_with_kv
+    from specdec.prefill import _kv_from_hits
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    layers, heads, dim, n = 12, 2, 8, 256
+    config = transformers.LlamaConfig(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=heads,
+                                      hidden_size=32, head_dim=dim)
+    for inserts in (1, 4):
+        cache, ids = PrefixCache(max_bytes=1 << 30, block_size=16), list(range(n))
+        for i in range(1, inserts + 1):
+            m = n * i // inserts
+            cache.insert(ids[:m], [(torch.randn(1, heads, m, dim), torch.randn(1, heads, m, dim))
+                                   for _ in range(layers)])
+        ops = Ops()
+        with ops:
+            with cache.match(ids + [1]) as hit:
+                kv = _kv_from_hits([hit], [0], hit.num_tokens, "cpu")
+            cache_with_kv(kv, config)
+        copies = {k: v for k, v in ops.seen.items() if k not in ("unbind", "unsqueeze", "view", "slice", "select",
+                                                                   "detach", "alias", "squeeze")}
+        assert copies == {"cat": 1}, (inserts, dict(ops.seen))
+        assert len(kv) == layers and kv[0][0].shape == (1, heads, n, dim)
