@@ -102,9 +102,9 @@ class PrefixCache:
             the shared prefix as well as the target's. False: only the target's K/V is cached and
             the draft model runs over the whole prompt on every call.
         min_hit_tokens: a match of fewer tokens is a miss (its blocks are not read): where
-            prefilling a short prefix costs less than reading it back (a GPU runs a few hundred
-            tokens in about the time of one), the cache prefills instead. None: 256 for a model on
-            a CUDA device, 0 otherwise (every hit is used).
+            prefilling a short prefix costs no more than reading it back (a launch-bound GPU), the
+            cache prefills instead. None: 256 for a model on a CUDA device, 0 otherwise (every hit
+            is used); ``benchmarks/prefix_ttft.py`` measures the crossover.
 
     Every key holds the identity of the model whose K/V the block is (``match``/``insert`` with
     ``model=``; ``specdec.generate`` passes its target and draft): by default one that no other

@@ -69,8 +69,9 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
     for b, (pad, ok) in enumerate(zip(pads, rows)):
         run.stats.cached_prompt_tokens[b] = max(start - pad, 0) if ok else 0
     if getattr(run, "draft_namespace", None) is not None:
-        _, draft_kv = _load_rows(prefix_cache, host_ids, pads, regular, run.draft_namespace, _Keys(None),
-                                 run.drafter.runner.device)
+        # the draft's identity is in its namespace; a short prefix is cheaper to prefill for it too
+        _, draft_kv = _load_rows(prefix_cache, host_ids, pads, regular, run.draft_namespace,
+                                 _Keys(None, keys.min_tokens), run.drafter.runner.device)
         if draft_kv is not None:
             run.drafter.load_prefix(draft_kv)
     positions = positions_from_mask(mask)[:, start:]
@@ -157,7 +158,7 @@ def _load_rows(prefix_cache, host_ids: torch.Tensor, pads: list[int], regular: l
 
 
 def _match(prefix_cache, ids: torch.Tensor, namespace, keys: _Keys):
-    if keys.identity is None:
+    if not hasattr(prefix_cache, "hit_threshold"):     # a cache of another kind: the plain interface
         return prefix_cache.match(ids, namespace)
     return prefix_cache.match(ids, namespace, model=keys.identity, min_tokens=keys.min_tokens)
 
