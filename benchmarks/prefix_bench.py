@@ -97,7 +97,7 @@ def measure_length(model, tok, length: int, device, repeats: int, gen_tokens: in
             gen_miss.append(timed(model, make(q), device, None, gen_tokens, compile)[1])
             gen_cold.append(timed(model, make(q), device, PrefixCache(max_bytes=8 << 30), gen_tokens, compile)[1])
     start = time.perf_counter()
-    with cache.match(prefix + questions[1]) as m:
+    with cache.match(prefix + questions[1], model=model) as m:      # the model's identity joins every key
         matched = m.num_tokens
     match_ms = 1e3 * (time.perf_counter() - start)
     (tm, cm), (tc, cc), (th, ch) = ([statistics.median(t[i] for t in runs) for i in (0, 1)]
@@ -106,18 +106,18 @@ def measure_length(model, tok, length: int, device, repeats: int, gen_tokens: in
                ttft_cold_ms=1e3 * tc, ttft_hit_ms=1e3 * th, call_miss_ms=1e3 * cm, call_cold_ms=1e3 * cc,
                call_hit_ms=1e3 * ch, matched_tokens=matched, hit_speedup=tm / th, miss_overhead=tc / tm - 1,
                call_hit_speedup=cm / ch, call_miss_overhead=cc / cm - 1, match_ms=match_ms,
-               miss_match_ms=_miss_match_ms(cache, prefix, vocab), cache_bytes=cache.nbytes)
+               miss_match_ms=_miss_match_ms(cache, prefix, vocab, model), cache_bytes=cache.nbytes)
     if gen_tokens:
         gm, gc = statistics.median(gen_miss), statistics.median(gen_cold)
         row.update(gen_tokens=gen_tokens, gen_miss_ms=1e3 * gm, gen_cold_ms=1e3 * gc, gen_miss_overhead=gc / gm - 1)
     return row
 
 
-def _miss_match_ms(cache, prefix: list[int], vocab: int) -> float:
+def _miss_match_ms(cache, prefix: list[int], vocab: int, model) -> float:
     """Time of a match() that finds nothing (a prompt as long as ``prefix``, another first block)."""
     other = [(prefix[0] + 1) % vocab] + prefix[1:]
     start = time.perf_counter()
-    cache.match(other).release()
+    cache.match(other, model=model).release()
     return 1e3 * (time.perf_counter() - start)
 
 
