@@ -280,3 +280,35 @@ def test_a_hit_reads_every_layer_and_block_with_one_copy():
                                                                    "detach", "alias", "squeeze")}
         assert copies == {"cat": 1}, (inserts, dict(ops.seen))
         assert len(kv) == layers and kv[0][0].shape == (1, heads, n, dim)
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_identity_spill_threshold_and_kv_quant():
+    a, b = tiny_model("llama", seed=0).cuda(), tiny_model("llama", seed=7).cuda()
+    first, second = (x.cuda() for x in _shared(96))
+    cache = PrefixCache(max_bytes=64 << 20, block_size=16)
+    _gen(a, first, cache)
+    _, stats = _gen(a, second, cache)
+    assert stats.cached_prompt_tokens == [0]            # 96 < the CUDA default of 256 tokens
+    cache.min_hit_tokens = 0
+    for model in (a, b, a, b):
+        out, stats = _gen(model, second, cache)
+        assert torch.equal(out, _ref(model, second))
+    assert stats.cached_prompt_tokens == [96]           # b's own blocks, never a's
+    one_prompt = 3 * 96 * 2 * 2 * 16 * 4                # layers * tokens * (K, V) * heads * head_dim * fp32
+    small = PrefixCache(max_bytes=one_prompt, block_size=16, offload_bytes=8 << 20, min_hit_tokens=0)
+    _gen(a, first, small)
+    _gen(b, first, small)                               # evicts a's blocks to pinned CPU memory
+    out, stats = _gen(a, second, small)                 # a's blocks come back without a host wait
+    assert torch.equal(out, _ref(a, second)) and stats.cached_prompt_tokens == [96]
+    assert small.stats.reloads > 0
+    q = PrefixCache(max_bytes=64 << 20, block_size=16, min_hit_tokens=0)
+    for compile in (False, True):
+        kw = dict(max_new_tokens=12, kv_quant="int8", compile=compile)
+        for ids in (first, second):
+            out, stats = specdec.generate(a, ids, prefix_cache=q, return_stats=True, **kw)
+            assert torch.equal(out, specdec.generate(a, ids, **kw))
+    assert stats.cached_prompt_tokens == [96]
