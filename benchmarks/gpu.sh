@@ -118,6 +118,9 @@ if [[ "$WHAT" == prefix-random ]]; then
 fi
 if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
     [ -f benchmarks/prefix_bench.py ] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
+    # miss vs hit TTFT, eager and compile=True, the min_hit_tokens crossover and token identity, one JSON
+    python3 -m benchmarks.prefix_ttft --device cuda --lengths 128,256,512,1024,2048,8192 --out "$OUT" 2>&1 \
+        | grep -v "Loading weights" | tail -12 || true
 fi
 SHIP=smollm2-135m-instruct-L6.safetensors  # the shipped layered file; a distill run here writes its file under this name
 if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more ]]; then

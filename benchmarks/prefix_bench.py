@@ -97,7 +97,7 @@ def measure_length(model, tok, length: int, device, repeats: int, gen_tokens: in
             gen_miss.append(timed(model, make(q), device, None, gen_tokens, compile)[1])
             gen_cold.append(timed(model, make(q), device, PrefixCache(max_bytes=8 << 30), gen_tokens, compile)[1])
     start = time.perf_counter()
-    with cache.match(prefix + questions[1]) as m:
+    with cache.match(prefix + questions[1], model=model) as m:      # the model's identity joins every key
         matched = m.num_tokens
     match_ms = 1e3 * (time.perf_counter() - start)
     (tm, cm), (tc, cc), (th, ch) = ([statistics.median(t[i] for t in runs) for i in (0, 1)]
@@ -106,18 +106,18 @@ def measure_length(model, tok, length: int, device, repeats: int, gen_tokens: in
                ttft_cold_ms=1e3 * tc, ttft_hit_ms=1e3 * th, call_miss_ms=1e3 * cm, call_cold_ms=1e3 * cc,
                call_hit_ms=1e3 * ch, matched_tokens=matched, hit_speedup=tm / th, miss_overhead=tc / tm - 1,
                call_hit_speedup=cm / ch, call_miss_overhead=cc / cm - 1, match_ms=match_ms,
-               miss_match_ms=_miss_match_ms(cache, prefix, vocab), cache_bytes=cache.nbytes)
+               miss_match_ms=_miss_match_ms(cache, prefix, vocab, model), cache_bytes=cache.nbytes)
     if gen_tokens:
         gm, gc = statistics.median(gen_miss), statistics.median(gen_cold)
         row.update(gen_tokens=gen_tokens, gen_miss_ms=1e3 * gm, gen_cold_ms=1e3 * gc, gen_miss_overhead=gc / gm - 1)
     return row
 
 
-def _miss_match_ms(cache, prefix: list[int], vocab: int) -> float:
+def _miss_match_ms(cache, prefix: list[int], vocab: int, model) -> float:
     """Time of a match() that finds nothing (a prompt as long as ``prefix``, another first block)."""
     other = [(prefix[0] + 1) % vocab] + prefix[1:]
     start = time.perf_counter()
-    cache.match(other).release()
+    cache.match(other, model=model).release()
     return 1e3 * (time.perf_counter() - start)
 
 
@@ -170,7 +170,9 @@ def load(name: str, device: str, dtype: str):
         return load_default(dtype=dtype, device=device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shapes = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    shapes = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=96),
+              "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256),
               "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256)}
@@ -185,7 +187,7 @@ def load(name: str, device: str, dtype: str):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default",
-                   help="'default' (bundled SmolLM2-135M), '1b' or '8b' (random Llama of that shape)")
+                   help="'default' (bundled SmolLM2-135M), '1b' or '8b' (random Llama of that shape), 'tiny' (smoke tests)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--lengths", default="512,2048,8192", help="shared prefix lengths in tokens")

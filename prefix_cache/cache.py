@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from .identity import check_model_key, model_identity
 from .keys import BlockChain, TokenIds, token_array
 from .store import (KV, Block, Layout, Segment, SpillStore, block_nbytes, compact, concat_parts, cut_blocks,
                     dead_nbytes, layout_of, stack_kv, to_home)
@@ -99,13 +101,26 @@ class PrefixCache:
             namespace of its own, sharing this budget), so that a hit skips the draft's prefill of
             the shared prefix as well as the target's. False: only the target's K/V is cached and
             the draft model runs over the whole prompt on every call.
+        min_hit_tokens: a match of fewer tokens is a miss (its blocks are not read): where
+            prefilling a short prefix costs no more than reading it back (a launch-bound GPU), the
+            cache prefills instead. None: 256 for a model on a CUDA device, 0 otherwise (every hit
+            is used); ``benchmarks/prefix_ttft.py`` measures the crossover.
+
+    Every key holds the identity of the model whose K/V the block is (``match``/``insert`` with
+    ``model=``; ``specdec.generate`` passes its target and draft): by default one that no other
+    model object ever gets and that changes when the weights are moved, cast, quantized or
+    overwritten in place, so a cache shared by several models never hands one model another's
+    K/V. ``set_model_key(model, "name")`` keys a model by a name instead, so that the cache
+    outlives the model object (``prefix_cache.identity`` tells the rules).
     """
 
     def __init__(self, max_bytes: int, block_size: int = 16, offload_bytes: int = 0,
-                 cache_drafts: bool = True) -> None:
+                 cache_drafts: bool = True, min_hit_tokens: int | None = None) -> None:
         _check_sizes(max_bytes, block_size, offload_bytes)
         if not isinstance(cache_drafts, bool):
             raise TypeError(f"cache_drafts must be True or False, got {cache_drafts!r}")
+        self.min_hit_tokens = _check_min_hit(min_hit_tokens)
+        self._model_keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # module -> model_key
         self.cache_drafts = cache_drafts
         self.max_bytes = int(max_bytes)
         self.block_size = int(block_size)
@@ -132,14 +147,43 @@ class PrefixCache:
                                        offloaded_blocks=len(self._spill),
                                        offloaded_bytes=self._spill.nbytes)
 
-    def match(self, token_ids: TokenIds, namespace: str | None = None) -> PrefixMatch:
+    def set_model_key(self, model: torch.nn.Module, model_key: str | None) -> None:
+        """Key ``model``'s blocks by ``model_key`` (a name for its weights, e.g. 'org/model@rev') instead
+        of by the model object, so another object loaded from the same weights and given the same
+        key hits them. The parameters' names, shapes and dtypes still join the key (a quantized or
+        cast model misses); loading other weights under the same key is the caller's error. None:
+        back to the per-object identity."""
+        model_identity(model)                              # TypeError for anything but a module
+        if model_key is None:
+            self._model_keys.pop(model, None)
+        else:
+            self._model_keys[model] = check_model_key(model_key)
+
+    def model_identity(self, model: torch.nn.Module) -> str:
+        """The identity this cache joins to the keys of ``model``'s blocks (``prefix_cache.identity``)."""
+        return model_identity(model, self._model_keys.get(model))
+
+    def hit_threshold(self, model: torch.nn.Module | str | None = None) -> int:
+        """Fewest tokens a match must cover to be used: ``min_hit_tokens``, or when that is None,
+        256 for a module on a CUDA device and 0 otherwise."""
+        if self.min_hit_tokens is not None:
+            return self.min_hit_tokens
+        param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        return 256 if param is not None and param.device.type == "cuda" else 0
+
+    def match(self, token_ids: TokenIds, namespace: str | None = None, model: torch.nn.Module | str | None = None,
+              min_tokens: int | None = None) -> PrefixMatch:
         """The longest cached prefix of ``token_ids`` in whole blocks, leaving >= 1 token to run.
 
+        ``model``: the model whose K/V is wanted (its identity joins every key), or its identity
+        string (``model_identity(model)``, computed once for many calls); None: blocks inserted with
+        no model. A prefix shorter than ``min_tokens`` (None: ``hit_threshold(model)``) is a miss.
         The returned match locks its blocks: call ``release`` (or use it as a context manager).
         """
         ids = token_array(token_ids)
         usable = max(len(ids) - 1, 0) // self.block_size
-        chain = BlockChain(ids[:usable * self.block_size], self.block_size, namespace)
+        chain = self._chain(ids[:usable * self.block_size], namespace, model)
+        threshold = self.hit_threshold(model) if min_tokens is None else min_tokens
         with self._lock:
             path = self._tree.match(chain.iter_keys(), chain.iter_token_bytes())   # hashes stop at the first miss
             self._tree.lock(path)
@@ -148,6 +192,9 @@ class PrefixCache:
             except BaseException:                          # OOM bringing a block back, Ctrl-C: no lock leaks
                 self._tree.release(path)
                 raise
+            if len(path) * self.block_size < threshold:   # cheaper to prefill than to read back
+                self._tree.release(path)
+                path = []
             self._count_match(path)
         return PrefixMatch(num_tokens=len(path) * self.block_size, nodes=path, cache=self)
 
@@ -158,8 +205,11 @@ class PrefixCache:
                 match.released = True
                 self._tree.release(match.nodes)
 
-    def insert(self, token_ids: TokenIds, kv_layers: KV, namespace: str | None = None) -> int:
+    def insert(self, token_ids: TokenIds, kv_layers: KV, namespace: str | None = None,
+               model: torch.nn.Module | str | None = None) -> int:
         """Store the full blocks of ``token_ids`` from their K/V; returns how many tokens were new.
+
+        ``model``: the model that computed the K/V, or its identity string (see ``match``).
 
         ``kv_layers``: per layer (k, v), each (1, heads, T, head_dim) with T >= len(token_ids),
         position t holding the K/V of ``token_ids[t]``. Slices are copied, so the caller's cache
@@ -169,7 +219,7 @@ class PrefixCache:
         """
         ids = token_array(token_ids)
         _check_kv(kv_layers, len(ids))
-        chain = BlockChain(ids, self.block_size, namespace)
+        chain = self._chain(ids, namespace, model)
         with self._lock:
             path = self._tree.match(chain.iter_keys(), chain.iter_token_bytes())
             self._tree.lock(path)
@@ -195,6 +245,14 @@ class PrefixCache:
                 self._spilling, self._stats.evictions = self.offload_bytes > 0, evictions
                 self._compact()
             self._spill.clear()
+
+    def _chain(self, ids, namespace: str | None, model: torch.nn.Module | str | None) -> BlockChain:
+        if isinstance(model, torch.nn.Module):
+            model = self.model_identity(model)
+        elif model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be the torch.nn.Module that computed the K/V, its identity "
+                            f"(cache.model_identity(model)) or None, got {type(model).__name__}")
+        return BlockChain(ids, self.block_size, namespace, model)
 
     # -- internals (called with the lock held) ------------------------------------------------
 
@@ -312,6 +370,16 @@ def _check_sizes(max_bytes: int, block_size: int, offload_bytes: int) -> None:
         raise ValueError(f"block_size must be >= 1 token, got {block_size}; 16 is a good default")
     if offload_bytes < 0:
         raise ValueError(f"offload_bytes must be >= 0 (0 disables CPU offload), got {offload_bytes}")
+
+
+def _check_min_hit(min_hit_tokens: object) -> int | None:
+    if min_hit_tokens is None:
+        return None
+    if isinstance(min_hit_tokens, bool) or not isinstance(min_hit_tokens, numbers.Integral):
+        raise TypeError(f"min_hit_tokens must be an int (tokens) or None (by device), got {min_hit_tokens!r}")
+    if min_hit_tokens < 0:
+        raise ValueError(f"min_hit_tokens must be >= 0 tokens, got {min_hit_tokens}; 0 uses every hit")
+    return int(min_hit_tokens)
 
 
 def _check_kv(kv_layers: KV, num_ids: int) -> None:

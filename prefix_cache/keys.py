@@ -1,8 +1,10 @@
 """Block keys: token ids cut into fixed-size blocks, each keyed by an xxh3 chain.
 
-The key of block i is ``xxh3_64(key(i-1) || tokens(i) || namespace)`` and the key
-before block 0 (the root key) derives from the namespace alone, so equal prefixes
-under one namespace give equal chains, and no key is shared across namespaces.
+The key of block i is ``xxh3_64(key(i-1) || tokens(i) || tag)`` and the key before
+block 0 (the root key) derives from the tag alone. The tag holds the namespace (a tenant)
+and, when given, the identity of the model whose K/V the block holds
+(``prefix_cache.identity``), so equal prefixes under one namespace and model give equal
+chains, and no key is shared across namespaces or models.
 """
 
 from __future__ import annotations
@@ -36,13 +38,27 @@ def namespace_bytes(namespace: str | None) -> bytes:
                          "ASCII key") from None
 
 
-def root_key(namespace: str | None) -> int:
-    """The key a namespace's chain starts from."""
-    return xxhash.xxh3_64_intdigest(_ROOT_SEED + namespace_bytes(namespace))
+def key_tag(namespace: str | None, model: str | None = None) -> bytes:
+    """Bytes every key of a (namespace, model identity) chain includes.
+
+    Without a model: ``namespace_bytes`` (starts with 0 or 1). With one: 2, the namespace bytes'
+    length (u64 LE), the namespace bytes, the model identity (UTF-8): no two pairs give one tag.
+    """
+    ns = namespace_bytes(namespace)
+    if model is None:
+        return ns
+    if not isinstance(model, str):
+        raise ValueError(f"model identity must be a str or None, got {type(model).__name__}")
+    return b"\x02" + len(ns).to_bytes(8, "little") + ns + model.encode("utf-8")
+
+
+def root_key(namespace: str | None, model: str | None = None) -> int:
+    """The key a (namespace, model identity) chain starts from."""
+    return xxhash.xxh3_64_intdigest(_ROOT_SEED + key_tag(namespace, model))
 
 
 def block_key(parent_key: int, tokens: Sequence[int], ns: bytes) -> int:
-    """Key of one block: xxh3_64(parent key (u64 LE) || tokens (int64 LE) || namespace bytes)."""
+    """Key of one block: xxh3_64(parent key (u64 LE) || tokens (int64 LE) || tag bytes (``key_tag``))."""
     token_bytes = np.asarray(tokens, dtype="<i8").tobytes()
     return xxhash.xxh3_64_intdigest(parent_key.to_bytes(8, "little") + token_bytes + ns)
 
@@ -100,14 +116,15 @@ class BlockChain:
     (``token_bytes``, what the cache's tree stores: one slice, no per-token objects).
     """
 
-    def __init__(self, ids: np.ndarray, block_size: int, namespace: str | None = None) -> None:
+    def __init__(self, ids: np.ndarray, block_size: int, namespace: str | None = None,
+                 model: str | None = None) -> None:
         self.block_size = block_size
         self.num_blocks = len(ids) // block_size
         self._ids = ids[: self.num_blocks * block_size]
         self._raw = self._ids.astype("<i8", copy=False).tobytes()
-        self._ns = namespace_bytes(namespace)
+        self._ns = key_tag(namespace, model)
         self._keys: list[int] = []
-        self._last = root_key(namespace)
+        self._last = root_key(namespace, model)
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -179,8 +196,9 @@ class BlockChain:
         return (self.token_bytes(i) for i in range(self.num_blocks))
 
 
-def block_keys(ids: TokenIds, block_size: int, namespace: str | None = None) -> list[int]:
-    """Chained keys of the full blocks of ``ids`` (one key per block)."""
+def block_keys(ids: TokenIds, block_size: int, namespace: str | None = None, model: str | None = None) -> list[int]:
+    """Chained keys of the full blocks of ``ids`` (one key per block); ``model``: a model identity
+    (``prefix_cache.identity.model_identity``) or None."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return BlockChain(token_array(ids), block_size, namespace).keys()
+    return BlockChain(token_array(ids), block_size, namespace, model).keys()

@@ -232,19 +232,25 @@ def concat_blocks(blocks: Sequence[Block]) -> KV:
 
 
 def to_cpu(block: Block) -> Block:
-    """A CPU copy of a block (pinned memory when CUDA is available, for fast reloads)."""
-    pin = torch.cuda.is_available()
+    """A CPU copy of a block: every layer's K/V in one copy per part (one in the usual case).
 
+    From a CUDA device the copy goes to pinned memory without waiting for it: the host never
+    reads a spilled block, it is only copied back (``to_home``) on the same stream, after this
+    copy. Pinned memory makes both copies asynchronous DMA.
+    """
     def host(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin).copy_(t)
+        cuda = t.device.type == "cuda"
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda).copy_(t, non_blocking=cuda)
 
     return Block(own=tuple(host(p) for p in block.parts), layout=block.layout, nbytes=block.nbytes)
 
 
 def to_home(block: Block) -> Block:
-    """The block moved back to the device it came from (that of the first layer)."""
+    """The block moved back to the device it came from (that of the first layer); from pinned
+    memory to a CUDA device without a host wait (torch keeps the pinned buffer until it is read)."""
     home = block.layout.devices[0]
-    return Block(own=tuple(p.to(home) for p in block.parts), layout=block.layout, nbytes=block.nbytes)
+    return Block(own=tuple(p.to(home, non_blocking=p.is_pinned()) for p in block.parts), layout=block.layout,
+                 nbytes=block.nbytes)
 
 
 def _as_tokens(tokens: Sequence[int] | bytes) -> tuple[int, ...] | bytes:

@@ -90,6 +90,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             of the shared prefix for the target and, for a draft model (a causal LM or ``"self:N"``,
             not a feature draft nor a ``compile`` static draft runner), for the draft too: its K/V is cached under a
             namespace of its own (turn that off with ``PrefixCache(..., cache_drafts=False)``).
+            Blocks are keyed by each model's identity (``PrefixCache.set_model_key`` names one), so
+            models sharing a cache never read each other's K/V. With ``kv_quant`` the cache keeps the
+            prompt's full-precision K/V, stored after the prefill (outputs are not stored).
         cache_namespace: tenant key for the prefix cache (no cross-tenant hits).
         kv_quant: None, ``"int8"`` or ``"int4"`` quantized KV cache for the target.
         return_stats: also return a ``GenerationStats``.

@@ -4,7 +4,17 @@ Rows are left-padded, so row b's prompt occupies slots [pad_b, P). Each row look
 its own tokens; slot ``start = min_b(pad_b + hit_b)`` is the first slot some row
 must compute, and every row's KV before it comes from the cache (padding slots are
 zeros, masked anyway). Rows that matched past ``start`` recompute a little: correct,
-and the common single-prompt case wastes nothing.
+and the common single-prompt case wastes nothing. A row whose mask has a hole after its
+first token (not plain left padding) looks nothing up (hit 0): its slots before ``start``
+are then all padding. Its valid tokens are still stored when it finishes.
+
+Every block key holds the identity of the model that computed it (``PrefixCache.model_identity``,
+computed once per call), so models sharing a cache never read each other's K/V.
+
+With a quantized KV cache (``kv_quant``) the prompt runs in full precision over a plain
+``DynamicCache`` started from the hit, as an uncached prefill runs it, and is then handed to the
+quantized cache (which quantizes it as an uncached prefill would); the prompt's full-precision
+K/V is stored right away, since the quantized cache keeps none to store when the row finishes.
 
 A draft model's K/V lives in the same cache under a namespace of its own (``draft_namespace``):
 the drafter's cache starts from its own hit (its own ``start``, found the same way), so its
@@ -15,17 +25,28 @@ prefilling the draft over the whole prompt (see ``ModelDrafter.reusable_cache``)
 
 from __future__ import annotations
 
-import uuid
-import weakref
+from dataclasses import dataclass
 
 import torch
 
 from prefix_cache.hf_cache import cache_with_kv, check_supported, kv_from_cache
+from prefix_cache.identity import model_identity
 from specdec.state import positions_from_mask
 from specdec.static import StaticSlots
 
-# one uuid per draft module object, made on first use; weak keys: the entry dies with the module
-_DRAFT_IDS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+@dataclass(frozen=True)
+class _Keys:
+    """What one call's lookups of one model share: its identity in the cache and the shortest hit used."""
+
+    identity: str | None
+    min_tokens: int = 0
+
+
+def _target_keys(prefix_cache, model: torch.nn.Module) -> _Keys:
+    identity = prefix_cache.model_identity(model) if hasattr(prefix_cache, "model_identity") else None
+    threshold = prefix_cache.hit_threshold(model) if hasattr(prefix_cache, "hit_threshold") else 0
+    return _Keys(identity, threshold)
 
 
 def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, prefix_cache, namespace):
@@ -35,39 +56,111 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
     """
     model = run.runner.model
     check_supported(model.config)
-    if getattr(run.runner, "make_cache", None) is not None or getattr(run.runner, "kv_bits", None):
-        raise ValueError("prefix_cache cannot be combined with kv_quant yet: pass one of them")
-    B, P = input_ids.shape
-    pads = (P - mask.sum(-1)).tolist()
+    keys = _target_keys(prefix_cache, model)
+    P = input_ids.shape[1]
+    pads, regular = _row_spans(mask)
     host_ids = input_ids.cpu()
-    start, kv = _load_rows(prefix_cache, host_ids, pads, namespace, input_ids.device)
+    quantized = _quantizes(run.runner)
+    # a quantized static runner's uncached prefill of a short prompt attends dequantized K/V, which no
+    # hit reproduces: such a prompt runs as uncached, and looks nothing up for the target
+    exact = not quantized or _quantized_hits_exact(run.runner, P)
+    rows = regular if exact else [False] * len(pads)
+    start, kv = _load_rows(prefix_cache, host_ids, pads, rows, namespace, keys, input_ids.device)
+    for b, (pad, ok) in enumerate(zip(pads, rows)):
+        run.stats.cached_prompt_tokens[b] = max(start - pad, 0) if ok else 0
+    if getattr(run, "draft_namespace", None) is not None:
+        # the draft's identity is in its namespace; a short prefix is cheaper to prefill for it too
+        _, draft_kv = _load_rows(prefix_cache, host_ids, pads, regular, run.draft_namespace,
+                                 _Keys(None, keys.min_tokens), run.drafter.runner.device)
+        if draft_kv is not None:
+            run.drafter.load_prefix(draft_kv)
+    positions = positions_from_mask(mask)[:, start:]
+    if not exact:
+        return run.runner.forward(input_ids, mask, positions, run.cache, last_only=True)
+    if quantized:
+        return _prefill_quantized(run, input_ids, mask, positions, start, kv, prefix_cache, namespace, keys)
     if kv is not None:
         if isinstance(run.cache, StaticSlots):
             run.cache.load(kv)                         # copied into the preallocated slots
         else:
             run.cache = cache_with_kv(kv, model.config)
-    for b, pad in enumerate(pads):
-        run.stats.cached_prompt_tokens[b] = max(start - pad, 0)
-    if getattr(run, "draft_namespace", None) is not None:
-        _, draft_kv = _load_rows(prefix_cache, host_ids, pads, run.draft_namespace, run.drafter.runner.device)
-        if draft_kv is not None:
-            run.drafter.load_prefix(draft_kv)
-    positions = positions_from_mask(mask)[:, start:]
     return run.runner.forward(input_ids[:, start:], mask, positions, run.cache, last_only=True)
 
 
-def _load_rows(prefix_cache, host_ids: torch.Tensor, pads: list[int], namespace, device):
+def _quantizes(runner) -> bool:
+    """Whether the runner's KV cache is quantized (``kv_quant``): its K/V cannot be stored back."""
+    return getattr(runner, "make_cache", None) is not None or getattr(runner, "kv_bits", None) is not None
+
+
+def _quantized_hits_exact(runner, prompt_len: int) -> bool:
+    """Whether a hit can reproduce this runner's uncached prefill: the eager quantized cache
+    prefills in full precision always, a quantized static runner only past ``graph_max_tokens``."""
+    return getattr(runner, "kv_bits", None) is None or prompt_len > runner.graph_max_tokens
+
+
+def _prefill_quantized(run, input_ids, mask, positions, start: int, kv, prefix_cache, namespace, keys: _Keys):
+    """Run the prompt from slot ``start`` in full precision over a ``DynamicCache`` holding the hit,
+    store every row's prompt blocks, then hand the K/V to the run's quantized cache."""
+    model = run.runner.model
+    scratch = cache_with_kv(kv, model.config) if kv is not None else _empty_cache(model.config)
+    tokens = input_ids[:, start:]
+    if isinstance(run.cache, StaticSlots):
+        logits = run.runner.prefill_after(run.cache, scratch, tokens, mask, positions, last_only=True)
+    else:
+        logits = run.runner.forward(tokens, mask, positions, scratch, last_only=True)
+        run.cache = run.runner.new_cache()
+        for i, (k, v) in enumerate(kv_from_layers(scratch)):
+            run.cache.update(k, v, i)                  # what the quantized cache does with a whole prompt
+    for i in range(input_ids.shape[0]):
+        _store_row(input_ids[i], mask[i], kv_from_cache(scratch, row=i), prefix_cache, namespace, keys.identity)
+    return logits
+
+
+def _empty_cache(config):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:                                  # constructors without a `config` keyword
+        return DynamicCache()
+
+
+def kv_from_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (key, value) (B, heads, T, head_dim) of a ``DynamicCache`` (all rows)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _row_spans(mask: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Per row: its leading padding, and whether every slot after it is a real token (left padding
+    only: the rows whose prompt can be looked up)."""
+    m = mask.bool()
+    lead = (~m).long().cumprod(-1).sum(-1)            # zeros before the first real token
+    regular = m.sum(-1) == m.shape[1] - lead
+    return lead.tolist(), regular.tolist()
+
+
+def _load_rows(prefix_cache, host_ids: torch.Tensor, pads: list[int], regular: list[bool], namespace,
+               keys: _Keys, device):
     """(start, per-layer K/V of slots [0, start) or None): every row's hit under ``namespace``,
-    ``start`` the first slot some row must compute (module docstring)."""
+    ``start`` the first slot some row must compute (module docstring); (0, None) when no row hits."""
     hits = []  # filled inside try: a failing match (OOM, Ctrl-C) still releases the earlier rows' blocks
     try:
-        for row, pad in zip(host_ids, pads):
-            hits.append(prefix_cache.match(row[pad:], namespace))
-        start = min(pad + h.num_tokens for pad, h in zip(pads, hits))
+        for row, pad, ok in zip(host_ids, pads, regular):
+            hits.append(_match(prefix_cache, row[pad:], namespace, keys) if ok else None)
+        if not any(h is not None and h.num_tokens for h in hits):
+            return 0, None
+        start = min(pad + (h.num_tokens if h is not None else 0) for pad, h in zip(pads, hits))
         return start, (_kv_from_hits(hits, pads, start, device) if start > 0 else None)
     finally:
         for h in hits:
-            h.release()
+            if h is not None:
+                h.release()
+
+
+def _match(prefix_cache, ids: torch.Tensor, namespace, keys: _Keys):
+    if not hasattr(prefix_cache, "hit_threshold"):     # a cache of another kind: the plain interface
+        return prefix_cache.match(ids, namespace)
+    return prefix_cache.match(ids, namespace, model=keys.identity, min_tokens=keys.min_tokens)
 
 
 def draft_namespace(drafter, prefix_cache, namespace: str | None) -> str | None:
@@ -77,23 +170,17 @@ def draft_namespace(drafter, prefix_cache, namespace: str | None) -> str | None:
     drafter is a ``ModelDrafter`` whose cache can be reused (``reusable_cache``). Prompt lookup
     has no K/V; a feature draft's K/V is computed from the target's features (kept for slots it
     ran, zeros for a hit's) and a static runner preallocates its slots, so both keep prefilling
-    the draft over the prompt. The namespace joins the call's tenant key, an identity of the draft
-    object that no other object ever gets (``draft_identity``) and the draft's K/V shapes.
+    the draft over the prompt. The namespace joins the call's tenant key, the draft's identity in
+    the cache (``PrefixCache.model_identity``: no other object ever gets it, and it changes with
+    the draft's weights) and the draft's K/V shapes.
     """
     if not getattr(prefix_cache, "cache_drafts", True) or not getattr(drafter, "reusable_cache", False):
         return None
     model = drafter.runner.model
     tenant = "" if namespace is None else "=" + namespace   # keeps None and "" apart, as the cache does
-    return f"specdec-draft/{draft_identity(model)}/{_kv_shape_tag(model)}/{tenant}"
-
-
-def draft_identity(model: torch.nn.Module) -> str:
-    """A uuid for this module object, made the first time and kept while it lives.
-
-    Not ``id()``: ids are reused after garbage collection, and a new draft must never read an
-    old one's blocks. Kept beside the module (weak keys), not on it, so a copy gets its own.
-    """
-    return _DRAFT_IDS.setdefault(model, uuid.uuid4().hex)
+    identity = prefix_cache.model_identity(model) if hasattr(prefix_cache, "model_identity") \
+        else model_identity(model)
+    return f"specdec-draft/{identity}/{_kv_shape_tag(model)}/{tenant}"
 
 
 def _kv_shape_tag(model: torch.nn.Module) -> str:
@@ -111,10 +198,11 @@ def _kv_from_hits(hits, pads: list[int], start: int, device):
     """Per layer (key, value) (B, heads, start, head_dim): each row's cached KV placed after its padding.
 
     One ``torch.cat`` per hit builds its K/V for all layers at once (``kv_parts``); a single
-    unpadded row is used as is (layers are views of it), a batch gets one copy per row.
+    unpadded row is used as is (layers are views of it), a batch gets one copy per row. ``hits``
+    holds None for rows that looked nothing up; at least one row hit.
     """
-    parts = [h.kv_parts() if h.num_tokens else None for h in hits]
-    reference = next(h for h in hits if h.num_tokens)
+    parts = [h.kv_parts() if h is not None and h.num_tokens else None for h in hits]
+    reference = next(h for h in hits if h is not None and h.num_tokens)
     if len(hits) == 1 and pads[0] == 0 and hits[0].num_tokens == start:
         batched = [p.to(device).unsqueeze(1) for p in parts[0]]       # (members, 1, heads, start, dim)
     else:
@@ -131,29 +219,38 @@ def _kv_from_hits(hits, pads: list[int], start: int, device):
 def store_rows(run, rows: list[int], prefix_cache, namespace) -> None:
     """Insert the given batch rows' prompt + output KV (valid slots only) into the cache; with
     ``run.draft_namespace`` set, the drafter's KV of the same slots too (those it has run: it may
-    lag the target by a slot or two, which at most leaves its last block out)."""
+    lag the target by a slot or two, which at most leaves its last block out). A quantized target
+    cache stored its prompts' full-precision K/V at prefill and stores nothing here."""
     draft_ns = getattr(run, "draft_namespace", None)
+    quantized = _quantizes(run.runner)
+    identity = None if quantized else _target_keys(prefix_cache, run.runner.model).identity
+    batch = run.batch
     for i in rows:
-        row_kv = run.cache.kv(i) if isinstance(run.cache, StaticSlots) else kv_from_cache(run.cache, row=i)
-        _store_row(run.batch, i, row_kv, prefix_cache, namespace)
+        if not quantized:
+            row_kv = run.cache.kv(i) if isinstance(run.cache, StaticSlots) else kv_from_cache(run.cache, row=i)
+            _store_row(batch.slot_tokens[i], batch.slot_mask[i], row_kv, prefix_cache, namespace, identity)
         if draft_ns is not None:
-            _store_row(run.batch, i, run.drafter.row_kv(i), prefix_cache, draft_ns)
+            _store_row(batch.slot_tokens[i], batch.slot_mask[i], run.drafter.row_kv(i), prefix_cache, draft_ns, None)
 
 
-def _store_row(batch, i: int, row_kv, prefix_cache, namespace) -> None:
-    """Insert batch row ``i``'s valid slots among the first ``T`` of ``row_kv`` (per layer (1, heads, T, dim))."""
+def _store_row(tokens: torch.Tensor, slot_mask: torch.Tensor, row_kv, prefix_cache, namespace, identity) -> None:
+    """Insert one row's valid slots among the first ``T`` of ``row_kv`` (per layer (1, heads, T, dim));
+    ``tokens``, ``slot_mask``: the row's token and validity per slot."""
     if not row_kv:
         return
     length = row_kv[0][0].shape[2]
-    valid = batch.slot_mask[i, :length].bool().nonzero().flatten()
+    valid = slot_mask[:length].bool().nonzero().flatten()
     if not valid.numel():
         return
     lo, hi = valid[[0, -1]].tolist()
     if hi - lo + 1 == valid.numel():                   # one run of slots (always for batch 1): views
-        ids = batch.slot_tokens[i, lo:hi + 1]
+        ids = tokens[lo:hi + 1]
         whole = lo == 0 and hi + 1 == length
         kv = row_kv if whole else [(k[:, :, lo:hi + 1], v[:, :, lo:hi + 1]) for k, v in row_kv]
     else:                                              # padding holes inside the row: gather
-        ids = batch.slot_tokens[i, valid]
+        ids = tokens[valid]
         kv = [(k[:, :, valid], v[:, :, valid]) for k, v in row_kv]
-    prefix_cache.insert(ids, kv, namespace)
+    if identity is None:
+        prefix_cache.insert(ids, kv, namespace)
+    else:
+        prefix_cache.insert(ids, kv, namespace, model=identity)

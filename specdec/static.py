@@ -112,8 +112,8 @@ class StaticSlots:
         """Per layer (key, value) of active row ``row``'s first ``length`` slots, each
         (1, heads, length, head_dim): views of the static storage (copy before the next forward)."""
         if self.runner.kv_bits is not None:
-            raise ValueError("a quantized static cache holds codes, not K/V to store: prefix_cache cannot be "
-                             "combined with kv_quant yet")
+            raise ValueError("a quantized static cache holds codes, not K/V to store: a prefix cache stores a "
+                             "quantized run's prompt at prefill (StaticRunner.prefill_after)")
         r = int(self.active_rows()[row])
         return [(layer.keys[r:r + 1, :, :self.length], layer.values[r:r + 1, :, :self.length])
                 for layer in self.runner._hf_cache.layers]
@@ -354,21 +354,46 @@ class StaticRunner:
     def _ready(self, layer) -> bool:
         return layer.is_initialized if self.kv_bits is None else layer.codes is not None
 
-    def _prefill(self, tokens, key_mask, positions, last_only: bool) -> torch.Tensor:
+    def _prefill(self, tokens, key_mask, positions, last_only: bool, scratch=None) -> torch.Tensor:
         """A prompt from slot 0: the ordinary HF path (2D mask, flash/causal SDPA) over a
         DynamicCache, then one copy per layer into the static cache. A 4D mask over all
-        max_len slots would force a slower attention kernel for the long prefill."""
+        max_len slots would force a slower attention kernel for the long prefill.
+        ``scratch``: a DynamicCache already holding the first slots (``prefill_after``)."""
         from transformers import DynamicCache
 
-        n = tokens.shape[1]
-        scratch = DynamicCache()
+        scratch = DynamicCache() if scratch is None else scratch
         kwargs = {"logits_to_keep": 1} if last_only and _accepts(self.model, "logits_to_keep") else {}
         kwargs[self._cache_keyword] = scratch
         out = self.model(input_ids=tokens, attention_mask=key_mask, position_ids=positions,
                          use_cache=True, **kwargs)
         for layer, source in zip(self._hf_cache.layers, scratch.layers):
-            self._store(layer, self._arange[:n], source.keys, source.values)
+            self._store(layer, self._arange[:source.keys.shape[2]], source.keys, source.values)
         return out.logits
+
+    @torch.inference_mode()
+    def prefill_after(self, cache: StaticSlots, scratch, tokens: torch.Tensor, key_mask: torch.Tensor,
+                      positions: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, n, V) for ``tokens`` (B, n) run after the K/V ``scratch`` holds (a DynamicCache of
+        full-precision slots 0..start-1, e.g. a prefix-cache hit; empty: a whole prompt) on the
+        ordinary HF path, as an uncached prompt runs (``forward`` from slot 0). All ``start + n``
+        slots are then written into the static cache (quantized per token when ``kv_bits``);
+        ``scratch`` keeps them in full precision."""
+        if not isinstance(cache, StaticSlots) or cache.runner is not self or cache.rows is not None:
+            raise ValueError("prefill_after needs a fresh cache from this runner's new_cache()")
+        B, n = tokens.shape
+        start = int(scratch.get_seq_length())
+        if B != self.batch_size or tuple(key_mask.shape) != (B, start + n) or start + n > self.max_len:
+            raise ValueError(f"prefill_after: {B} rows of {n} tokens after {start} slots do not fit this runner "
+                             f"(batch {self.batch_size}, max_len {self.max_len}) or key_mask {tuple(key_mask.shape)}")
+        dev = self._device
+        self._key_slots[:, : start + n].copy_(key_mask.to(dev))
+        self._key_slots[:, start + n:].zero_()
+        self._hidden = None
+        logits = self._prefill(tokens.to(dev), key_mask.to(dev), positions.to(dev), last_only, scratch)
+        if self._watching:
+            self._features = self._hidden[:, :n]
+        cache.length = start + n
+        return logits[:, -1:] if last_only else logits
 
     def _window(self, layer, mark: bool = True) -> tuple:
         """The layer's K and V over the slots this forward attends to (views; QTensors of views when

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-SCRIPTS = ["batch_bench", "draft_acceptance", "draft_speed", "gen_throughput", "multi_gpu", "prefix_bench", "prefix_draft_bench",
+SCRIPTS = ["batch_bench", "draft_acceptance", "draft_speed", "gen_throughput", "multi_gpu", "prefix_bench", "prefix_draft_bench", "prefix_ttft",
            "prefix_insert_ab", "quant_quality", "quant_speed", "roofline", "run", "step_kernels", "step_profile"]
 
 
@@ -41,3 +41,16 @@ def test_draft_speed_refuses_bad_arguments(argv, tmp_path, capsys):
         draft_speed.main(["--drafts", "x.safetensors", "--out", str(tmp_path / "o.json"), *argv])
     assert exit_.value.code == 2
     assert "--" in capsys.readouterr().err
+
+
+def test_prefix_ttft_runs_on_a_tiny_model(tmp_path):
+    from benchmarks import prefix_ttft
+
+    result = prefix_ttft.main(["--model", "tiny", "--device", "cpu", "--lengths", "32", "--modes", "eager,compile",
+                               "--repeats", "1", "--check-tokens", "4", "--out", str(tmp_path)])
+    assert [r["compile"] for r in result["rows"]] == [False, True]
+    for row in result["rows"]:
+        assert row["identical"] and row["checked_hit_tokens"] == 32
+        assert row["ttft_hit_ms"] > 0 and row["min_hit_tokens"] == 0
+    assert "prefix_ttft" in result["command"] and result["environment"]["torch"]
+    assert list(tmp_path.glob("prefix-ttft-*-tiny.json"))
