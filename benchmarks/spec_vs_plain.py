@@ -86,7 +86,7 @@ def measure(model, tok, prompts, batch_size: int, temperature: float, args) -> l
         rows.append(dict(variant=name, batch_size=batch_size, temperature=temperature, new_tokens=new,
                          seconds=statistics.median(times[name]), tok_s=new / statistics.median(times[name]),
                          acceptance_rate=sum(sum(s.accepted) for s in stats) / proposed if proposed else None,
-                         tokens_per_step=new / max(sum(s.target_forwards for s in stats), 1),
+                         tokens_per_step=new / max(sum(s.target_forwards * len(s.new_tokens) for s in stats), 1),
                          spec_steps=sum(sum(1 for k in s.k_history if k) for s in stats),
                          agreement_with_plain=None if temperature else sum(a for a, _ in pairs) / len(pairs)))
     for r in rows:
