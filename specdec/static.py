@@ -671,6 +671,7 @@ def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=
 
     Runners hold a power-of-two batch: a call of 3 rows runs on a runner of 4 with one row idle
     from the start, so calls of other batch sizes (a pipeline's last, smaller batch) reuse graphs.
+    With a prefix cache the runner holds exactly the call's rows (hits are written row by row).
     Returns the runners checked out for this run: the caller hands them to ``give_back`` when the
     run ends, in a ``finally``. If this fails, it gives back what it took itself."""
     from specdec.drafters import ModelDrafter
@@ -678,10 +679,11 @@ def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=
     # room for a cached prefix's suffix padded up to its graph size
     max_len = prompt_len + run.settings.max_new_tokens + k_max + 2 + (_PREFILL_BUCKETS[-1] if prefix_cache else 0)
     B = run.batch.size
+    rows = B if prefix_cache is not None else batch_bucket(B)
     kv_bits = {None: None, "int8": 8, "int4": 4}[kv_quant]
     taken = []
     try:
-        run.runner = static_runner(run.runner.model, batch_bucket(B), max_len, "target",
+        run.runner = static_runner(run.runner.model, rows, max_len, "target",
                                    graph_max_tokens=k_max + 1, fuse=fuse, kv_bits=kv_bits)
         taken.append(run.runner)
         _capture_all(run.runner)
@@ -689,7 +691,7 @@ def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=
         if isinstance(run.drafter, ModelDrafter):
             # the draft feeds 1 token per forward, 2 after a step that accepted every draft, and catches
             # up after plain stretches in chunks of DRAFT_GRAPH_TOKENS
-            run.drafter.runner = static_runner(run.drafter.runner.model, batch_bucket(B), max_len, "draft",
+            run.drafter.runner = static_runner(run.drafter.runner.model, rows, max_len, "draft",
                                                graph_max_tokens=DRAFT_GRAPH_TOKENS, fuse=fuse)
             taken.append(run.drafter.runner)
             _capture_all(run.drafter.runner)

@@ -6,10 +6,13 @@ Every row names the API, the bad input, the exception type and a regex its messa
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import pytest
@@ -405,3 +408,44 @@ def test_budget_caps_the_draft_length_at_the_end_of_a_position_table():
     ids_ = prompts(1, [limit - 4])[0]
     out = specdec.generate(model, ids_, draft_model=model, num_draft_tokens=8, max_new_tokens=4)
     assert torch.equal(out, hf_greedy(model, ids_, torch.ones_like(ids_), 4))
+
+
+def error_table() -> str:
+    """The bad-input table of docs/errors.md, from CASES and the messages the code raises now."""
+    lines = ["| API | bad input | what you get |", "|---|---|---|"]
+    for case in CASES.values():
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                case.call()
+        except SystemExit:
+            said = [line for line in err.getvalue().splitlines() if "error: " in line or "unknown command" in line]
+            what = "exit status 2: " + _short(said[-1].split("error: ")[-1] if said else "")
+        except Exception as exc:  # noqa: BLE001 - the case's error, rendered
+            what = f"`{type(exc).__name__}`: {_short(str(exc))}"
+        else:
+            what = "(no error)"
+        lines.append(f"| `{case.api}` | {case.bad} | {what.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def _short(text: str, width: int = 150) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 4] + " ..."
+
+
+def test_docs_error_table_is_current():
+    """docs/errors.md's table is this file's CASES: regenerate with `python tests/test_bad_inputs.py`."""
+    doc = (Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    start = doc.index("| API | bad input |")
+    end = doc.index("\n\n", start)
+    assert doc[start:end].splitlines() == error_table().splitlines()
+
+
+if __name__ == "__main__":
+    path = Path(__file__).parent.parent / "docs" / "errors.md"
+    doc = path.read_text()
+    start = doc.index("| API | bad input |")
+    end = doc.index("\n\n", start)
+    path.write_text(doc[:start] + error_table() + doc[end:])

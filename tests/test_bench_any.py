@@ -129,6 +129,7 @@ def test_verdict_and_legend():
 
 
 @pytest.mark.slow
+@pytest.mark.pair
 def test_bench_on_the_real_pair(tmp_path):
     """Qwen2.5-Coder-1.5B with its 0.5B sibling as the draft, when ~/.cache/specdec-pair has them (no download)."""
     target, draft = (next(iter(sorted(PAIR.glob(f"qwen2.5-coder-{size}-instruct*/config.json"))), None)

@@ -305,11 +305,6 @@ def test_compile_with_kv_quant_runs_drafts_and_batches(models):
         for kw in ({}, dict(draft_model="self:1", num_draft_tokens=3)):
             out = specdec.generate(model, ids, mask, max_new_tokens=12, compile=True, kv_quant=kv, **kw)
             assert out.shape == (2, ids.shape[1] + 12)
-    with pytest.raises(ValueError, match="kv_quant"):
-        from prefix_cache import PrefixCache
-
-        specdec.generate(model, ids[:1], mask[:1], max_new_tokens=4, compile=True, kv_quant="int8",
-                         prefix_cache=PrefixCache(1 << 20))
 
 
 @pytest.mark.gpu
