@@ -32,7 +32,7 @@ FEATURE_DRAFT = {"code": f"{RESULTS}/h100/bench-code-smollm2-distilled-feature-b
 SUMMARIZE = {"summarize": f"{RESULTS}/h100/bench-summarize-bf16.json"}
 FP32 = f"{RESULTS}/h100/bench-code-fp32.json"
 LONG = {"long": f"{RESULTS}/h100/bench-long-bf16.json"}
-CPU_DEFAULT = {"code": f"{RESULTS}/cpu/default-bench-code.json"}
+CPU_DEFAULT = {"code": f"{RESULTS}/cpu/code-smollm2-135m-cpu-2026-12-07.json"}
 SWEEPS = {"code": f"{RESULTS}/h100/sweep-code-bf16.json", "summarize": f"{RESULTS}/h100/sweep-summarize-bf16.json"}
 CPU_SWEEPS = {"code": f"{RESULTS}/cpu/2026-11-23-amd-epyc-code.json",
               "summarize": f"{RESULTS}/cpu/2026-11-23-amd-epyc-summarize.json"}
@@ -85,7 +85,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _rows_by_variant(data: dict) -> dict[str, dict]:
-    return {row["variant"]: row for row in data["rows"] if not row.get("error")}
+    """Rows by variant; a row named after its draft (``ours-draft(D)+graphs``) counts as ``ours-draft+graphs``
+    (the run's ``draft`` names D)."""
+    return {re.sub(r"\([^)]*\)", "", row["variant"]): row for row in data["rows"] if not row.get("error")}
 
 
 def _environment(data: dict) -> str:
@@ -136,8 +138,8 @@ def bench_detail_table(files: dict[str, str], base: str, labels: dict[str, str] 
         data = load(path)
         rows = _rows_by_variant(data)
         assisted = "hf-assisted" if "hf-assisted" in rows else "hf-assisted-distilled"
-        for row in rows.values():
-            label = names.get(row["variant"], f"`{row['variant']}`").format(draft=data.get("draft"))
+        for variant, row in rows.items():
+            label = names.get(variant, f"`{row['variant']}`").format(draft=data.get("draft"))
             tps = row.get("tokens_per_step")
             acc = row.get("acceptance_rate")
             vs_assisted = _ratio(row, rows, assisted)
@@ -328,9 +330,7 @@ TABLES: dict[str, Callable[[str], str]] = {
     "summarize": lambda base: bench_table(SUMMARIZE, list(VARIANTS), base),
     "fp32": lambda base: bench_detail_table({"code": FP32}, base),
     "long": lambda base: bench_table(LONG, list(VARIANTS), base),
-    "cpu-default": lambda base: bench_detail_table(CPU_DEFAULT, base, {
-        "hf-assisted-distilled": "`hf-assisted` (`assistant_model=` a 4-layer int8 distilled draft)",
-        "ours-distilled": "ours, a 4-layer int8 distilled draft, eager"}),
+    "cpu-default": lambda base: bench_detail_table(CPU_DEFAULT, base),
     "feature-draft": lambda base: bench_detail_table(FEATURE_DRAFT, base, {
         "hf-assisted-distilled": "`hf-assisted` (`assistant_model=` a 4-layer layered draft)",
         "ours-distilled": "ours, the 4-layer layered draft, eager",
