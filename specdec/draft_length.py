@@ -140,6 +140,8 @@ class AdaptiveDraftLength:
     max_stretch: int = 128
     margin: float = 0.03             # speculation must beat plain by this fraction to stay on
     warmup_plain: int = 3            # plain steps first, to know what speculation must beat
+    first_limit: int = 4             # drafted tokens in a step before a draft forward's cost is known
+    forward_prior: float = 0.25      # a draft forward's cost, as a share of a plain step, until measured
     decay: float = 0.9               # forgetting per step for rates and costs
     calibration: Calibration = field(default_factory=Calibration)
     _plain_s: _Mean = field(default=None, init=False)       # seconds per plain step
@@ -189,9 +191,10 @@ class AdaptiveDraftLength:
     def _switch(self) -> None:
         """After a speculative step: turn speculation off for a stretch if it loses to plain."""
         plain, spec = self.plain_rate, self.spec_rate
-        if plain is None or spec is None or self._run_steps < 2:
+        if plain is None or spec is None:
             return
-        if spec < plain * (1 - self.margin):
+        # one step that lost badly is evidence enough; a close call waits for a second
+        if (self._run_steps >= 2 and spec < plain * (1 - self.margin)) or spec < plain * 0.75:
             self._off_for, self._stretch = self._stretch, min(2 * self._stretch, self.max_stretch)
             self._spec_s, self._spec_tokens = _Mean(self.decay), _Mean(self.decay)   # a probe starts fresh
         elif self._run_steps >= 8:
@@ -200,6 +203,10 @@ class AdaptiveDraftLength:
     # -- within a step ------------------------------------------------------------------------
 
     def draft_limit(self) -> int:
+        """At most ``k_max``; at most ``first_limit`` in the first step after plain decoding (a probe)
+        and until a draft forward's cost has been measured."""
+        if self.per_forward and (self._forward_s.value is None or self._run_steps == 0):
+            return min(self.k_max, self.first_limit)
         return self.k_max
 
     @property
@@ -214,8 +221,12 @@ class AdaptiveDraftLength:
 
     def threshold(self) -> float:
         """Break-even chance for one more drafted token: its cost over the time of one token."""
-        per_token = self._forward_s.value if self.per_forward else 0.0
-        marginal = (per_token or 0.0) + (self._verify.slope() or 0.0)
+        per_token = 0.0
+        if self.per_forward:
+            per_token = self._forward_s.value
+            if per_token is None:
+                per_token = self.forward_prior * (self._plain_s.value or 0.0)
+        marginal = per_token + (self._verify.slope() or 0.0)
         rate = max(self.plain_rate or 0.0, self.spec_rate or 0.0)
         return min(marginal * rate, 0.9) if rate else 0.0
 

@@ -49,6 +49,12 @@ def test_a_useless_draft_costs_at_most_a_few_percent():
     assert spec_steps < 60               # only probes
 
 
+def test_a_useless_draft_costs_little_even_in_a_short_call():
+    ctl = AdaptiveDraftLength(k_max=12)
+    rate, _ = _simulate(ctl, accept=lambda c: 0.02, confidence=lambda rng: rng.uniform(0.0, 1.0), tokens=64)
+    assert rate >= 0.93
+
+
 def test_useless_prompt_lookup_on_a_cpu_like_device_turns_itself_off():
     # lookup costs little to draft, but every verified token costs 10% of a step (a CPU)
     ctl = AdaptiveDraftLength(k_max=10, per_forward=False)
@@ -61,7 +67,7 @@ def test_a_good_draft_speculates_far():
     ctl = AdaptiveDraftLength(k_max=12)
     rate, spec_steps = _simulate(ctl, accept=lambda c: 0.85, confidence=lambda rng: 0.9, forward_s=0.1,
                                  verify_per=0.02)
-    assert rate >= 2.5
+    assert rate >= 2.4                  # the best fixed k makes 2.61 here
     assert spec_steps > 100
 
 
