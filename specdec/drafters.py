@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -35,6 +36,8 @@ class Proposal:
     counts: list[int] | None = None  # num_proposed on the host (None: every row proposed all k)
     confidence: torch.Tensor | None = None  # (B, k) on the host: each token's confidence (see draft_length)
     forwards: int = 0                # draft forwards this proposal ran
+    catch_up_s: float = 0.0          # of the drafting time: catching up on slots (the prompt, or tokens
+                                     # decoded while speculation was off), a cost of the past, not of k
 
     def host_counts(self) -> list[int]:
         return self.counts if self.counts is not None else [self.tokens.shape[1]] * self.tokens.shape[0]
@@ -46,13 +49,21 @@ class Proposal:
         probs = self.probs[:, :n] if self.probs is not None else None
         counts = [min(c, n) for c in self.host_counts()]
         confidence = self.confidence[:, :n] if self.confidence is not None else None
-        return Proposal(self.tokens[:, :n], probs, self.num_proposed.clamp(max=n), counts, confidence, self.forwards)
+        return Proposal(self.tokens[:, :n], probs, self.num_proposed.clamp(max=n), counts, confidence, self.forwards,
+                        self.catch_up_s)
 
 
 # choose(logits (B, V), step j) -> (tokens (B,), probs (B, V) or None)
 Chooser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
 # keep_drafting(confidence (B, j) on the host) -> whether to draft token j + 1
 KeepDrafting = Callable[[torch.Tensor], bool]
+
+
+def _clock(t: torch.Tensor) -> float:
+    """The host clock once the device has finished the work queued so far on ``t``'s device."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+    return time.perf_counter()
 
 
 def top_probability(logits: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
@@ -82,9 +93,13 @@ class ModelDrafter:
         tokens = torch.cat([batch.slot_tokens[:, have:], batch.pending[:, None]], dim=1)
         mask = batch.key_mask(1)
         positions = positions_from_mask(mask)[:, have:]
-        drafted, probs, confidence = [], [], []
+        drafted, probs, confidence, catch_up_s = [], [], [], 0.0
         for j in range(k):
+            catching_up = j == 0 and tokens.shape[1] > 2
+            start = _clock(batch.pending) if catching_up else 0.0
             logits = self._forward(tokens, mask, positions, have if j == 0 else 0)
+            if catching_up:
+                catch_up_s = _clock(logits) - start
             logits = self._fit_vocab(logits)
             token, prob = choose(logits, j)
             drafted.append(token)
@@ -99,7 +114,7 @@ class ModelDrafter:
         out = torch.stack(drafted, 1) if drafted else batch.pending.new_zeros(batch.size, 0)
         n = out.shape[1]
         return Proposal(out, stacked, torch.full((batch.size,), n, device=out.device), None,
-                        torch.stack(confidence, 1) if confidence else None, forwards=n)
+                        torch.stack(confidence, 1) if confidence else None, forwards=n, catch_up_s=catch_up_s)
 
     def _forward(self, tokens, mask, positions, have: int) -> torch.Tensor:
         """(B, V) logits after ``tokens``; a long catch-up (after plain steps) runs in chunks the

@@ -396,7 +396,7 @@ def _step(run: _Run) -> None:
     limit = min(controller.draft_limit(), run.room - 1)
     t0 = time.perf_counter()
     proposal = _propose(run, limit)
-    draft_s = time.perf_counter() - t0
+    draft_s = time.perf_counter() - t0 - proposal.catch_up_s
     proposal = proposal.first(controller.verify_length(proposal.confidence, proposal.host_counts(), draft_s))
     t1 = _sync_time(batch.pending)
     k = proposal.tokens.shape[1]
@@ -411,8 +411,11 @@ def _step(run: _Run) -> None:
     run.stats.draft_s += t1 - t0
     run.stats.verify_s += t2 - t1
     _emit(run, proposal.tokens, accepted, verdict.next_token)
-    controller.update(StepRecord(k, proposal.forwards, accepted, proposal.host_counts(), proposal.confidence,
-                                 t1 - t0, t2 - t1, time.perf_counter() - t0))
+    # a catch-up (the prompt, or slots decoded while speculation was off) is a cost of the past: it
+    # must not make this step's k, or speculation itself, look dearer than it is
+    past = proposal.catch_up_s
+    controller.update(StepRecord(k, proposal.forwards - (past > 0), accepted, proposal.host_counts(),
+                                 proposal.confidence, t1 - t0 - past, t2 - t1, time.perf_counter() - t0 - past))
 
 
 def _propose(run: _Run, k: int) -> Proposal:

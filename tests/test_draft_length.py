@@ -113,3 +113,21 @@ def test_fixed_length_verifies_all_it_proposed():
 def test_k_max_validated():
     with pytest.raises(ValueError):
         AdaptiveDraftLength(k_max=0)
+
+
+def test_a_draft_model_reports_its_catch_up_apart():
+    """The draft's prompt (or slots run while speculation was off) is timed apart from drafting."""
+    from conftest import prompts, tiny_model
+    from specdec.drafters import ModelDrafter
+    from specdec.state import SlotBatch
+
+    model = tiny_model("llama")
+    ids, mask = prompts(1, [12], seed=1)
+    batch = SlotBatch(ids[:, :-1], mask[:, :-1], ids[:, -1], torch.arange(1), torch.zeros(1, dtype=torch.long))
+    drafter = ModelDrafter(model, model.config.vocab_size)
+    first = drafter.propose(batch, 2, lambda logits, j: (logits.argmax(-1), None))
+    assert first.catch_up_s > 0 and first.forwards == 2
+    drafter.rollback(batch.num_slots)
+    batch.pending = first.tokens[:, 0]
+    again = drafter.propose(batch, 2, lambda logits, j: (logits.argmax(-1), None))
+    assert again.catch_up_s == 0.0
