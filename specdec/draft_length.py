@@ -7,6 +7,11 @@ Everything is measured online, on this device, during this call:
   speculation falls behind plain decoding, the loop decodes plainly for a stretch and then
   probes again; the stretch doubles while probes keep losing (8 up to 128 steps) and shrinks
   back when one wins. A draft that does not match costs a probe now and then, not a slowdown.
+  A probe is priced: a dear draft (one whose catch-up on the prompt and on the plain stretch
+  costs seconds) stays off long enough that its probes take at most ``probe_share`` of the time.
+- **Memory across calls.** ``resume()`` hands the next generate() call on the same model and
+  draft what this one learned (costs, calibration, the switch): a draft that lost stays off for
+  the rest of its stretch instead of paying a warm-up and a losing probe on every short call.
 - **How far, within a step.** Every drafted token carries a confidence (a model draft's top
   probability; prompt lookup's matched n-gram length), and a calibration table maps confidence
   to the chance that the target accepts the token (decayed counts per confidence bin, from what
@@ -23,6 +28,8 @@ verifies 8 tokens for the price of 1, a CPU does not), and the step's remaining 
 from __future__ import annotations
 
 import bisect
+import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +49,8 @@ class StepRecord:
     confidence: torch.Tensor | None  # (B, >= verified) each drafted token's confidence, on the host
     draft_s: float
     verify_s: float
-    step_s: float                   # the whole step, host work included
+    step_s: float                   # the whole step, host work included (the catch-up excluded)
+    catch_up_s: float = 0.0         # the draft catching up first (the prompt, or a plain stretch)
 
 
 class Calibration:
@@ -138,6 +146,8 @@ class AdaptiveDraftLength:
     per_forward: bool = True         # a draft model (cost per drafted token), not prompt lookup
     min_stretch: int = 8             # plain steps after a losing probe, doubling up to max_stretch
     max_stretch: int = 128
+    probe_share: float = 0.03        # a losing probe's cost may be this share of the plain stretch after it
+    max_priced_stretch: int = 1024   # the longest stretch a dear probe buys
     margin: float = 0.03             # speculation must beat plain by this fraction to stay on
     warmup_plain: int = 3            # plain steps first, to know what speculation must beat
     first_limit: int = 4             # drafted tokens in a step before a draft forward's cost is known
@@ -153,6 +163,7 @@ class AdaptiveDraftLength:
     _stretch: int = field(default=0, init=False)
     _off_for: int = field(default=0, init=False)
     _run_steps: int = field(default=0, init=False)          # speculative steps since the last switch
+    _run_cost: float = field(default=0.0, init=False)       # their catch-up plus time lost against plain
 
     def __post_init__(self):
         if self.k_max < 1:
@@ -168,14 +179,20 @@ class AdaptiveDraftLength:
         """Plain steps to run before the next speculative one (0: speculate now)."""
         if self._plain_s.value is None:
             return self.warmup_plain
-        steps, self._off_for = self._off_for, 0
-        return steps
+        return self._off_for
 
     def observe_plain(self, steps: int, seconds: float) -> None:
         """``steps`` plain steps took ``seconds`` of wall time (host work included)."""
         if steps:
             self._plain_s.add(seconds / steps, weight=steps)
-        self._run_steps = 0
+        self._off_for = max(self._off_for - steps, 0)    # a call may end inside a stretch: the next resumes it
+        self._run_steps, self._run_cost = 0, 0.0
+
+    def resume(self) -> AdaptiveDraftLength:
+        """A controller for the next call: this one's costs, calibration and switch, a fresh run."""
+        nxt = copy.deepcopy(self)
+        nxt._run_steps, nxt._run_cost = 0, 0.0
+        return nxt
 
     @property
     def plain_rate(self) -> float | None:
@@ -195,7 +212,10 @@ class AdaptiveDraftLength:
             return
         # one step that lost badly is evidence enough; a close call waits for a second
         if (self._run_steps >= 2 and spec < plain * (1 - self.margin)) or spec < plain * 0.75:
-            self._off_for, self._stretch = self._stretch, min(2 * self._stretch, self.max_stretch)
+            # off for the stretch, or longer where the probe was dear: its cost <= probe_share of the stretch
+            priced = math.ceil(self._run_cost * plain / self.probe_share)
+            self._off_for = min(max(self._stretch, priced), self.max_priced_stretch)
+            self._stretch = min(2 * self._stretch, self.max_stretch)
             self._spec_s, self._spec_tokens = _Mean(self.decay), _Mean(self.decay)   # a probe starts fresh
         elif self._run_steps >= 8:
             self._stretch = self.min_stretch
@@ -266,6 +286,8 @@ class AdaptiveDraftLength:
         self._verify.add(step.verified, step.verify_s)
         self._host_s.add(max(step.step_s - step.draft_s - step.verify_s, 0.0))
         tokens = sum(a + 1 for a in step.accepted) / max(len(step.accepted), 1)
+        if self._plain_s.value is not None:
+            self._run_cost += step.catch_up_s + max(step.step_s - tokens * self._plain_s.value, 0.0)
         self._spec_tokens.add(tokens)
         self._spec_s.add(step.step_s)
         self._run_steps += 1

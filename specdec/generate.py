@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from specdec import options
+from specdec import learned, options
 from specdec import verify as verify_mod
 from specdec.adapter import ModelRunner, crop, select_rows
 from specdec.config import Settings, resolve
@@ -147,6 +147,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             k_max = options.max_draft_tokens(num_draft_tokens, opts.prompt_lookup_num_tokens) if run.drafter else 0
             runners = use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
                                  kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=mode == "inductor")
+        learned_key = _recall_controller(run, model, draft, opts, mode, input_ids.shape[0])
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
         if prefix_cache is not None:
             from specdec.prefill import draft_namespace
@@ -155,6 +156,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         with _feature_tap(run):
             _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
             _decode(run)
+        if learned_key is not None:
+            learned.remember(model, draft, learned_key, run.controller)
     except torch.OutOfMemoryError as err:
         run = None  # noqa: F841 - this call's KV cache must not outlive it in the traceback
         raise _out_of_memory(err, input_ids, settings, prefix_cache) from err
@@ -282,6 +285,18 @@ def _make_drafter(run: _Run, draft, opts: options.Options):
     if opts.num_draft_tokens == "auto":
         return drafter, AdaptiveDraftLength(k_max=k_max, per_forward=not isinstance(drafter, PromptLookupDrafter))
     return drafter, FixedDraftLength(int(opts.num_draft_tokens))
+
+
+def _recall_controller(run: _Run, model, draft, opts: options.Options, mode, batch_size: int):
+    """Start an adaptive controller from what earlier calls on this model and draft learned
+    (``specdec.learned``); returns the key to remember it under (None: nothing to remember)."""
+    if not isinstance(run.controller, AdaptiveDraftLength):
+        return None
+    sampling = run.settings.sampling
+    temperature = sampling.temperature if sampling.do_sample else 0.0
+    key = learned.regime(mode, batch_size, temperature, run.controller.k_max, draft is None)
+    run.controller = learned.recall(model, draft, key, run.controller)
+    return key
 
 
 def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
@@ -415,7 +430,8 @@ def _step(run: _Run) -> None:
     # must not make this step's k, or speculation itself, look dearer than it is
     past = proposal.catch_up_s
     controller.update(StepRecord(k, proposal.forwards - (past > 0), accepted, proposal.host_counts(),
-                                 proposal.confidence, t1 - t0 - past, t2 - t1, time.perf_counter() - t0 - past))
+                                 proposal.confidence, t1 - t0 - past, t2 - t1, time.perf_counter() - t0 - past,
+                                 catch_up_s=past))
 
 
 def _propose(run: _Run, k: int) -> Proposal:

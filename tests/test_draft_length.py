@@ -9,20 +9,24 @@ from specdec.draft_length import AdaptiveDraftLength, Calibration, FixedDraftLen
 
 
 def _simulate(ctl, accept, confidence, plain_s=1.0, forward_s=0.3, verify_s=1.0, verify_per=0.1,
-              per_forward=True, tokens=600, seed=0):
+              per_forward=True, tokens=600, seed=0, prompt=0, catch_up_per_token=0.0):
     """Decode ``tokens`` with ``ctl`` driving; returns (tokens per second, speculative steps).
 
     ``accept(conf)``: the chance the target accepts a token drafted with confidence conf;
-    ``confidence(rng)``: a drafted token's confidence.
+    ``confidence(rng)``: a drafted token's confidence. A draft model first catches up on what
+    it has not seen (the ``prompt``, then each plain stretch) at ``catch_up_per_token`` seconds.
     """
-    rng, clock, produced, spec_steps = random.Random(seed), 0.0, 0, 0
+    rng, clock, produced, spec_steps, unseen = random.Random(seed), 0.0, 0, 0, prompt
     while produced < tokens:
-        stretch = ctl.plain_steps()
+        stretch = min(ctl.plain_steps(), tokens - produced)
         if stretch:
             clock += stretch * plain_s
             produced += stretch
+            unseen += stretch
             ctl.observe_plain(stretch, stretch * plain_s)
             continue
+        catch_up, unseen = unseen * catch_up_per_token, 0
+        clock += catch_up
         confs, limit = [], ctl.draft_limit()
         for j in range(limit):
             confs.append(confidence(rng))
@@ -38,8 +42,19 @@ def _simulate(ctl, accept, confidence, plain_s=1.0, forward_s=0.3, verify_s=1.0,
         produced += accepted + 1
         spec_steps += 1
         ctl.update(StepRecord(n, len(confs) if per_forward else 0, [accepted], [n], torch.tensor([confs]),
-                              draft, verify, draft + verify))
+                              draft, verify, draft + verify, catch_up_s=catch_up))
     return produced / clock, spec_steps
+
+
+def _calls(ctl, n_calls, **kw):
+    """Short calls one after another, each resuming what the last learned (as specdec.learned
+    does); returns the mean tokens per second of the calls after the first, and the controller."""
+    rates = []
+    for call in range(n_calls):
+        rate, _ = _simulate(ctl, seed=call, **kw)
+        rates.append(rate)
+        ctl = ctl.resume()
+    return sum(rates[1:]) / (n_calls - 1), ctl
 
 
 def test_a_useless_draft_costs_at_most_a_few_percent():
@@ -131,3 +146,51 @@ def test_a_draft_model_reports_its_catch_up_apart():
     batch.pending = first.tokens[:, 0]
     again = drafter.propose(batch, 2, lambda logits, j: (logits.argmax(-1), None))
     assert again.catch_up_s == 0.0
+
+
+def test_a_dear_draft_stays_off_across_short_calls():
+    # a draft whose catch-up on a 200-token prompt costs 4 plain steps, and which never matches:
+    # after the first call, later 48-token calls decode (almost) plainly
+    kw = dict(accept=lambda c: 0.02, confidence=lambda rng: rng.uniform(0.0, 1.0), forward_s=0.35,
+              tokens=48, prompt=200, catch_up_per_token=0.02)
+    rate, _ = _calls(AdaptiveDraftLength(k_max=12), 30, **kw)
+    assert rate >= 0.95
+
+
+def test_a_losing_probe_is_priced_by_its_catch_up():
+    ctl = AdaptiveDraftLength(k_max=12)
+    ctl.observe_plain(3, 3.0)                       # 1 s a plain step
+    ctl.update(StepRecord(4, 4, [0], [4], torch.full((1, 4), 0.5), 1.4, 1.4, 2.8, catch_up_s=6.0))
+    # the probe cost 6 s of catch-up + 1.8 s lost: off for >= 7.8 / 0.03 steps
+    assert ctl.plain_steps() >= 7.8 / ctl.probe_share - 1
+    ctl.observe_plain(100, 100.0)                   # the call ended 100 steps into the stretch
+    assert ctl.resume().plain_steps() == ctl.plain_steps() > 0
+
+
+def test_a_good_draft_keeps_winning_across_calls():
+    kw = dict(accept=lambda c: c, confidence=lambda rng: rng.uniform(0.7, 1.0), forward_s=0.1,
+              tokens=64, prompt=100, catch_up_per_token=0.001)
+    rate, ctl = _calls(AdaptiveDraftLength(k_max=12), 10, **kw)
+    assert rate >= 2.0 and ctl.plain_steps() == 0
+
+
+def test_what_a_call_learned_reaches_the_next_call_on_the_same_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import specdec
+    from specdec import learned
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 96, (1, 12))
+    kw = dict(max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4)
+    first = specdec.generate(model, ids, **kw)
+    (entry,) = learned._BY_TARGET[model].values()
+    second = specdec.generate(model, ids, **kw)
+    assert torch.equal(first, second)
+    (again,) = learned._BY_TARGET[model].values()
+    assert again[1] is not entry[1]                   # the second call ran a resumed copy
+    learned.forget(model)
+    assert model not in learned._BY_TARGET
