@@ -53,3 +53,51 @@ def test_speed_records_a_failing_variant(tmp_path, monkeypatch):
     report = quant_speed.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--variants", "bf16", "int8"])
     assert "kernel missing" in report["decode"]["tiny"]["int8"]["error"]
     assert "bf16" in report["decode"]["tiny"]
+
+
+def test_graphs_tiny_cpu_end_to_end(tmp_path):
+    from benchmarks import quant_graphs
+
+    result = quant_graphs.main(["--shape", "tiny", "--device", "cpu", "--paths", "graphs", "eager", "--new-tokens", "8",
+                                "--repeats", "1", "--warmup-tokens", "2", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "quant-graphs-llama-tiny-cpu.json").read_text())
+    assert written["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {"environment", "command", "copy_bandwidth_GBps", "bytes_note", "int4_over_bf16_compiled",
+            "int8_over_bf16_compiled"} <= written.keys()
+    rows = {(r["variant"], r["path"]): r for r in written["rows"]}
+    assert set(rows) == {(v, p) for v in ("bf16", "int8", "int4") for p in ("graphs", "eager")}
+    for row in rows.values():
+        assert row["error"] is None, row
+        assert row["tok_s"] > 0 and row["seconds"] > 0 and row["roofline_tok_s"] > 0
+        assert 0 < row["roofline_fraction"] and len(row["tokens"]) == 8
+        assert isinstance(row["agreement_with_bf16"], float) and 0 <= row["agreement_with_bf16"] <= 1
+        assert row["graphs_captured_while_timed"] == 0
+    assert rows[("bf16", "graphs")]["agreement_with_bf16"] == 1.0
+    assert rows[("int4", "graphs")]["bytes_per_token"] < rows[("int8", "graphs")]["bytes_per_token"] \
+        < rows[("bf16", "graphs")]["bytes_per_token"]
+    assert written["int4_over_bf16_compiled"] > 0 and written["int8_over_bf16_compiled"] > 0
+
+
+def test_graphs_records_failures_and_the_deadline(tmp_path, monkeypatch):
+    from benchmarks import quant_graphs
+
+    def boom(*a, **k):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(quant_graphs, "run_path", boom)
+    result = quant_graphs.main(["--shape", "tiny", "--device", "cpu", "--variants", "bf16", "int4",
+                                "--out", str(tmp_path)])
+    assert [r["error"] for r in result["rows"]] == ["RuntimeError: capture failed"] * 2
+    assert result["int4_over_bf16_compiled"] is None
+    late = quant_graphs.main(["--shape", "tiny", "--device", "cpu", "--variants", "bf16", "int4",
+                              "--deadline", "0", "--out", str(tmp_path)])
+    assert [r["error"] for r in late["rows"]] == ["skipped: deadline"] * 2
+
+
+def test_graphs_agreement():
+    from benchmarks.quant_graphs import agreement
+
+    got = agreement([1, 2, 9, 4], [1, 2, 3, 4])
+    assert got == {"agreement_with_bf16": 0.75, "agreement_prefix_with_bf16": 0.5, "first_divergence": 2}
+    assert agreement([1, 2], [1, 2])["agreement_prefix_with_bf16"] == 1.0
+    assert agreement([1], None)["agreement_with_bf16"] is None
