@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     from integrations.models import load_model
 
     model, tok = load_model(None, dtype=args.dtype, device=args.device)
+    if tok.pad_token is None:  # batched pipelines need one (some transformers versions' GGUF loader sets none)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # what HF asks of batched decoder-only generation
     pipe = transformers.pipeline("text-generation", model=model, tokenizer=tok, device=model.device)
     chats = CHATS[: args.n_prompts]
     rows = []

@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tok = load_model(None, dtype=args.dtype, device=args.device)
     sets, rows = prompt_sets(tok, args.n_prompts), []
+    result = dict(environment=report.environment(), command="python -m benchmarks.spec_vs_plain " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:]), model="SmolLM2-135M-Instruct (bundled)",
+        dtype=args.dtype, path="compile=True (graphs)" if args.device.startswith("cuda") else "eager", rows=rows)
+    path = Path(args.out) / f"spec-vs-plain-smollm2-{report.device_slug(result['environment'])}-{args.dtype}.json"
     for workload in args.workloads:
         for batch_size in args.batch_sizes:
             for temperature in args.sample:
@@ -119,12 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"{workload:8} b{batch_size} T={temperature} {r['variant']:10} {r['tok_s']:8.1f} tok/s "
                           f"x{r['spec_over_plain']:.2f} acc={r['acceptance_rate']} tps={r['tokens_per_step']:.2f} "
                           f"agree={r['agreement_with_plain']}", flush=True)
-    env = report.environment()
-    result = dict(environment=env, command="python -m benchmarks.spec_vs_plain " + " ".join(
-        argv if argv is not None else __import__("sys").argv[1:]), model="SmolLM2-135M-Instruct (bundled)",
-        dtype=args.dtype, path="compile=True (graphs)" if args.device.startswith("cuda") else "eager", rows=rows)
-    path = Path(args.out) / f"spec-vs-plain-smollm2-{report.device_slug(env)}-{args.dtype}.json"
-    report.write_json(result, path)
+                report.write_json(result, path)   # after each setting: a run cut short keeps what it measured
     print(f"wrote {path}")
     return result
 

@@ -122,7 +122,13 @@ def crop(cache, length: int) -> None:
 
 
 def select_rows(cache, rows: torch.Tensor) -> None:
-    """Keep only these batch rows (finished rows stop costing work)."""
+    """Keep only these batch rows (finished rows stop costing work). An empty HF cache holds no
+    rows yet (its first forward brings the active rows only); a static cache always holds its
+    fixed rows and must learn which stay active, empty or not."""
+    from transformers import Cache
+
+    if isinstance(cache, Cache) and cache_length(cache) == 0:
+        return
     cache.batch_select_indices(rows)
 
 

@@ -167,8 +167,7 @@ class ModelDrafter:
         crop(self.cache, num_slots)
 
     def select_rows(self, keep: torch.Tensor) -> None:
-        if cache_length(self.cache):
-            select_rows(self.cache, keep.to(self.runner.device))
+        select_rows(self.cache, keep.to(self.runner.device))
 
 
 class PromptLookupDrafter:

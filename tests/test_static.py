@@ -324,3 +324,21 @@ def test_gpu_graph_replay_equals_eager_static_forward(kv_bits):
         steps = [runner.forward(seq[:, i:i + 3], ones(i + 3), pos(i, i + 3), cache) for i in range(250, 280, 3)]
         outs.append(torch.cat(steps, dim=1))                # crosses the 256-slot attention window
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_draft_that_has_not_run_yet_learns_which_rows_finished(models):
+    # auto k decodes plainly first: rows can finish before the draft's first forward, and its
+    # (still empty) static cache must then run the remaining rows only
+    from specdec.drafters import ModelDrafter
+
+    draft = ModelDrafter(models["llama"], VOCAB)
+    draft.runner = static.static_runner(models["llama"], 4, 64, "draft", graph_max_tokens=8)
+    try:
+        draft.cache = draft.runner.new_cache()
+        draft.select_rows(torch.tensor([2]))
+        assert draft.cache.active_rows().tolist() == [2]
+        ids = torch.randint(3, VOCAB, (1, 5))
+        logits = draft.runner.forward(ids, torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None], draft.cache)
+        assert logits.shape[0] == 1
+    finally:
+        static.give_back(draft.runner)
