@@ -70,8 +70,9 @@ def measure(model, tok, prompts, batch_size: int, temperature: float, args) -> l
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = [left_pad(prompts[i:i + batch_size], pad, model.device) for i in range(0, len(prompts), batch_size)]
     named = variants(True if args.device.startswith("cuda") else False)
-    for kw in named.values():                                    # warm-up (graphs, draft load)
-        run_batches(model, batches[:1], kw, 16, temperature, 0)
+    for kw in named.values():  # warm-up on the widest batch at the timed length: a static cache this
+        # size serves every batch, so no graph is captured while timed
+        run_batches(model, [max(batches, key=lambda b: b[0].shape[1])], kw, args.max_new_tokens, temperature, 0)
     times, results = {n: [] for n in named}, {}
     for repeat in range(args.repeats):
         for name, kw in named.items():
