@@ -52,6 +52,9 @@ DRAFT_NAMES = {"plain": "no draft (plain decoding)", "layers4": "a 4-layer layer
 QUANT_QUALITY = f"{RESULTS}/quant-quality-cpu.json"
 QUANT_SPEED = f"{RESULTS}/quant-speed-h100.json"
 MULTI_GPU = f"{RESULTS}/h200x2-multi-gpu-device-map.json"
+SPEC_VS_PLAIN_GPU = f"{RESULTS}/h100/spec-vs-plain-general-smollm2-135m-h100-2026-12-07.json"
+PREFIX_TTFT_GPU = f"{RESULTS}/h100/prefix-ttft-smollm2-135m-h100-2026-12-07.json"
+QUANT_GRAPHS = f"{RESULTS}/h100/quant-graphs-llama-8b-random-h100-2026-12-07.json"
 
 # What each bench variant is, in a user's words; {draft} is the run's --draft.
 VARIANTS = {
@@ -322,6 +325,48 @@ def multi_gpu_table(path: str, base: str) -> str:
     return _table(["drafter", "unsplit tok/s", "split tok/s", "identical to HF greedy"], body) + "\n\n" + note
 
 
+def spec_vs_plain_table(path: str, base: str) -> str:
+    """Speculation over our own plain decoding on the same path, per workload, batch and temperature."""
+    data = load(path)
+    body = []
+    for r in data["rows"]:
+        acc = "-" if r.get("acceptance_rate") is None else f"{r['acceptance_rate']:.2f}"
+        agree = "-" if r.get("agreement_with_plain") is None else f"{r['agreement_with_plain']:.3f}"
+        body.append([r["workload"], str(r["batch_size"]), f"{r['temperature']:g}", r["variant"],
+                     f"{r['tok_s']:.1f}", f"{r['spec_over_plain']:.2f}x", acc, f"{r['tokens_per_step']:.2f}", agree])
+    notes = " ".join(data.get("notes", []))
+    note = (f"The default model, {data['dtype']}, {data['path']}, 128 new tokens. `lookup`: prompt lookup; "
+            f"`distilled`: the shipped draft; both with `num_draft_tokens=\"auto\"`. {notes} "
+            f"{_environment(data)}; file: {link(path, base)}.")
+    return _table(["workload", "batch", "T", "variant", "tok/s", "over plain", "acceptance", "tokens/step",
+                   "greedy agreement with plain"], body) + "\n\n" + note
+
+
+def prefix_ttft_table(path: str, base: str) -> str:
+    """Prefix-cache TTFT on the default model: miss vs hit, eager and compile=True."""
+    data = load(path)
+    body = [[str(r["shared_tokens"]), "`compile=True`" if r["compile"] else "eager", f"{r['ttft_miss_ms']:.1f}",
+             f"{r['ttft_hit_ms']:.1f}", f"{r['hit_speedup']:.2f}x", f"{r['miss_overhead']:+.1%}",
+             "yes" if r["identical"] else "NO"] for r in data["rows"]]
+    note = (f"The default model, {data['dtype']}, a shared prefix + a 16-token suffix, median of repeats. "
+            f"{_environment(data)}; file: {link(path, base)}.")
+    return _table(["shared prefix (tokens)", "path", "miss TTFT (ms)", "hit TTFT (ms)", "hit speedup",
+                   "full-miss overhead", "same tokens"], body) + "\n\n" + note
+
+
+def quant_graphs_table(path: str, base: str) -> str:
+    """Quantized weights on the compiled path: tokens/s and the fraction of each one's own roofline."""
+    data = load(path)
+    body = [[r["variant"], r["path"], f"{r['tok_s']:.1f}" if r.get("tok_s") else "-",
+             f"{r['roofline_fraction']:.0%}" if r.get("roofline_fraction") else "-",
+             ", ".join(r.get("backends") or []) or "-", r.get("error") or ""] for r in data["rows"]]
+    note = (f"A random Llama-3-8B shape, batch 1, 128 new tokens, `compile=True`; roofline = measured copy bandwidth "
+            f"({data['copy_bandwidth_GBps']:.0f} GB/s) over the bytes each variant reads per token. int4 over bf16: "
+            f"{data['int4_over_bf16_compiled']:.2f}x, int8 over bf16: {data['int8_over_bf16_compiled']:.2f}x. "
+            f"{_environment(data)}; file: {link(path, base)}.")
+    return _table(["weights", "path", "tok/s", "of its roofline", "kernel", "error"], body) + "\n\n" + note
+
+
 TABLES: dict[str, Callable[[str], str]] = {
     "speedup": lambda base: bench_table(SHIPPED_DRAFT, README_VARIANTS, base),
     "speedup-detail": lambda base: bench_detail_table(SHIPPED_DRAFT, base, {
@@ -350,6 +395,9 @@ TABLES: dict[str, Callable[[str], str]] = {
     "quant-quality": lambda base: quant_quality_table(QUANT_QUALITY, base),
     "quant-speed": lambda base: quant_speed_table(QUANT_SPEED, base),
     "multi-gpu": lambda base: multi_gpu_table(MULTI_GPU, base),
+    "spec-vs-plain-gpu": lambda base: spec_vs_plain_table(SPEC_VS_PLAIN_GPU, base),
+    "prefix-ttft-gpu": lambda base: prefix_ttft_table(PREFIX_TTFT_GPU, base),
+    "quant-graphs": lambda base: quant_graphs_table(QUANT_GRAPHS, base),
 }
 
 
