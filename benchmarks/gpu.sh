@@ -89,7 +89,7 @@ bench() { python3 -m specdec.cli bench --device cuda --out "$OUT" --quiet "$@" 2
 sha256sum "$GGUF" 2>/dev/null | tee "$OUT/model-sha256.txt" || true
 # Each step below is cut at its own time limit (T_SPEC, T_PIPE, ... seconds) so that one call ends in time.
 if [[ "$WHAT" == spec || "$WHAT" == drop-in ]]; then  # speculation vs our plain graphs: general + code, batch 1/4, T 0/0.7
-    timeout "${T_SPEC:-330}" python3 -m benchmarks.spec_vs_plain --device cuda --out "$OUT" 2>&1 \
+    timeout "${T_SPEC:-330}" python3 -m benchmarks.spec_vs_plain --device cuda --out "$OUT" ${SPEC_ARGS:-} 2>&1 \
         | grep -v "Loading weights" | tee "$OUT/spec-vs-plain-log.txt" || true
 fi
 if [[ "$WHAT" == pipeline || "$WHAT" == drop-in ]]; then  # a patched pipeline vs the unpatched one, batch 1 and 4
