@@ -31,7 +31,7 @@ import torch
 
 import specdec
 from benchmarks import report
-from benchmarks.prefix_bench import _text_ids
+from benchmarks.prefix_bench import text_ids
 from prefix_cache import PrefixCache
 
 MODES = ("none", "prefilled", "own")
@@ -79,8 +79,8 @@ def draft_first_forward_tokens(model, ids, draft, cache, settings: dict) -> int:
 
 def measure_length(model, tok, draft, length: int, repeats: int, settings: dict) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
-    prefix = _text_ids(tok, length, vocab)
-    questions = [_text_ids(None, SUFFIX + i, vocab)[-SUFFIX:] for i in range(repeats + 2)]
+    prefix = text_ids(tok, length, vocab)
+    questions = [text_ids(None, SUFFIX + i, vocab)[-SUFFIX:] for i in range(repeats + 2)]
     make = lambda q: torch.tensor([prefix + q])  # noqa: E731
     caches = {"none": None, "prefilled": PrefixCache(max_bytes=8 << 30, cache_drafts=False),
               "own": PrefixCache(max_bytes=8 << 30, cache_drafts=True)}

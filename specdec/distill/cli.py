@@ -450,9 +450,9 @@ def _ship(draft, target, layers, trained, args, eval_sets) -> dict:
 
 def _replay_file(target, path, eval_set, args) -> float:
     from specdec.distill import evaluate, shipped
-    from specdec.distill.train import _autocast_dtype
+    from specdec.distill.train import autocast_dtype
 
-    amp = _autocast_dtype(target)
+    amp = autocast_dtype(target)
     if args.kind == "feature":
         from specdec.distill.feature_train import replay_feature_acceptance
 
@@ -505,7 +505,7 @@ def _final_acceptance(target, draft, layers, held, args) -> dict:
 
 
 def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
-    from benchmarks.report import environment
+    from specdec.environment import environment
 
     by_source = {}
     for s in generated:
