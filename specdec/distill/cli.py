@@ -520,7 +520,7 @@ def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
                           loaded_from=args.generated or args.add_generated, temperature=args.temperature, explore_tokens=args.gen_explore,
                           prompt_weight=args.prompt_weight, text_pieces=len(texts),
                           text_tokens=sum(len(s.ids) for s in texts), generated_fraction=args.generated_fraction,
-                          held_out="benchmarks.workloads code (all 10) and chat (all 12) prompts"),
+                          held_out="specdec.distill.prompts code (all 10) and chat (all 12) prompts"),
                 train=trained.as_dict())
 
 
