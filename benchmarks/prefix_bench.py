@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report, workloads
-from prefix_cache import PrefixCache
+from specdec.prefix_cache import PrefixCache
+
+from . import report, workloads
 
 
 def _sync(device):
@@ -165,7 +166,7 @@ def cache_op_times(model, lengths: list[int], device, repeats: int = 20, tiny: b
 
 def load(name: str, device: str, dtype: str):
     if name == "default":
-        from integrations.models import load_default
+        from specdec.integrations.models import load_default
 
         return load_default(dtype=dtype, device=device)
     from transformers import LlamaConfig, LlamaForCausalLM

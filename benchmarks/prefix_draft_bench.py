@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report
-from benchmarks.prefix_bench import text_ids
-from prefix_cache import PrefixCache
+from specdec.prefix_cache import PrefixCache
+
+from . import report
+from .prefix_bench import text_ids
 
 MODES = ("none", "prefilled", "own")
 SUFFIX = 16
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num-draft-tokens", type=int, default=4, help="fixed k, so every mode does the same steps")
     p.add_argument("--out", default="benchmarks/results/cpu/prefix-draft-cpu.json")
     args = p.parse_args(argv)
-    from integrations.models import load_default
+    from specdec.integrations.models import load_default
     from specdec.options import resolve_draft
 
     model, tok = load_default(dtype="float32", device="cpu")

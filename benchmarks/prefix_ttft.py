@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report
-from benchmarks.prefix_bench import text_ids, load, timed
-from prefix_cache import PrefixCache
+from specdec.prefix_cache import PrefixCache
+
+from . import report
+from .prefix_bench import text_ids, load, timed
 
 SUFFIX = 16
 

@@ -136,7 +136,7 @@ class ModelDrafter:
         """
         if not isinstance(self.runner, ModelRunner) or self.runner.make_cache is not None:
             return False
-        from prefix_cache.hf_cache import check_supported
+        from specdec.prefix_cache.hf_cache import check_supported
 
         try:
             check_supported(self.runner.model.config)
@@ -147,7 +147,7 @@ class ModelDrafter:
     def load_prefix(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Start from a prefix-cache hit: per layer (key, value) (B, heads, n, head_dim) for slots
         0..n-1. The next ``propose`` forwards only the slots after them (its usual catch-up)."""
-        from prefix_cache.hf_cache import cache_with_kv
+        from specdec.prefix_cache.hf_cache import cache_with_kv
 
         self.cache = cache_with_kv(kv_layers, self.runner.model.config)
 
@@ -156,7 +156,7 @@ class ModelDrafter:
         drafter has run so far (it may lag the target by a slot or two); [] before its first forward."""
         if not cache_length(self.cache):
             return []
-        from prefix_cache.hf_cache import kv_from_cache
+        from specdec.prefix_cache.hf_cache import kv_from_cache
 
         return kv_from_cache(self.cache, row=row)
 

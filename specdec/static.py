@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specdec.adapter import ModelRunner, accepts, cache_keyword, hook_last_layer
-from quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
+from specdec.quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
 from specdec.fused_linear import fused_projections, join_projections
 

@@ -12,7 +12,12 @@ Rules, each failure naming the file, the line and the rule:
 3. cycle: module-level imports between modules form no cycle (imports inside functions,
    which run later, are left out);
 4. private: no underscore name (``_x``, not ``__x__``) is imported from, or read as an
-   attribute of, another module of the project.
+   attribute of, another module of the project;
+5. install names: ``prefix_cache``, ``quant``, ``integrations`` and ``benchmarks`` are imported as
+   ``specdec.quant`` (...) or relatively, never by their folder names, which only a checkout has
+   (the wheel installs them inside ``specdec``; docs/design.md, "Package layout and import names").
+
+Imports of ``specdec.quant`` (...) are checked as imports of the folder ``quant/``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("specdec", "prefix_cache", "quant", "integrations", "benchmarks")
+SUBPACKAGES = ("prefix_cache", "quant", "integrations", "benchmarks")  # installed inside specdec
 TOP_MODULES = {"specdec.cli", "specdec.distill.cli"}
 BASE = {"prefix_cache", "quant"}
 RANK = {"base": 0, "core": 1, "integrations": 2, "top": 3}
@@ -44,6 +50,7 @@ class Import:
     source: str        # importing module
     target: str        # imported module (a submodule where ``from pkg import sub`` names one)
     name: str | None   # the imported name when it is not a module
+    spelled: str       # the module as the statement names it (absolute), before folder names
     path: Path
     line: int
     module_level: bool
@@ -65,6 +72,12 @@ def module_files() -> dict[str, Path]:
 
 def _project(name: str) -> bool:
     return name.split(".")[0] in PACKAGES
+
+
+def folder_name(name: str) -> str:
+    """``specdec.quant.kv`` -> ``quant.kv`` (the module's name in a checkout); others unchanged."""
+    parts = name.split(".")
+    return ".".join(parts[1:]) if parts[0] == "specdec" and len(parts) > 1 and parts[1] in SUBPACKAGES else name
 
 
 def _walk(tree: ast.AST):
@@ -90,8 +103,9 @@ def scan(modules: dict[str, Path]) -> tuple[list[Import], list[tuple[str, int, s
             if isinstance(node, ast.Import):
                 for a in node.names:
                     if _project(a.name):
-                        imports.append(Import(source, a.name, None, path, node.lineno, not in_function))
-                        aliases[a.asname or a.name.split(".")[0]] = a.asname and a.name or a.name.split(".")[0]
+                        target = folder_name(a.name)
+                        imports.append(Import(source, target, None, a.name, path, node.lineno, not in_function))
+                        aliases[a.asname or a.name.split(".")[0]] = target if a.asname else a.name.split(".")[0]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")[:len(package.split(".")) - node.level + 1]
@@ -100,13 +114,17 @@ def scan(modules: dict[str, Path]) -> tuple[list[Import], list[tuple[str, int, s
                     origin = node.module or ""
                 if not _project(origin):
                     continue
+                relative = bool(node.level)
                 for a in node.names:
-                    sub = f"{origin}.{a.name}"
+                    spelled = f"{origin}.{a.name}"
+                    sub = folder_name(spelled)
                     if sub in modules:
-                        imports.append(Import(source, sub, None, path, node.lineno, not in_function))
+                        imports.append(Import(source, sub, None, "" if relative else spelled, path, node.lineno,
+                                              not in_function))
                         aliases[a.asname or a.name] = sub
                     else:
-                        imports.append(Import(source, origin, a.name, path, node.lineno, not in_function))
+                        imports.append(Import(source, folder_name(origin), a.name, "" if relative else origin, path,
+                                              node.lineno, not in_function))
         for node, _ in nodes:
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
                     and node.attr.startswith("_") and not node.attr.startswith("__")
@@ -174,6 +192,9 @@ def violations() -> list[str]:
                         "prefix_cache and quant import only themselves"))
         if imp.name and imp.name.startswith("_") and not imp.name.startswith("__") and imp.target != imp.source:
             out.append((imp.path, imp.line, f"rule 4 (private): {imp.source} imports {imp.name} from {imp.target}"))
+        if imp.spelled.split(".")[0] in SUBPACKAGES:
+            out.append((imp.path, imp.line, f"rule 5 (install names): {imp.source} imports {imp.spelled}; "
+                        f"write specdec.{imp.spelled} (or a relative import)"))
     for source, line, module, name in attributes:
         out.append((modules[source], line, f"rule 4 (private): {source} reads {name} of {module}"))
     for chain in _cycles(modules, imports):
@@ -200,14 +221,14 @@ def test_rules_catch_what_they_should(tmp_path, monkeypatch):
     """The checker on a tiny fake tree: one violation of each rule is reported."""
     files = {
         "specdec/__init__.py": "",
-        "specdec/core.py": "from specdec.other import _hidden\n\ndef f():\n    from benchmarks import run\n",
+        "specdec/core.py": "from specdec.other import _hidden\n\ndef f():\n    from specdec.benchmarks import run\n",
         "specdec/other.py": "import specdec.core\n",
-        "specdec/cli.py": "import benchmarks.run\n",
+        "specdec/cli.py": "import specdec.benchmarks.run\n",
         "prefix_cache/__init__.py": "def f():\n    import quant\n",
         "quant/__init__.py": "",
         "integrations/__init__.py": "from specdec import core\ncore._private()\n",
         "benchmarks/__init__.py": "",
-        "benchmarks/run.py": "import specdec\nfrom specdec import core\n",
+        "benchmarks/run.py": "import specdec\nfrom specdec import core\nimport quant.int4\nfrom specdec.quant import x\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -221,3 +242,17 @@ def test_rules_catch_what_they_should(tmp_path, monkeypatch):
             "specdec.core (specdec/other.py:1)") in found
     assert "specdec/core.py:1: rule 4 (private): specdec.core imports _hidden from specdec.other" in found
     assert "integrations/__init__.py:2: rule 4 (private): integrations reads _private of specdec.core" in found
+    assert "benchmarks/run.py:3: rule 5 (install names): benchmarks.run imports quant.int4" in found
+    assert "benchmarks/run.py:4" not in found
+
+
+def test_the_wheel_lists_every_package_folder():
+    """pyproject.toml names each folder with an __init__.py, under its installed name."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for package in PACKAGES
+               for p in (ROOT / package).rglob("__init__.py")}
+    installed = {f"specdec.{n}" if n.split(".")[0] in SUBPACKAGES else n for n in folders}
+    assert set(setuptools["packages"]) == installed
+    assert setuptools["package-dir"] == {f"specdec.{name}": name for name in SUBPACKAGES}

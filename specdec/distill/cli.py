@@ -317,7 +317,7 @@ def _log_to_stderr() -> None:
 
 
 def _load_target(args):
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
 
     target, tok = load_model(args.target, dtype=args.dtype, device=args.device)
     for p in target.parameters():  # the teacher is read, never trained
