@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report, workloads
-from benchmarks.run import agreement
+
+from . import report, workloads
+from .run import agreement
 
 
 def _batch(tok, n: int, device):
@@ -49,7 +50,7 @@ def main(argv=None) -> dict:
     p.add_argument("--draft", default="self:8")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    from integrations.models import load_default
+    from specdec.integrations.models import load_default
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     device = torch.device(args.device)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import report
+from . import report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--names needs one label per draft ({len(args.drafts)}), got {len(args.names)}")
 
     import specdec
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
     from specdec.distill import data, evaluate, shipped
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import report
+from . import report
 
 
 def copied_mask(prompt: list[int], continuation: list[int], n: int = 4) -> list[bool]:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = p.parse_args(argv)
 
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
     from specdec.distill import data, evaluate, shipped
 
     target, tok = load_model(None, dtype="float32", device="cpu")

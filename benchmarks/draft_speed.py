@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import report
+from . import report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.n_prompts < 1 or args.repeats < 1:
         p.error("--n-prompts and --repeats must be >= 1")
 
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
     from specdec.distill import data, shipped
 
     labels = args.names or args.drafts

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report
-from benchmarks.roofline import build, timed
+
+from . import report
+from .roofline import build, timed
 
 
 def measure(model, batch: int, prompt: int, new: int, device: str, variants: list[str]) -> dict:

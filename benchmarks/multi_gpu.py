@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report
+
+from . import report
 
 
 def _config(shape: str):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import report
-from benchmarks.run import agreement
+from . import report
+from .run import agreement
 
 # everyday requests, unlike the distilled draft's training text
 CHATS = ["Give me three tips for sleeping better.", "Translate 'Where is the train station?' into French and German.",
@@ -36,7 +36,7 @@ def variants(draft: str) -> dict[str, dict | None]:
 
 def run_once(pipe, patch_kw, chats, batch_size: int, max_new: int) -> tuple[list[list[int]], float]:
     """Token ids of each answer's text and the wall time of the whole pipeline call."""
-    from integrations import patch, unpatch
+    from specdec.integrations import patch, unpatch
 
     if patch_kw is not None:
         patch(pipe, **patch_kw)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     import transformers
 
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
 
     model, tok = load_model(None, dtype=args.dtype, device=args.device)
     if tok.pad_token is None:  # batched pipelines need one (some transformers versions' GGUF loader sets none)

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report, workloads
-from prefix_cache import PrefixCache
+from specdec.prefix_cache import PrefixCache
+
+from . import report, workloads
 
 
 def _sync(device):
@@ -68,7 +69,7 @@ def ttft(model, ids, device, cache=None) -> float:
     return timed(model, ids, device, cache)[0]
 
 
-def _text_ids(tok, n_tokens: int, vocab: int) -> list[int]:
+def text_ids(tok, n_tokens: int, vocab: int) -> list[int]:
     if tok is None:  # random-weight model: token ids of no language
         g = torch.Generator().manual_seed(0)
         return torch.randint(10, vocab, (n_tokens,), generator=g).tolist()
@@ -81,8 +82,8 @@ def _text_ids(tok, n_tokens: int, vocab: int) -> list[int]:
 
 def measure_length(model, tok, length: int, device, repeats: int, gen_tokens: int = 0, compile: bool = False) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
-    prefix = _text_ids(tok, length, vocab)
-    questions = [_text_ids(None, 16 + i, vocab)[-16:] for i in range(repeats + 1)]
+    prefix = text_ids(tok, length, vocab)
+    questions = [text_ids(None, 16 + i, vocab)[-16:] for i in range(repeats + 1)]
     make = lambda q: torch.tensor([prefix + q], device=device)  # noqa: E731
     miss, cold, hit, gen_miss, gen_cold = [], [], [], [], []
     cache = PrefixCache(max_bytes=8 << 30)
@@ -165,7 +166,7 @@ def cache_op_times(model, lengths: list[int], device, repeats: int = 20, tiny: b
 
 def load(name: str, device: str, dtype: str):
     if name == "default":
-        from integrations.models import load_default
+        from specdec.integrations.models import load_default
 
         return load_default(dtype=dtype, device=device)
     from transformers import LlamaConfig, LlamaForCausalLM

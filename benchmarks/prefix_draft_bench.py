@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report
-from benchmarks.prefix_bench import _text_ids
-from prefix_cache import PrefixCache
+from specdec.prefix_cache import PrefixCache
+
+from . import report
+from .prefix_bench import text_ids
 
 MODES = ("none", "prefilled", "own")
 SUFFIX = 16
@@ -79,8 +80,8 @@ def draft_first_forward_tokens(model, ids, draft, cache, settings: dict) -> int:
 
 def measure_length(model, tok, draft, length: int, repeats: int, settings: dict) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
-    prefix = _text_ids(tok, length, vocab)
-    questions = [_text_ids(None, SUFFIX + i, vocab)[-SUFFIX:] for i in range(repeats + 2)]
+    prefix = text_ids(tok, length, vocab)
+    questions = [text_ids(None, SUFFIX + i, vocab)[-SUFFIX:] for i in range(repeats + 2)]
     make = lambda q: torch.tensor([prefix + q])  # noqa: E731
     caches = {"none": None, "prefilled": PrefixCache(max_bytes=8 << 30, cache_drafts=False),
               "own": PrefixCache(max_bytes=8 << 30, cache_drafts=True)}
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num-draft-tokens", type=int, default=4, help="fixed k, so every mode does the same steps")
     p.add_argument("--out", default="benchmarks/results/cpu/prefix-draft-cpu.json")
     args = p.parse_args(argv)
-    from integrations.models import load_default
+    from specdec.integrations.models import load_default
     from specdec.options import resolve_draft
 
     model, tok = load_default(dtype="float32", device="cpu")

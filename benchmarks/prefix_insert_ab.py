@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import environment
+from .report import environment
 
 
 def load_revision(rev: str, into: Path):
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results/cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    import prefix_cache
+    from specdec import prefix_cache
 
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"before": load_revision(args.before, Path(tmp)), "after": prefix_cache}

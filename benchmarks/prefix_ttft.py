@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report
-from benchmarks.prefix_bench import _text_ids, load, timed
-from prefix_cache import PrefixCache
+from specdec.prefix_cache import PrefixCache
+
+from . import report
+from .prefix_bench import text_ids, load, timed
 
 SUFFIX = 16
 
@@ -45,8 +46,8 @@ def measure(model, tok, length: int, device, repeats: int, compile: bool, check_
     """One row: TTFT of miss, cold, hit and auto (module docstring) for one prefix length and mode."""
     vocab = model.get_input_embeddings().weight.shape[0]
     length = min(length, _positions(model) - SUFFIX - max(check_tokens, 1) - 1)
-    prefix = _text_ids(tok, length, vocab)
-    suffixes = [_text_ids(None, SUFFIX + i, vocab)[-SUFFIX:] for i in range(repeats + 2)]
+    prefix = text_ids(tok, length, vocab)
+    suffixes = [text_ids(None, SUFFIX + i, vocab)[-SUFFIX:] for i in range(repeats + 2)]
     make = lambda s: torch.tensor([prefix + s], device=device)  # noqa: E731
     hit_cache, auto_cache = _cache(), PrefixCache(max_bytes=8 << 30)
     for cache in (hit_cache, auto_cache, None, _cache()):      # fill the caches, warm up graphs of these sizes

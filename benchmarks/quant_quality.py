@@ -132,7 +132,7 @@ def perplexity(model, ids: torch.Tensor, window: int, stride: int, make_cache=No
 
 def variants(args, calibration: torch.Tensor | None = None):
     """name -> (model factory, cache factory or None)."""
-    from quant import QuantizedKVCache, quantize
+    from specdec.quant import QuantizedKVCache, quantize
 
     def weights(bits, g=64, method="rtn"):
         cal = calibration if method == "gptq" else None
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--calib-len", type=int, default=512, help="tokens per gptq calibration sequence")
     args = p.parse_args(argv)
 
-    from integrations.models import load_default
+    from specdec.integrations.models import load_default
 
     torch.manual_seed(0)
     load_start = os.getloadavg()[0]  # other jobs on the host slow the timings, not the perplexities

@@ -102,7 +102,7 @@ def _dynamic_kv_bytes(cache) -> int:
 
 
 def run_weights(shape: str, variant: str, args, device: torch.device, bandwidth: float) -> dict:
-    from quant import quantize
+    from specdec.quant import quantize
 
     model = build_model(shape, device)
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def run_weights(shape: str, variant: str, args, device: torch.device, bandwidth:
 
 def kv_bytes(shape: str, context: int, device: torch.device) -> dict:
     """KV-cache bytes at ``context`` tokens: bf16 DynamicCache vs QuantizedKVCache int8/int4 (random K/V)."""
-    from quant import QuantizedKVCache
+    from specdec.quant import QuantizedKVCache
 
     config = transformers.LlamaConfig(**SHAPES[shape])
     head_dim = config.hidden_size // config.num_attention_heads
@@ -143,7 +143,7 @@ def kv_bytes(shape: str, context: int, device: torch.device) -> dict:
 
 def kv_decode(shape: str, args, device: torch.device) -> dict:
     """Decode speed at ``--kv-context`` tokens of context with each KV cache (bf16 weights)."""
-    from quant import QuantizedKVCache
+    from specdec.quant import QuantizedKVCache
 
     model = build_model(shape, device)
     out = {}

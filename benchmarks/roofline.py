@@ -32,8 +32,9 @@ import torch
 import transformers
 
 import specdec
-from benchmarks import report
-from benchmarks.quant_speed import copy_bandwidth, decode_bytes
+
+from . import report
+from .quant_speed import copy_bandwidth, decode_bytes
 
 SHAPES = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

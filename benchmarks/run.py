@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 import specdec
-from benchmarks import report, workloads
+
+from . import report, workloads
 
 log = logging.getLogger("specdec.bench")
 LOOKUP_TOKENS = 10  # HF's usual prompt_lookup_num_tokens
@@ -380,7 +381,7 @@ def _warm_up(variants, batch, device) -> None:
 
 def load(args):
     """``(target, tokenizer, drafts)`` as the arguments ask."""
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
 
     with _no_load_bars():
         model, tok = load_model(args.target, dtype=args.dtype, device=args.device)
@@ -398,7 +399,7 @@ def default_draft(target) -> str:
 def load_draft(spec: str, model, args) -> Draft:
     """A draft from ``--draft``: a shipped distilled name, ``self:N``, a feature-draft file or a
     model path (HF directory or .gguf)."""
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
     from specdec.distill.shipped import best_kind, feature_draft_path, load_feature_draft, load_named
     from specdec.generate import DISTILLED_NAMES
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks import report, workloads
-from benchmarks.pipeline_bench import CHATS
-from benchmarks.run import agreement
+
+from . import report, workloads
+from .pipeline_bench import CHATS
+from .run import agreement
 
 
 def prompt_sets(tok, n: int) -> dict[str, list[list[int]]]:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
 
     model, tok = load_model(None, dtype=args.dtype, device=args.device)
     sets, rows = prompt_sets(tok, args.n_prompts), []

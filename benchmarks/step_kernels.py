@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 import specdec
-from benchmarks.roofline import build
-from benchmarks.report import environment
+
+from .roofline import build
+from .report import environment
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,14 +1,20 @@
 """Benchmark workloads: real text that ships offline, the same prompts on every machine.
 
-Every prompt is built from ``benchmarks/data/texts.json``, a small (<200 KB) snapshot of
-real, PSF-licensed text taken from CPython 3.11's standard library:
+Every prompt is built from a small (<200 KB) snapshot of real, PSF-licensed text taken
+from CPython 3.11's standard library:
 
 * source code of a few pure-Python stdlib functions (``ast`` over the stdlib files), and
 * pages of the Python reference documentation as shipped in ``pydoc_data.topics``.
 
-The snapshot is shipped (rather than read from the running interpreter) so that a CPU run
+The ``code`` and ``chat`` prompts are the ones a distilled draft is held out on: they are
+defined, with their text (``specdec/distill/held_out.json``), in
+:mod:`specdec.distill.prompts`, and this module builds those two workloads from there (so
+distillation does not depend on the benchmarks). The other workloads' text is
+``benchmarks/data/texts.json``.
+
+The snapshots are shipped (rather than read from the running interpreter) so that a CPU run
 on Python 3.11 and a GPU run on Python 3.13 benchmark exactly the same prompts.
-``python -m benchmarks.workloads --rebuild`` regenerates it from the running interpreter's
+``python -m benchmarks.workloads --rebuild`` regenerates both from the running interpreter's
 stdlib (do that only on purpose: it changes every prompt, so old results stop being
 comparable; :func:`fingerprint` tells prompt sets apart).
 
@@ -45,22 +51,16 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from specdec.distill.prompts import (CHAT_QA, CHAT_REFERENCE_TOPICS, CHAT_SYSTEM_INTRO,  # noqa: F401 - re-exported
+                                     CODE_CHAT_INSTRUCTION, CODE_FUNCTIONS, SUMMARIZE_INSTRUCTION, Prompt,
+                                     chat_prompts, chat_system_prompt, code_functions, code_prompts, encode,
+                                     plain_text)
+from specdec.distill.prompts import DATA_FILE as HELD_OUT_FILE
+from specdec.distill.prompts import rebuild as rebuild_held_out
+
 DATA_FILE = Path(__file__).resolve().parent / "data" / "texts.json"
 
 WORKLOADS = ("code", "chat", "summarize", "long", "prose", "general")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt. Exactly one of ``messages`` (chat-formatted) and ``text`` (raw) is set."""
-
-    name: str  # stable id, e.g. "code/textwrap.dedent"
-    messages: list[dict] | None  # chat messages (role/content) when the workload is chat-formatted
-    text: str | None  # raw text prompt otherwise
-    shared_prefix_chars: int = 0  # chars of a prefix shared with the workload's other prompts
-
-    def __hash__(self):  # messages is a list: hash by identity of content instead
-        return hash((self.name, self.text, json.dumps(self.messages, sort_keys=True)))
 
 
 @dataclass(frozen=True)
@@ -80,56 +80,12 @@ class Workload:
 # --------------------------------------------------------------------------------------
 # What the snapshot holds (used by --rebuild; the loaders read the JSON only)
 
-# stdlib functions for `code`: module file, function (or Class.method) name
-CODE_FUNCTIONS = (
-    "textwrap.dedent",
-    "heapq.merge",
-    "statistics.quantiles",
-    "statistics.correlation",
-    "difflib.get_close_matches",
-    "functools.lru_cache",
-    "urllib.parse.urlsplit",
-    "ipaddress.collapse_addresses",
-    "statistics.harmonic_mean",
-    "shutil.which",
-)
-
-# pydoc topics for the `chat` system prompt's reference material
-CHAT_REFERENCE_TOPICS = ("with", "exceptions", "for")
-
 # pydoc topics for `summarize` (each 1-3k tokens)
 SUMMARIZE_TOPICS = ("execmodel", "import", "try", "calls", "strings", "function", "comparisons", "naming")
 
 # pydoc topics concatenated into `long` prompts (rotated: prompt i starts at page i)
 LONG_TOPICS = ("formatstrings", "string-methods", "debugger", "execmodel", "import", "try",
                "calls", "strings", "typesmapping", "comparisons", "naming")
-
-# (question, pydoc topic, first words of the paragraph that answers it). The answer (a real
-# sentence of the documentation) is the assistant turn in multi-turn chat sessions.
-CHAT_QA = (
-    ("What does the `with` statement do?", "with", 'The "with" statement is used to wrap'),
-    ("How does a `for` loop decide when to stop?", "for", "When the iterator is exhausted"),
-    ("What does `return` do, and what happens if it has no expression?", "return", '"return" leaves the current'),
-    ("Which objects count as false in an `if` test?", "truth", "By default, an object is considered true"),
-    ("How does `lambda` differ from a function defined with `def`?", "lambda", "Lambda expressions (sometimes"),
-    ("What does `del x` do to the name `x`?", "del", "Deletion of a name removes"),
-    ("What does the `global` statement do inside a function?", "global", 'The "global" statement is a declaration'),
-    ("What does `break` do inside nested loops?", "break", 'It terminates the nearest enclosing loop'),
-    ("What does `yield` turn a function into?", "yield", "Yield expressions and statements are only used"),
-    ("When should I use `nonlocal`?", "nonlocal", 'The "nonlocal" statement causes'),
-    ("What does `pass` do?", "pass", '"pass" is a null operation'),
-    ("How does Python handle an exception that no `except` clause catches?", "exceptions",
-     "When an exception is not handled at all"),
-)
-
-CHAT_SYSTEM_INTRO = (
-    "You are PyRef, an assistant that answers questions about the Python programming language. "
-    "Answer in plain English, in a few sentences, and quote the reference material below when it "
-    "answers the question. If the reference material does not cover the question, say so and answer "
-    "from general knowledge of Python 3. Show short code examples in fenced code blocks. Do not invent "
-    "functions, modules or options that Python does not have.\n\n"
-    "Reference material (from the Python Language Reference):\n\n"
-)
 
 # prose: openings of ordinary explanatory prose (written for this benchmark), continued by the model
 PROSE_TEXTS = (
@@ -194,9 +150,7 @@ GENERAL_REQUESTS = (
              "years."),
 )
 
-CODE_CHAT_INSTRUCTION = "Complete this Python function:"
 PROSE_CHAT_INSTRUCTION = "Continue this text:"
-SUMMARIZE_INSTRUCTION = "Summarize the text above, quoting its key sentences."
 
 # questions asked after a `long` prompt, keyed by the page the prompt starts with (the
 # answer sits at the far end of the context from the question)
@@ -236,13 +190,6 @@ def _source_note() -> str:
     return f"CPython {_data()['python']}"
 
 
-def chat_system_prompt() -> str:
-    """The long system prompt shared by every `chat` prompt and chat session."""
-    d = _data()
-    pages = [d["topics"][t].strip() for t in CHAT_REFERENCE_TOPICS]
-    return CHAT_SYSTEM_INTRO + "\n\n".join(pages)
-
-
 def _check_n(name: str, n: int | None, available: int | None) -> int:
     n = _DEFAULT_N[name] if n is None else n
     if not isinstance(n, int) or n < 1:
@@ -253,35 +200,17 @@ def _check_n(name: str, n: int | None, available: int | None) -> int:
 
 
 def _code(n: int | None, chat: bool) -> Workload:
-    d = _data()
-    names = [q for q in CODE_FUNCTIONS if q in d["code"]]
-    n = _check_n("code", n, len(names))
-    prompts = []
-    for q in names[:n]:
-        code = d["code"][q]
-        if chat:
-            msg = f"{CODE_CHAT_INSTRUCTION}\n\n```python\n{code}\n```"
-            prompts.append(Prompt(f"code/{q}", [{"role": "user", "content": msg}], None))
-        else:
-            prompts.append(Prompt(f"code/{q}", None, code))
+    n = _check_n("code", n, len(code_functions()))
     return Workload("code", f"HumanEval-style stubs: real stdlib functions ({_source_note()}) cut after "
-                    "signature + docstring; the model writes the body", prompts, _MAX_NEW["code"], True)
+                    "signature + docstring; the model writes the body", code_prompts(n, chat),
+                    _MAX_NEW["code"], True)
 
 
 def _chat(n: int | None, chat: bool) -> Workload:
     n = _check_n("chat", n, len(CHAT_QA))
-    system = chat_system_prompt()
-    prompts = []
-    for question, topic, _ in CHAT_QA[:n]:
-        name = f"chat/{topic}"
-        if chat:
-            msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-            prompts.append(Prompt(name, msgs, None, shared_prefix_chars=len(system)))
-        else:
-            text = _plain([{"role": "system", "content": system}, {"role": "user", "content": question}])
-            prompts.append(Prompt(name, None, text, shared_prefix_chars=len(_plain_head(system))))
     return Workload("chat", f"shared system prompt (assistant policy + Python reference pages from pydoc_data, "
-                    f"{_source_note()}) + real Python questions", prompts, _MAX_NEW["chat"], False)
+                    f"{_source_note()}) + real Python questions", chat_prompts(n, chat),
+                    _MAX_NEW["chat"], False)
 
 
 def _summarize(n: int | None, chat: bool) -> Workload:
@@ -356,7 +285,7 @@ def _general(n: int | None, chat: bool) -> Workload:
     for key, request in GENERAL_REQUESTS[:n]:
         messages = [{"role": "user", "content": request}]
         prompts.append(Prompt(f"general/{key}", messages, None) if chat else
-                       Prompt(f"general/{key}", None, _plain(messages)))
+                       Prompt(f"general/{key}", None, plain_text(messages)))
     return Workload("general", "everyday chat requests (lists, translation, explanations, a story, arithmetic, "
                     "an email, a recipe; written for this benchmark)", prompts, _MAX_NEW["general"], False)
 
@@ -418,76 +347,6 @@ def session_prompts(conversation: list[dict], session: int | str = 0) -> list[Pr
 # Encoding
 
 
-def _plain_head(system: str) -> str:
-    return f"System: {system}\n\n"
-
-
-def _plain(messages: list[dict]) -> str:
-    """Messages as plain text, for tokenizers with no chat template; ends on 'Assistant:'."""
-    out = []
-    for m in messages:
-        role = str(m.get("role", "user"))
-        out.append(f"{role.capitalize()}: {m.get('content', '')}\n\n")
-    return "".join(out) + "Assistant:"
-
-
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _encode_once(messages: list[dict] | None, text: str | None, tokenizer) -> list[int]:
-    if messages is not None and _has_template(tokenizer):
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # the template writes its own special tokens (BOS, role markers): add none
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    if messages is not None:
-        text = _plain(messages)
-    return list(tokenizer(text)["input_ids"])
-
-
-def _cut_middle(s: str, n: int) -> str:
-    """``s`` less ``n`` characters taken from its middle (head and tail survive)."""
-    if n <= 0:
-        return s
-    if n >= len(s) - 8:
-        return s[-8:] if len(s) > 8 else s
-    keep = len(s) - n
-    head = keep // 3
-    return s[:head] + "\n...\n" + s[len(s) - (keep - head):]
-
-
-def encode(prompt: Prompt, tokenizer, max_tokens: int | None = None) -> list[int]:
-    """Token ids of ``prompt``.
-
-    Chat prompts go through ``tokenizer.apply_chat_template(add_generation_prompt=True)``
-    (or, without a template, plain "Role: content" text ending in "Assistant:"); raw text
-    through ``tokenizer(text)``. With ``max_tokens``, a longer prompt loses text from the
-    middle of its longest part (the instructions at its head and the question at its tail
-    survive, and so does the chat template); the result is at most ``max_tokens`` long.
-    """
-    messages = [dict(m) for m in prompt.messages] if prompt.messages is not None else None
-    text = prompt.text
-    ids = _encode_once(messages, text, tokenizer)
-    if max_tokens is None or len(ids) <= max_tokens:
-        return ids
-    if max_tokens < 1:
-        raise ValueError("max_tokens must be >= 1")
-    for _ in range(8):
-        excess = len(ids) - max_tokens
-        if excess <= 0:
-            return ids
-        if messages is not None:
-            i = max(range(len(messages)), key=lambda j: len(messages[j].get("content", "")))
-            content = messages[i].get("content", "")
-            ratio = len(content) / max(1, len(ids))
-            messages[i]["content"] = _cut_middle(content, int(excess * max(ratio, 1.0)) + 16)
-        else:
-            ratio = len(text) / max(1, len(ids))
-            text = _cut_middle(text, int(excess * max(ratio, 1.0)) + 16)
-        ids = _encode_once(messages, text, tokenizer)
-    return ids[-max_tokens:]  # still too long (tiny max_tokens): keep the tail
-
-
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -517,38 +376,6 @@ def fingerprint(prompts: list[Prompt]) -> str:
 # Rebuilding the snapshot from the running interpreter's stdlib
 
 
-def _function_stub(qualname: str) -> str:
-    """Module imports + the function's decorators, signature and docstring (no body)."""
-    import ast
-    import sysconfig
-
-    parts = qualname.split(".")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for i in range(len(parts) - 1, 0, -1):
-        mod = stdlib.joinpath(*parts[:i])
-        path = mod.with_suffix(".py") if mod.with_suffix(".py").is_file() else mod / "__init__.py"
-        if path.is_file():
-            names = parts[i:]
-            break
-    else:
-        raise FileNotFoundError(qualname)
-    source = path.read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    lines = source.splitlines()
-    node, body = None, tree.body
-    for name in names:
-        node = next(n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
-        body = node.body
-    if not (isinstance(node, ast.FunctionDef) and ast.get_docstring(node)):
-        raise ValueError(f"{qualname} is not a function with a docstring")
-    start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-    stub = "\n".join(lines[start - 1:node.body[0].end_lineno])
-    imports = [ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    imports = [s for s in imports if s and "\n" not in s][:12]
-    head = "\n".join(imports)
-    return (head + "\n\n\n" if head else "") + stub + "\n"
-
-
 def _paragraph(page: str, starts: str) -> str:
     i = page.index(starts)
     j = page.find("\n\n", i)
@@ -556,17 +383,18 @@ def _paragraph(page: str, starts: str) -> str:
     return para[:para.rfind(".") + 1] or para  # whole sentences only
 
 
-def rebuild_data(path: Path = DATA_FILE) -> dict:
+def rebuild_data(path: Path = DATA_FILE, held_out_path: Path = HELD_OUT_FILE) -> dict:
+    """Regenerate both snapshots from the running interpreter: the held-out `code` and `chat`
+    text (``held_out_path``) and this module's (``path``)."""
     import platform
 
     from pydoc_data.topics import topics
 
-    wanted = sorted(set(CHAT_REFERENCE_TOPICS) | set(SUMMARIZE_TOPICS) | set(LONG_TOPICS))
+    rebuild_held_out(held_out_path)
     data = {
         "python": platform.python_version(),
         "license": "PSF License Agreement (CPython source and documentation)",
-        "code": {q: _function_stub(q) for q in CODE_FUNCTIONS},
-        "topics": {t: topics[t] for t in wanted},
+        "topics": {t: topics[t] for t in sorted(set(SUMMARIZE_TOPICS) | set(LONG_TOPICS))},
         "answers": {topic: _paragraph(topics[topic], starts) for _, topic, starts in CHAT_QA},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -579,7 +407,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rebuild", action="store_true", help="regenerate data/texts.json from this stdlib")
+    ap.add_argument("--rebuild", action="store_true", help="regenerate both snapshots from this stdlib")
     args = ap.parse_args()
     if args.rebuild:
         rebuild_data()

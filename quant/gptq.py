@@ -24,8 +24,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from quant.int4 import dequantize_int4, pack_int4
-from quant.search import LEVELS, quantize_int4_search, search_scale_zero
+from .int4 import dequantize_int4, pack_int4
+from .search import LEVELS, quantize_int4_search, search_scale_zero
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from quant.int4 import pack_int4, unpack_int4
+from .int4 import pack_int4, unpack_int4
 
 
 class QTensor(NamedTuple):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from quant.int4 import pack_int4
+from .int4 import pack_int4
 
 LEVELS = 15  # codes 0..15
 

@@ -10,9 +10,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from quant.int4 import GROUP_SIZES, Int4Linear, quantize_int4
-from quant.int8 import Int8Linear
-from quant.search import quantize_int4_search
+from .int4 import GROUP_SIZES, Int4Linear, quantize_int4
+from .int8 import Int8Linear
+from .search import quantize_int4_search
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 64, backend: str
         return _quantize_bnb(model, targets, bits)
     precomputed = {}
     if method == "gptq":
-        from quant.gptq import gptq_model
+        from .gptq import gptq_model
 
         precomputed = gptq_model(model, [name for name, _ in targets], group_size, calibration)
     chosen: dict[tuple, str] = {}

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdec.layers import find_layer_list
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
+
+def accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes a keyword ``name``."""
     return name in inspect.signature(model.forward).parameters
 
 
@@ -49,7 +52,7 @@ class ModelRunner:
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"{type(self.model).__name__} is an encoder-decoder model; specdec decodes "
                              "decoder-only causal LMs (AutoModelForCausalLM)")
-        self._has_logits_to_keep = _accepts(self.model, "logits_to_keep")
+        self._has_logits_to_keep = accepts(self.model, "logits_to_keep")
         self._cache_keyword = cache_keyword(self.model) or "past_key_values"
 
     @property
@@ -135,9 +138,7 @@ def select_rows(cache, rows: torch.Tensor) -> None:
 def hook_last_layer(model: torch.nn.Module, keep) -> torch.utils.hooks.RemovableHandle:
     """A forward hook on ``model``'s last decoder layer that hands ``keep`` its output (B, n, H) at
     every position (the features a feature draft reads); remove it with the returned handle."""
-    from specdec.drafters import _find_layer_list
-
     def hook(module, args, output) -> None:
         keep(output[0] if isinstance(output, tuple) else output)
 
-    return _find_layer_list(model)[1][-1].register_forward_hook(hook)
+    return find_layer_list(model)[1][-1].register_forward_hook(hook)

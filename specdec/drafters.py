@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from specdec.adapter import ModelRunner, cache_length, crop, select_rows
+from specdec.layers import find_layer_list, shallow_copy, truncate_config
 from specdec.state import SlotBatch, positions_from_mask
 
 
@@ -135,7 +136,7 @@ class ModelDrafter:
         """
         if not isinstance(self.runner, ModelRunner) or self.runner.make_cache is not None:
             return False
-        from prefix_cache.hf_cache import check_supported
+        from specdec.prefix_cache.hf_cache import check_supported
 
         try:
             check_supported(self.runner.model.config)
@@ -146,7 +147,7 @@ class ModelDrafter:
     def load_prefix(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Start from a prefix-cache hit: per layer (key, value) (B, heads, n, head_dim) for slots
         0..n-1. The next ``propose`` forwards only the slots after them (its usual catch-up)."""
-        from prefix_cache.hf_cache import cache_with_kv
+        from specdec.prefix_cache.hf_cache import cache_with_kv
 
         self.cache = cache_with_kv(kv_layers, self.runner.model.config)
 
@@ -155,7 +156,7 @@ class ModelDrafter:
         drafter has run so far (it may lag the target by a slot or two); [] before its first forward."""
         if not cache_length(self.cache):
             return []
-        from prefix_cache.hf_cache import kv_from_cache
+        from specdec.prefix_cache.hf_cache import kv_from_cache
 
         return kv_from_cache(self.cache, row=row)
 
@@ -248,46 +249,17 @@ def early_exit_model(target: torch.nn.Module, num_layers: int) -> torch.nn.Modul
     Shares every weight with the target (no extra memory). The module tree is copied
     shallowly along the path to the decoder-layer list, which is shortened.
     """
-    path, layers = _find_layer_list(target)
+    path, layers = find_layer_list(target)
     if not 1 <= num_layers < len(layers):
         raise ValueError(f"num_layers must be in 1..{len(layers) - 1} for a {len(layers)}-layer target, "
                          f"got {num_layers}")
     config = copy.deepcopy(target.config)
-    _truncate_config(config, num_layers)
-    root = _shallow(target, config)
+    truncate_config(config, num_layers)
+    root = shallow_copy(target, config)
     parent = root
     for name in path[:-1]:
-        child = _shallow(parent._modules[name], config)
+        child = shallow_copy(parent._modules[name], config)
         parent._modules[name] = child
         parent = child
     parent._modules[path[-1]] = torch.nn.ModuleList(list(layers)[:num_layers])
     return root
-
-
-def _shallow(module: torch.nn.Module, config) -> torch.nn.Module:
-    clone = copy.copy(module)
-    clone.__dict__["_modules"] = dict(module._modules)
-    # accelerate (device_map) hooks bind `forward` to the ORIGINAL instance, which would run
-    # all of its layers: the clone uses its class's forward; the layers keep their own hooks
-    for name in ("forward", "_old_forward", "_hf_hook"):
-        clone.__dict__.pop(name, None)
-    if hasattr(module, "config"):
-        clone.config = config
-    return clone
-
-
-def _find_layer_list(model: torch.nn.Module) -> tuple[list[str], torch.nn.ModuleList]:
-    """The decoder's layer list: the ModuleList with num_hidden_layers entries."""
-    n = model.config.get_text_config().num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return name.split("."), module
-    raise ValueError(f"cannot find the decoder layer list of {type(model).__name__}; "
-                     "pass draft_model= or use prompt_lookup_num_tokens= instead")
-
-
-def _truncate_config(config, num_layers: int) -> None:
-    text = config.get_text_config()
-    text.num_hidden_layers = num_layers
-    if getattr(text, "layer_types", None):
-        text.layer_types = text.layer_types[:num_layers]

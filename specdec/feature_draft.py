@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdec.drafters import Chooser, KeepDrafting, Proposal, _find_layer_list, top_probability
+from specdec.drafters import Chooser, KeepDrafting, Proposal, top_probability
+from specdec.layers import find_layer_list
 from specdec.state import SlotBatch, positions_from_mask
 
 
@@ -68,7 +69,7 @@ class TargetParts:
 
 def target_parts(target: nn.Module) -> TargetParts:
     """Find embeddings, final norm, head and last decoder layer of an HF causal LM."""
-    path, layers = _find_layer_list(target)
+    path, layers = find_layer_list(target)
     head = target.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(target).__name__} has no output embeddings (LM head): a feature draft needs one")

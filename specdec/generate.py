@@ -265,7 +265,7 @@ def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_
 def _kv_cache_factory(kv_quant):
     if kv_quant is None:
         return None
-    from quant.kv import QuantizedKVCache
+    from specdec.quant.kv import QuantizedKVCache
 
     bits = 8 if kv_quant == "int8" else 4
     return lambda model: QuantizedKVCache(model.config, bits=bits)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prefix_cache.hf_cache import cache_with_kv, check_supported, kv_from_cache
-from prefix_cache.identity import model_identity
+from specdec.prefix_cache.hf_cache import cache_with_kv, check_supported, kv_from_cache
+from specdec.prefix_cache.identity import model_identity
 from specdec.state import positions_from_mask
 from specdec.static import StaticSlots
 

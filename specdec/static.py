@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from specdec.adapter import ModelRunner, _accepts, cache_keyword, hook_last_layer
-from quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
+from specdec.adapter import ModelRunner, accepts, cache_keyword, hook_last_layer
+from specdec.quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
 from specdec.fused_linear import fused_projections, join_projections
 
@@ -200,7 +200,7 @@ class StaticRunner:
             layer.codes = None                # (keys QTensor, values QTensor) when kv_bits is set
         self._write_slots: torch.Tensor | None = None
         self._additive = model.config._attn_implementation == "eager"
-        self._cache_position = _accepts(model, "cache_position")
+        self._cache_position = accepts(model, "cache_position")
         self._cache_keyword = cache_keyword(model)
         self._arange = torch.arange(max_len, device=self._device)
         self._key_slots = torch.zeros(batch_size, max_len, dtype=torch.bool, device=self._device)
@@ -362,7 +362,7 @@ class StaticRunner:
         from transformers import DynamicCache
 
         scratch = DynamicCache() if scratch is None else scratch
-        kwargs = {"logits_to_keep": 1} if last_only and _accepts(self.model, "logits_to_keep") else {}
+        kwargs = {"logits_to_keep": 1} if last_only and accepts(self.model, "logits_to_keep") else {}
         kwargs[self._cache_keyword] = scratch
         out = self.model(input_ids=tokens, attention_mask=key_mask, position_ids=positions,
                          use_cache=True, **kwargs)
@@ -580,7 +580,7 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if cache_keyword(model) is None:
         return f"{type(model).__name__}.forward takes no cache (past_key_values)"
     for name in ("position_ids", "attention_mask"):
-        if not _accepts(model, name):
+        if not accepts(model, name):
             return f"{type(model).__name__}.forward takes no {name}"
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl not in ("sdpa", "eager"):

@@ -317,7 +317,7 @@ def _log_to_stderr() -> None:
 
 
 def _load_target(args):
-    from integrations.models import load_model
+    from specdec.integrations.models import load_model
 
     target, tok = load_model(args.target, dtype=args.dtype, device=args.device)
     for p in target.parameters():  # the teacher is read, never trained
@@ -450,9 +450,9 @@ def _ship(draft, target, layers, trained, args, eval_sets) -> dict:
 
 def _replay_file(target, path, eval_set, args) -> float:
     from specdec.distill import evaluate, shipped
-    from specdec.distill.train import _autocast_dtype
+    from specdec.distill.train import autocast_dtype
 
-    amp = _autocast_dtype(target)
+    amp = autocast_dtype(target)
     if args.kind == "feature":
         from specdec.distill.feature_train import replay_feature_acceptance
 
@@ -505,7 +505,7 @@ def _final_acceptance(target, draft, layers, held, args) -> dict:
 
 
 def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
-    from benchmarks.report import environment
+    from specdec.environment import environment
 
     by_source = {}
     for s in generated:
@@ -520,7 +520,7 @@ def _record(args, target, layers, generated, gen_s, texts, trained) -> dict:
                           loaded_from=args.generated or args.add_generated, temperature=args.temperature, explore_tokens=args.gen_explore,
                           prompt_weight=args.prompt_weight, text_pieces=len(texts),
                           text_tokens=sum(len(s.ids) for s in texts), generated_fraction=args.generated_fraction,
-                          held_out="benchmarks.workloads code (all 10) and chat (all 12) prompts"),
+                          held_out="specdec.distill.prompts code (all 10) and chat (all 12) prompts"),
                 train=trained.as_dict())
 
 

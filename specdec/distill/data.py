@@ -11,9 +11,10 @@ Everything is real text that ships with Python (no network):
   target says;
 - plain text: stdlib source and reference pages, plus any files the user names.
 
-Held out: every prompt of the ``code`` and ``chat`` benchmark workloads
-(:func:`held_out_prompts`). Training never uses their stdlib modules nor their questions'
-reference pages, so acceptance measured on them is acceptance on unseen prompts.
+Held out: every ``code`` and ``chat`` prompt of :mod:`specdec.distill.prompts`
+(:func:`held_out_prompts`; the benchmarks' ``code`` and ``chat`` workloads are the same
+prompts). Training never uses their stdlib modules nor their questions' reference pages, so
+acceptance measured on them is acceptance on unseen prompts.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from specdec.distill.prompts import (CHAT_QA, CODE_CHAT_INSTRUCTION, CODE_FUNCTIONS, SUMMARIZE_INSTRUCTION, Prompt,
+                                     chat_prompts, chat_system_prompt, code_prompts, encode)
 from specdec.distill.evaluate import left_pad
 
 log = logging.getLogger("specdec.distill")
@@ -63,36 +66,28 @@ class Sequence:
 
 
 # --------------------------------------------------------------------------------------
-# Held-out prompts (the benchmarks')
+# Held-out prompts (also the benchmarks' code and chat workloads)
 
 
 def held_out_prompts() -> dict:
-    """The ``code`` and ``chat`` workloads' prompts (``benchmarks.workloads``), all of them."""
-    from benchmarks import workloads
-
-    return {"code": workloads.get_workload("code", len(workloads.CODE_FUNCTIONS)).prompts,
-            "chat": workloads.get_workload("chat", len(workloads.CHAT_QA)).prompts}
+    """The held-out ``code`` and ``chat`` prompts (:mod:`specdec.distill.prompts`), all of them:
+    the benchmarks' ``code`` (raw text) and ``chat`` (chat messages) workloads."""
+    return {"code": code_prompts(chat=False), "chat": chat_prompts(chat=True)}
 
 
 def held_out_modules() -> set[str]:
     """Stdlib modules the held-out code prompts come from (e.g. ``textwrap``, ``urllib.parse``)."""
-    from benchmarks import workloads
-
-    return {q.rsplit(".", 1)[0] for q in workloads.CODE_FUNCTIONS}
+    return {q.rsplit(".", 1)[0] for q in CODE_FUNCTIONS}
 
 
 def held_out_topics() -> set[str]:
     """Reference pages (pydoc topics) that answer the held-out chat questions."""
-    from benchmarks import workloads
-
-    return {topic for _, topic, _ in workloads.CHAT_QA}
+    return {topic for _, topic, _ in CHAT_QA}
 
 
 def encode_prompts(prompts, tokenizer, max_tokens: int | None = None) -> list[list[int]]:
-    """Token ids of ``benchmarks.workloads.Prompt`` objects (chat template applied where set)."""
-    from benchmarks import workloads
-
-    return [workloads.encode(p, tokenizer, max_tokens) for p in prompts]
+    """Token ids of :class:`specdec.distill.prompts.Prompt` objects (chat template applied where set)."""
+    return [encode(p, tokenizer, max_tokens) for p in prompts]
 
 
 # --------------------------------------------------------------------------------------
@@ -210,14 +205,12 @@ def reference_pages(exclude_topics: set[str] | None = None) -> dict[str, str]:
 
 
 def training_prompts(n: int, seed: int = 0) -> list:
-    """``n`` prompts (``benchmarks.workloads.Prompt``), disjoint from :func:`held_out_prompts`.
+    """``n`` prompts (:class:`specdec.distill.prompts.Prompt`), disjoint from :func:`held_out_prompts`.
 
     Kinds are interleaved in fixed proportions (4 code : 3 chat with the benchmark's system
     prompt : 1 chat without : 1 chat-wrapped code : 1 summarize) so that any prefix of the
     list, e.g. what a time budget lets the target continue, keeps the mix.
     """
-    from benchmarks import workloads
-
     rng = random.Random(seed)
     files = code_files(rng)
     stubs, functions = [], []
@@ -239,27 +232,26 @@ def training_prompts(n: int, seed: int = 0) -> list:
     half = len(questions) // 2
     pools = {"code": iter(stubs), "code-chat": iter(stubs[::-1]), "chat-system": iter(questions[:half]),
              "chat": iter(questions[half:]), "summarize": iter(excerpts * (1 + n // max(len(excerpts), 1)))}
-    system = workloads.chat_system_prompt()
+    system = chat_system_prompt()
     out = []
     for i in range(n * 2):
         kind = _MIX[i % len(_MIX)]
         item = next(pools[kind], None)
         if item is not None:
-            out.append(_prompt(kind, item, i, system, workloads))
+            out.append(_prompt(kind, item, i, system))
         if len(out) == n:
             break
     return out
 
 
-def _prompt(kind: str, item: str, i: int, system: str, workloads):
-    Prompt = workloads.Prompt
+def _prompt(kind: str, item: str, i: int, system: str) -> Prompt:
     if kind == "code":
         return Prompt(f"train/code/{i}", None, item)
     if kind == "code-chat":
-        msg = f"{workloads.CODE_CHAT_INSTRUCTION}\n\n```python\n{item}\n```"
+        msg = f"{CODE_CHAT_INSTRUCTION}\n\n```python\n{item}\n```"
         return Prompt(f"train/code-chat/{i}", [{"role": "user", "content": msg}], None)
     if kind == "summarize":
-        msg = f"{item}\n\n{workloads.SUMMARIZE_INSTRUCTION}"
+        msg = f"{item}\n\n{SUMMARIZE_INSTRUCTION}"
         return Prompt(f"train/summarize/{i}", [{"role": "user", "content": msg}], None)
     messages = [{"role": "user", "content": item}]
     if kind == "chat-system":

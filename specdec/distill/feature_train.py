@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from specdec.adapter import ModelRunner
 from specdec.distill.evaluate import EvalSet, left_pad, simulate_chains
-from specdec.distill.train import TrainConfig, _autocast_dtype, mean_parts, slot_weights, weighted_mean
+from specdec.distill.train import TrainConfig, autocast_dtype, mean_parts, slot_weights, weighted_mean
 from specdec.feature_draft import FeatureDraft, previous_features
 from specdec.state import positions_from_mask
 
@@ -134,7 +134,7 @@ class FeatureTask:
     def __init__(self, target, draft: FeatureDraft, config: FeatureTrainConfig):
         if config.top1_weight < 0:
             raise ValueError(f"top1_weight must be >= 0 (0: KL alone), got {config.top1_weight}")
-        self.target, self.draft, self.config, self.amp = target, draft, config, _autocast_dtype(target)
+        self.target, self.draft, self.config, self.amp = target, draft, config, autocast_dtype(target)
         self._parts: list[dict] = []
 
     def parameters(self) -> list[torch.nn.Parameter]:

@@ -21,7 +21,7 @@ import itertools
 import torch
 from torch import nn
 
-from specdec.drafters import _find_layer_list, _shallow, _truncate_config
+from specdec.layers import find_layer_list, shallow_copy, truncate_config
 
 LAYER_CHOICES = ("spread", "first")
 
@@ -56,14 +56,14 @@ def build_draft(target: nn.Module, layers: list[int], dtype: torch.dtype | None 
         The draft in eval mode. Its own parameters (see :func:`own_parameters`) require grad;
         the shared ones are the target's tensors and are left as they are.
     """
-    path, target_layers = _find_layer_list(target)
+    path, target_layers = find_layer_list(target)
     config = copy.deepcopy(target.config)
     text = config.get_text_config()
     layer_types = getattr(text, "layer_types", None)
-    _truncate_config(config, len(layers))
+    truncate_config(config, len(layers))
     if layer_types:
         text.layer_types = [layer_types[i] for i in layers]
-    draft = _shallow(target, config)
+    draft = shallow_copy(target, config)
     draft.generation_config = copy.deepcopy(target.generation_config)
     new_layers = nn.ModuleList(_copy_layer(target_layers[i], j, dtype) for j, i in enumerate(layers))
     _replace(draft, target, path, new_layers, config)
@@ -104,14 +104,14 @@ def grow(draft: nn.Module, target: nn.Module, layers: list[int], num_layers: int
     new_layers = grow_layers(layers, num_layers, n_target)
     dtype = own_parameters(draft, target)[0].dtype
     grown = build_draft(target, new_layers, dtype=dtype)
-    prefix = ".".join(_find_layer_list(target)[0]) + "."
+    prefix = ".".join(find_layer_list(target)[0]) + "."
     moved = {prefix + f"{i}.": prefix + f"{new_layers.index(t)}." for i, t in enumerate(layers)}
     state = {}
     for key, value in own_state_dict(draft, target).items():
         old = next((o for o in moved if key.startswith(o)), None)
         state[moved[old] + key[len(old):] if old else key] = value
     own = own_state_dict(grown, target)
-    _, grown_layers = _find_layer_list(grown)
+    _, grown_layers = find_layer_list(grown)
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)
@@ -195,7 +195,7 @@ def _replace(draft: nn.Module, target: nn.Module, path: list[str], new: nn.Modul
     for name in path[:-1]:
         child, original = parent._modules[name], original._modules[name]
         if child is original:
-            child = _shallow(child, config)
+            child = shallow_copy(child, config)
             parent._modules[name] = child
         parent = child
     parent._modules[path[-1]] = new

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from quant.int4 import dequantize_int4, quantize_int4
-from quant.int8 import dequantize_int8, quantize_int8
+from specdec.quant.int4 import dequantize_int4, quantize_int4
+from specdec.quant.int8 import dequantize_int8, quantize_int8
 from specdec.distill.model import build_draft, own_parameters, own_state_dict
 
 FORMAT = "specdec-draft/1"

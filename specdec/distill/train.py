@@ -133,7 +133,7 @@ class LayeredTask:
     def __init__(self, target, draft, top1_weight: float = 0.0):
         if top1_weight < 0:
             raise ValueError(f"top1_weight must be >= 0 (0: KL alone), got {top1_weight}")
-        self.target, self.draft, self.amp = target, draft, _autocast_dtype(target)
+        self.target, self.draft, self.amp = target, draft, autocast_dtype(target)
         self.top1_weight = top1_weight
         self._parts: list[dict] = []
 
@@ -290,6 +290,7 @@ def _last_mean(log: TrainLog) -> str:
     return f"{log.acceptance[-1][1]['mean']:.3f}" if log.acceptance else "-"
 
 
-def _autocast_dtype(target) -> torch.dtype | None:
+def autocast_dtype(target) -> torch.dtype | None:
+    """The dtype to autocast training steps to: the target's (None for a float32 target)."""
     dtype = target.get_input_embeddings().weight.dtype
     return None if dtype == torch.float32 else dtype
