@@ -37,9 +37,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import report
-from benchmarks.quant_speed import SHAPES, build_model, copy_bandwidth, decode_bytes, sync
-from quant.int4 import GROUP_SIZES
+from specdec.quant.int4 import GROUP_SIZES
+
+from . import report
+from .quant_speed import SHAPES, build_model, copy_bandwidth, decode_bytes, sync
 
 VARIANTS = {"bf16": None, "int8": 8, "int4": 4}     # variant -> bits
 PATHS = {"graphs": True, "inductor": "inductor", "eager": False}   # path -> generate(compile=...)
@@ -102,9 +103,7 @@ def runner_state(model) -> dict:
     """What the static path set up for ``model``: runners, whether they still use graphs, graphs captured."""
     from specdec import static
 
-    runners = [r for r in list(static._RUNNERS.values()) if r._model_ref() is model]
-    return {"static_runners": len(runners), "use_graphs": [bool(r.use_graphs) for r in runners],
-            "graphs": sum(len(r._graphs) for r in runners)}
+    return static.runners_of(model)
 
 
 def run_path(model, ids: torch.Tensor, path: str, args, device: torch.device) -> dict:
@@ -130,7 +129,7 @@ def run_path(model, ids: torch.Tensor, path: str, args, device: torch.device) ->
         warnings.simplefilter("always")
         # the warm-up must land in the timed calls' cache-size bucket, or they would capture their own graphs
         warm = max(args.warmup_tokens, 1)
-        if static._bucket(prompt + warm + 2) != static._bucket(prompt + args.new_tokens + 2):
+        if static.slot_bucket(prompt + warm + 2) != static.slot_bucket(prompt + args.new_tokens + 2):
             warm = args.new_tokens
         row["warmup_seconds"] = call(warm)[0]
         call(1)  # the 1-token call's shapes too (prefill only)
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
             base["build_seconds"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if VARIANTS[variant] is not None:
-                from quant import quantize
+                from specdec.quant import quantize
 
                 quantize(model, bits=VARIANTS[variant], group_size=args.group_size, backend=args.backend)
             sync(device)

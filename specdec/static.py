@@ -134,7 +134,7 @@ class _Graph:
     hidden: torch.Tensor | None = None  # (B, n, H) the last decoder layer's output (for feature drafts)
 
 
-def _bucket(n: int) -> int:
+def slot_bucket(n: int) -> int:
     """Round a slot count up: 2048 or 4096, then a multiple of 4096 (few buckets: few captures;
     attention over unused masked slots costs little at decode sizes)."""
     if n <= 4096:
@@ -595,7 +595,7 @@ def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: s
     else a new one is built (at most ``MAX_COPIES`` per key, then this waits for one to come back).
     Where the static path does not fit this model: the eager ``ModelRunner``, with a warning (once)."""
     emb = model.get_input_embeddings().weight
-    base = (id(model), role, batch_size, emb.dtype, emb.device, fuse, kv_bits, _bucket(max_len))
+    base = (id(model), role, batch_size, emb.dtype, emb.device, fuse, kv_bits, slot_bucket(max_len))
     with _RETURNED:
         runner, copy = _free_runner(model, base)
         while runner is None and copy is None:
@@ -700,6 +700,15 @@ def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=
         give_back(*taken)
         raise
     return taken
+
+
+def runners_of(model: torch.nn.Module) -> dict:
+    """What the static path holds for ``model``: its runners, whether each still uses CUDA graphs,
+    and the graphs they captured (for benchmarks and diagnostics)."""
+    with _LOCK:
+        runners = [r for r in _RUNNERS.values() if r._model_ref() is model]
+        return {"static_runners": len(runners), "use_graphs": [bool(r.use_graphs) for r in runners],
+                "graphs": sum(len(r._graphs) for r in runners)}
 
 
 def batch_bucket(batch_size: int) -> int:

@@ -15,6 +15,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 VOCAB = 96
 
 
+@pytest.fixture(autouse=True)
+def _controllers_start_afresh():
+    """Each test starts with no draft-length controller memory from an earlier test's calls."""
+    from specdec import learned
+
+    learned.forget()
+    yield
+
+
 def _cfg(name: str):
     small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
