@@ -26,7 +26,9 @@ def test_bench_quick_writes_json_with_identical_tokens(tmp_path):
         assert row["identical_to_hf"] is True, name
         for field in ("ttft_ms", "itl_ms", "decode_tok_s", "speedup_vs_hf"):
             assert row[field] is not None, (name, field)
-    assert rows["ours-lookup"]["acceptance_rate"] is not None
+    # the controller may keep lookup off for a whole 12-token call (what the warm-up call taught it),
+    # so acceptance can be None; the speculative stats are still reported
+    assert rows["ours-lookup"]["k_mean"] is not None and rows["ours-lookup"]["spec_over_plain"] is not None
 
 
 def test_default_run_uses_the_shipped_distilled_draft(tmp_path):
