@@ -7,8 +7,9 @@ Everything is measured online, on this device, during this call:
   speculation falls behind plain decoding, the loop decodes plainly for a stretch and then
   probes again; the stretch doubles while probes keep losing (8 up to 128 steps) and shrinks
   back when one wins. A draft that does not match costs a probe now and then, not a slowdown.
-  A probe is priced: a dear draft (one whose catch-up on the prompt and on the plain stretch
-  costs seconds) stays off long enough that its probes take at most ``probe_share`` of the time.
+  Repeated losing probes are priced: a dear draft (one whose catch-up on the prompt and on the
+  plain stretch costs seconds) stays off long enough that its probes take at most
+  ``probe_share`` of the time.
 - **Memory across calls.** ``resume()`` hands the next generate() call on the same model and
   draft what this one learned (costs, calibration, the switch): a draft that lost stays off for
   the rest of its stretch instead of paying a warm-up and a losing probe on every short call.
@@ -149,6 +150,7 @@ class AdaptiveDraftLength:
     probe_share: float = 0.03        # a losing probe's cost may be this share of the plain stretch after it
     max_priced_stretch: int = 1024   # the longest stretch a dear probe buys
     margin: float = 0.03             # speculation must beat plain by this fraction to stay on
+    hopeless: float = 0.5            # one step below this share of plain switches off at once
     warmup_plain: int = 3            # plain steps first, to know what speculation must beat
     first_limit: int = 4             # drafted tokens in a step before a draft forward's cost is known
     forward_prior: float = 0.25      # a draft forward's cost, as a share of a plain step, until measured
@@ -163,7 +165,7 @@ class AdaptiveDraftLength:
     _stretch: int = field(default=0, init=False)
     _off_for: int = field(default=0, init=False)
     _run_steps: int = field(default=0, init=False)          # speculative steps since the last switch
-    _run_cost: float = field(default=0.0, init=False)       # their catch-up plus time lost against plain
+    _run_cost: float = field(default=0.0, init=False)       # their catch-up plus net time lost against plain
 
     def __post_init__(self):
         if self.k_max < 1:
@@ -210,10 +212,14 @@ class AdaptiveDraftLength:
         plain, spec = self.plain_rate, self.spec_rate
         if plain is None or spec is None:
             return
-        # one step that lost badly is evidence enough; a close call waits for a second
-        if (self._run_steps >= 2 and spec < plain * (1 - self.margin)) or spec < plain * 0.75:
-            # off for the stretch, or longer where the probe was dear: its cost <= probe_share of the stretch
-            priced = math.ceil(self._run_cost * plain / self.probe_share)
+        # one step that lost badly is evidence enough; otherwise a probe gets a second step (its
+        # first may be one unlucky token, and its catch-up is paid already)
+        if (self._run_steps >= 2 and spec < plain * (1 - self.margin)) or spec < plain * self.hopeless:
+            # off for the stretch; after a second losing probe in a row, longer where probing is dear
+            # (a draft model's catch-up on a new prompt): its cost <= probe_share of the stretch. A
+            # first loss may be bad luck, and a short stretch costs a good draft little to re-probe.
+            repeated = self._stretch > self.min_stretch
+            priced = math.ceil(max(self._run_cost, 0.0) * plain / self.probe_share) if repeated else 0
             self._off_for = min(max(self._stretch, priced), self.max_priced_stretch)
             self._stretch = min(2 * self._stretch, self.max_stretch)
             self._spec_s, self._spec_tokens = _Mean(self.decay), _Mean(self.decay)   # a probe starts fresh
@@ -287,7 +293,8 @@ class AdaptiveDraftLength:
         self._host_s.add(max(step.step_s - step.draft_s - step.verify_s, 0.0))
         tokens = sum(a + 1 for a in step.accepted) / max(len(step.accepted), 1)
         if self._plain_s.value is not None:
-            self._run_cost += step.catch_up_s + max(step.step_s - tokens * self._plain_s.value, 0.0)
+            # net: a step that beat plain pays back part of the run's catch-up and losses
+            self._run_cost += step.catch_up_s + step.step_s - tokens * self._plain_s.value
         self._spec_tokens.add(tokens)
         self._spec_s.add(step.step_s)
         self._run_steps += 1

@@ -157,11 +157,18 @@ def test_a_dear_draft_stays_off_across_short_calls():
     assert rate >= 0.95
 
 
-def test_a_losing_probe_is_priced_by_its_catch_up():
+def test_a_second_losing_probe_is_priced_by_its_catch_up():
     ctl = AdaptiveDraftLength(k_max=12)
     ctl.observe_plain(3, 3.0)                       # 1 s a plain step
-    ctl.update(StepRecord(4, 4, [0], [4], torch.full((1, 4), 0.5), 1.4, 1.4, 2.8, catch_up_s=6.0))
-    # the probe cost 6 s of catch-up + 1.8 s lost: off for >= 7.8 / 0.03 steps
+
+    def losing_probe(catch_up_s: float) -> None:
+        ctl.update(StepRecord(4, 4, [0], [4], torch.full((1, 4), 0.5), 1.4, 1.4, 2.8, catch_up_s=catch_up_s))
+
+    losing_probe(6.0)
+    assert ctl.plain_steps() == ctl.min_stretch     # a first loss may be bad luck: a short stretch
+    ctl.observe_plain(ctl.min_stretch, float(ctl.min_stretch))
+    losing_probe(6.0)
+    # the second cost 6 s of catch-up + 1.8 s lost: off for >= 7.8 / 0.03 steps
     assert ctl.plain_steps() >= 7.8 / ctl.probe_share - 1
     ctl.observe_plain(100, 100.0)                   # the call ended 100 steps into the stretch
     assert ctl.resume().plain_steps() == ctl.plain_steps() > 0
