@@ -33,6 +33,7 @@ SUMMARIZE = {"summarize": f"{RESULTS}/h100/bench-summarize-bf16.json"}
 FP32 = f"{RESULTS}/h100/bench-code-fp32.json"
 LONG = {"long": f"{RESULTS}/h100/bench-long-bf16.json"}
 CPU_DEFAULT = {"code": f"{RESULTS}/cpu/code-smollm2-135m-cpu-2026-12-07.json"}
+PAIR_CPU = {"code": f"{RESULTS}/cpu/code-qwen2.5-coder-1.5b-instruct-q4-k-m-cpu-2026-12-07.json"}
 SWEEPS = {"code": f"{RESULTS}/h100/sweep-code-bf16.json", "summarize": f"{RESULTS}/h100/sweep-summarize-bf16.json"}
 CPU_SWEEPS = {"code": f"{RESULTS}/cpu/2026-11-23-amd-epyc-code.json",
               "summarize": f"{RESULTS}/cpu/2026-11-23-amd-epyc-summarize.json"}
@@ -93,6 +94,12 @@ def _rows_by_variant(data: dict) -> dict[str, dict]:
     return {re.sub(r"\([^)]*\)", "", row["variant"]): row for row in data["rows"] if not row.get("error")}
 
 
+def _draft_name(data: dict) -> str | None:
+    """The run's --draft as a user would name it: a directory or file by its last component."""
+    draft = data.get("draft")
+    return draft.rstrip("/").rsplit("/", 1)[-1] if isinstance(draft, str) else draft
+
+
 def _environment(data: dict) -> str:
     env = data.get("environment", {})
     return f"{env.get('device', '?')}, torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}"
@@ -120,7 +127,7 @@ def bench_table(files: dict[str, str], variants: list[str], base: str) -> str:
     rows_by = {column: _rows_by_variant(d) for column, d in data.items()}
     first = next(iter(data.values()))
     present = [v for v in variants if any(v in rows for rows in rows_by.values())]
-    body = [[VARIANTS[v].format(draft=first.get("draft"))] + [_speed(rows_by[c].get(v), rows_by[c]) for c in files]
+    body = [[VARIANTS[v].format(draft=_draft_name(first))] + [_speed(rows_by[c].get(v), rows_by[c]) for c in files]
             for v in present]
     row0 = first["rows"][0]
     sources = ", ".join(link(path, base, column) for column, path in files.items())
@@ -142,7 +149,7 @@ def bench_detail_table(files: dict[str, str], base: str, labels: dict[str, str] 
         rows = _rows_by_variant(data)
         assisted = "hf-assisted" if "hf-assisted" in rows else "hf-assisted-distilled"
         for variant, row in rows.items():
-            label = names.get(variant, f"`{row['variant']}`").format(draft=data.get("draft"))
+            label = names.get(variant, f"`{row['variant']}`").format(draft=_draft_name(data))
             tps = row.get("tokens_per_step")
             acc = row.get("acceptance_rate")
             vs_assisted = _ratio(row, rows, assisted)
@@ -376,6 +383,7 @@ TABLES: dict[str, Callable[[str], str]] = {
     "fp32": lambda base: bench_detail_table({"code": FP32}, base),
     "long": lambda base: bench_table(LONG, list(VARIANTS), base),
     "cpu-default": lambda base: bench_detail_table(CPU_DEFAULT, base),
+    "pair-cpu": lambda base: bench_detail_table(PAIR_CPU, base),
     "feature-draft": lambda base: bench_detail_table(FEATURE_DRAFT, base, {
         "hf-assisted-distilled": "`hf-assisted` (`assistant_model=` a 4-layer layered draft)",
         "ours-distilled": "ours, the 4-layer layered draft, eager",
