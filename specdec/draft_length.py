@@ -1,6 +1,7 @@
 """Deciding, each step, whether to speculate and how far (``num_draft_tokens="auto"``).
 
-Everything is measured online, on this device, during this call:
+Everything is measured online, on this device, during this call and the earlier calls on the
+same model and draft:
 
 - **The switch** between plain decoding and speculation. The loop's realized throughput in each
   mode (tokens emitted per second of wall time, host work included) is tracked. When
@@ -170,6 +171,12 @@ class AdaptiveDraftLength:
     def __post_init__(self):
         if self.k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {self.k_max}")
+        for name in ("probe_share", "margin", "hopeless"):
+            if not 0 <= getattr(self, name) < 1 or (name == "probe_share" and self.probe_share == 0):
+                raise ValueError(f"{name} must be a share in [0, 1) (probe_share: > 0), got {getattr(self, name)}")
+        if not 1 <= self.min_stretch <= self.max_stretch <= self.max_priced_stretch:
+            raise ValueError("stretches must satisfy 1 <= min_stretch <= max_stretch <= max_priced_stretch, got "
+                             f"{self.min_stretch}, {self.max_stretch}, {self.max_priced_stretch}")
         self._plain_s, self._spec_s, self._spec_tokens = _Mean(self.decay), _Mean(self.decay), _Mean(self.decay)
         self._forward_s, self._host_s = _Mean(self.decay), _Mean(self.decay)
         self._verify = _LineFit(self.decay)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import threading
 import weakref
 
+import torch
+
 from specdec.draft_length import AdaptiveDraftLength
 
 _BY_TARGET: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -26,8 +28,9 @@ _LOCK = threading.Lock()
 
 def regime(compile_mode: str | None, batch_size: int, temperature: float, k_max: int, lookup: bool) -> tuple:
     """The part of the key that is not an object: what changes costs or acceptance."""
-    bucket = 1 << max(batch_size - 1, 0).bit_length()
-    return compile_mode, bucket, round(float(temperature), 2), k_max, lookup
+    from specdec.static import batch_bucket   # the batch sizes that share a static runner share costs
+
+    return compile_mode, batch_bucket(batch_size), round(float(temperature), 2), k_max, lookup
 
 
 def recall(target, draft, key: tuple, fresh: AdaptiveDraftLength) -> AdaptiveDraftLength:
@@ -55,6 +58,8 @@ def remember(target, draft, key: tuple, controller: AdaptiveDraftLength) -> None
 
 def forget(target=None) -> None:
     """Drop what was learned for ``target`` (every model when None): the next call starts afresh."""
+    if target is not None and not isinstance(target, torch.nn.Module):
+        raise TypeError(f"forget() takes the target model (a torch.nn.Module) or None, got {type(target).__name__}")
     with _LOCK:
         if target is None:
             _BY_TARGET.clear()

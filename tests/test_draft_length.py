@@ -125,6 +125,13 @@ def test_fixed_length_verifies_all_it_proposed():
     assert ctl.verify_length(None, [2, 4], 0.0) == 4
 
 
+@pytest.mark.parametrize("kw", [dict(probe_share=0.0), dict(probe_share=1.5), dict(hopeless=-0.1), dict(margin=1.0),
+                                dict(min_stretch=0), dict(min_stretch=256), dict(max_priced_stretch=64)])
+def test_switch_settings_validated(kw):
+    with pytest.raises(ValueError, match="must"):
+        AdaptiveDraftLength(**kw)
+
+
 def test_k_max_validated():
     with pytest.raises(ValueError):
         AdaptiveDraftLength(k_max=0)
@@ -201,3 +208,10 @@ def test_what_a_call_learned_reaches_the_next_call_on_the_same_model():
     assert again[1] is not entry[1]                   # the second call ran a resumed copy
     learned.forget(model)
     assert model not in learned._BY_TARGET
+
+
+def test_forget_refuses_what_is_not_a_model():
+    from specdec import learned
+
+    with pytest.raises(TypeError, match="target model"):
+        learned.forget("my-model")
