@@ -109,7 +109,8 @@ if [[ "$WHAT" == quant-graphs ]]; then  # int8/int4 weights on the compiled path
         | grep -v "Loading weights" | tee "$OUT/quant-graphs-log.txt" || true
 fi
 if [[ "$WHAT" == gpu-tests ]]; then
-    timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu-tests.txt" || true
+    timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu-tests-full.txt" 2>&1 || true
+    tail -15 "$OUT/gpu-tests-full.txt" | tee "$OUT/gpu-tests.txt"   # the full file keeps the tracebacks
 fi
 if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
     for w in code chat summarize; do bench --dtype bfloat16 --workload $w --n-prompts 2 --draft self:8; done

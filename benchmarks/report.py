@@ -90,6 +90,8 @@ ROW_FIELDS: dict[str, str] = {
     "speedup_vs_hf": "e2e speedup over hf",
     "speedup_vs_assisted": "e2e speedup over hf-assisted",
     "spec_over_plain": "decode speedup over ours-plain on the same path",
+    "prompt_seconds": "end-to-end seconds of each prompt (or batch), in workload order",
+    "worst_prompt_vs_assisted": "min over prompts of hf-assisted's seconds / this row's (same draft)",
     "acceptance_rate": "accepted / proposed draft tokens",
     "tokens_per_step": "tokens per target forward",
     "k": "draft length (int or 'auto')",

@@ -231,6 +231,7 @@ def summarize(variant: Variant, tally: Tally, ref: Tally, ctx: dict) -> dict:
         itl_ms=1e3 * sum(x.decode_s for x in s) / max(decoded / ctx["batch_size"], 1),
         decode_tok_s=decoded / max(sum(x.decode_s for x in s), 1e-9),
         e2e_tok_s=new / sum(x.total_s for x in s),
+        prompt_seconds=[round(x.total_s, 4) for x in s],
         peak_mem_bytes=max((x.peak_mem or 0) for x in s) or None)
     if not ctx["do_sample"]:
         _add_agreement(row, tally, ref, ctx)
@@ -278,6 +279,8 @@ def add_relative(rows: list[dict]) -> None:
         assisted = by.get(f"hf-assisted({r['draft']})") if r.get("draft") else None
         r["speedup_vs_hf"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None
         r["speedup_vs_assisted"] = r["decode_tok_s"] / assisted["decode_tok_s"] if assisted else None
+        if assisted and r.get("prompt_seconds") and len(r["prompt_seconds"]) == len(assisted.get("prompt_seconds") or []):
+            r["worst_prompt_vs_assisted"] = min(a / o for a, o in zip(assisted["prompt_seconds"], r["prompt_seconds"]))
         if not r["variant"].startswith("ours-") or r["variant"].startswith("ours-plain"):
             continue
         r["spec_over_plain"] = r["decode_tok_s"] / plain["decode_tok_s"] if plain else None

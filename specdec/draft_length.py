@@ -10,7 +10,10 @@ same model and draft:
   back when one wins. A draft that does not match costs a probe now and then, not a slowdown.
   Repeated losing probes are priced: a dear draft (one whose catch-up on the prompt and on the
   plain stretch costs seconds) stays off long enough that its probes take at most
-  ``probe_share`` of the time.
+  ``probe_share`` of the time. After a loss, a probe is also priced before it is paid: the
+  draft's catch-up (slots it has not seen, times its measured cost per slot) may be at most
+  ``probe_share`` of the plain time since the last speculative step, so a new call's long
+  prompt does not buy a probe that the last one showed would lose.
 - **Memory across calls.** ``resume()`` hands the next generate() call on the same model and
   draft what this one learned (costs, calibration, the switch): a draft that lost stays off for
   the rest of its stretch instead of paying a warm-up and a losing probe on every short call.
@@ -53,6 +56,7 @@ class StepRecord:
     verify_s: float
     step_s: float                   # the whole step, host work included (the catch-up excluded)
     catch_up_s: float = 0.0         # the draft catching up first (the prompt, or a plain stretch)
+    catch_up_slots: int = 0         # how many slots that catch-up ran
 
 
 class Calibration:
@@ -167,6 +171,8 @@ class AdaptiveDraftLength:
     _off_for: int = field(default=0, init=False)
     _run_steps: int = field(default=0, init=False)          # speculative steps since the last switch
     _run_cost: float = field(default=0.0, init=False)       # their catch-up plus net time lost against plain
+    _catch_up_s: _Mean = field(default=None, init=False)    # seconds per slot the draft catches up on
+    _plain_since_spec: int = field(default=0, init=False)   # plain steps since the last speculative step
 
     def __post_init__(self):
         if self.k_max < 1:
@@ -178,23 +184,37 @@ class AdaptiveDraftLength:
             raise ValueError("stretches must satisfy 1 <= min_stretch <= max_stretch <= max_priced_stretch, got "
                              f"{self.min_stretch}, {self.max_stretch}, {self.max_priced_stretch}")
         self._plain_s, self._spec_s, self._spec_tokens = _Mean(self.decay), _Mean(self.decay), _Mean(self.decay)
-        self._forward_s, self._host_s = _Mean(self.decay), _Mean(self.decay)
+        self._forward_s, self._host_s, self._catch_up_s = _Mean(self.decay), _Mean(self.decay), _Mean(self.decay)
         self._verify = _LineFit(self.decay)
         self._stretch = self.min_stretch
 
     # -- the switch ---------------------------------------------------------------------------
 
-    def plain_steps(self) -> int:
-        """Plain steps to run before the next speculative one (0: speculate now)."""
+    def plain_steps(self, lag: int = 0) -> int:
+        """Plain steps to run before the next speculative one (0: speculate now). ``lag``: the slots
+        the draft would catch up on first (the prompt on a new call, the plain stretch since)."""
         if self._plain_s.value is None:
             return self.warmup_plain
-        return self._off_for
+        if self._off_for:
+            return self._off_for
+        return self._catch_up_wait(lag)
+
+    def _catch_up_wait(self, lag: int) -> int:
+        """After a losing probe: plain steps until a probe's catch-up costs at most ``probe_share`` of
+        the plain time since the last speculative step (never past ``max_priced_stretch``). A draft
+        that has not lost since it last won probes at once."""
+        per_slot = self._catch_up_s.value
+        if not lag or not per_slot or self._stretch == self.min_stretch:
+            return 0
+        needed = math.ceil(lag * per_slot / (self.probe_share * self._plain_s.value))
+        return max(min(needed, self.max_priced_stretch) - self._plain_since_spec, 0)
 
     def observe_plain(self, steps: int, seconds: float) -> None:
         """``steps`` plain steps took ``seconds`` of wall time (host work included)."""
         if steps:
             self._plain_s.add(seconds / steps, weight=steps)
         self._off_for = max(self._off_for - steps, 0)    # a call may end inside a stretch: the next resumes it
+        self._plain_since_spec += steps
         self._run_steps, self._run_cost = 0, 0.0
 
     def resume(self) -> AdaptiveDraftLength:
@@ -297,6 +317,9 @@ class AdaptiveDraftLength:
         if step.forwards or not self.per_forward:
             self._forward_s.add(step.draft_s / max(step.forwards, 1))
         self._verify.add(step.verified, step.verify_s)
+        if step.catch_up_slots:
+            self._catch_up_s.add(step.catch_up_s / step.catch_up_slots, weight=step.catch_up_slots)
+        self._plain_since_spec = 0
         self._host_s.add(max(step.step_s - step.draft_s - step.verify_s, 0.0))
         tokens = sum(a + 1 for a in step.accepted) / max(len(step.accepted), 1)
         if self._plain_s.value is not None:
@@ -321,7 +344,7 @@ class FixedDraftLength:
     k: int
     stops_early = False
 
-    def plain_steps(self) -> int:
+    def plain_steps(self, lag: int = 0) -> int:
         return 0
 
     def draft_limit(self) -> int:

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ class Proposal:
     forwards: int = 0                # draft forwards this proposal ran
     catch_up_s: float = 0.0          # of the drafting time: catching up on slots (the prompt, or tokens
                                      # decoded while speculation was off), a cost of the past, not of k
+    catch_up_slots: int = 0          # how many slots that catch-up ran
 
     def host_counts(self) -> list[int]:
         return self.counts if self.counts is not None else [self.tokens.shape[1]] * self.tokens.shape[0]
@@ -51,13 +52,35 @@ class Proposal:
         counts = [min(c, n) for c in self.host_counts()]
         confidence = self.confidence[:, :n] if self.confidence is not None else None
         return Proposal(self.tokens[:, :n], probs, self.num_proposed.clamp(max=n), counts, confidence, self.forwards,
-                        self.catch_up_s)
+                        self.catch_up_s, self.catch_up_slots)
 
 
 # choose(logits (B, V), step j) -> (tokens (B,), probs (B, V) or None)
 Chooser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
 # keep_drafting(confidence (B, j) on the host) -> whether to draft token j + 1
 KeepDrafting = Callable[[torch.Tensor], bool]
+
+
+class Drafter(Protocol):
+    """What the decode loop asks of a draft: :class:`ModelDrafter`, :class:`PromptLookupDrafter`,
+    ``specdec.feature_draft.FeatureDrafter``. Capabilities are declared, not probed."""
+
+    name: str
+    wants_features: bool    # the loop hands it the target's last-layer outputs (``observe``)
+    reusable_cache: bool    # a prefix cache may load and store its K/V (``load_prefix``, ``row_kv``)
+
+    def propose(self, batch: SlotBatch, k: int, choose: Chooser,
+                keep_drafting: KeepDrafting | None = None) -> Proposal:
+        """Up to k tokens per row after the pending token, catching up first on unseen slots."""
+
+    def lag(self, batch: SlotBatch) -> int:
+        """Slots the next ``propose`` must catch up on before drafting (0: none, or free)."""
+
+    def rollback(self, num_slots: int) -> None:
+        """Forget everything after the target's first ``num_slots`` slots."""
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep only these batch rows (the others finished)."""
 
 
 def _clock(t: torch.Tensor) -> float:
@@ -81,6 +104,7 @@ class ModelDrafter:
     """
 
     name = "model"
+    wants_features = False
 
     def __init__(self, model: torch.nn.Module, target_vocab: int):
         self.runner = ModelRunner(model)
@@ -95,8 +119,9 @@ class ModelDrafter:
         mask = batch.key_mask(1)
         positions = positions_from_mask(mask)[:, have:]
         drafted, probs, confidence, catch_up_s = [], [], [], 0.0
+        catch_up_slots = tokens.shape[1] - 1 if tokens.shape[1] > 2 else 0
         for j in range(k):
-            catching_up = j == 0 and tokens.shape[1] > 2
+            catching_up = j == 0 and catch_up_slots > 0
             start = _clock(batch.pending) if catching_up else 0.0
             logits = self._forward(tokens, mask, positions, have if j == 0 else 0)
             if catching_up:
@@ -115,7 +140,12 @@ class ModelDrafter:
         out = torch.stack(drafted, 1) if drafted else batch.pending.new_zeros(batch.size, 0)
         n = out.shape[1]
         return Proposal(out, stacked, torch.full((batch.size,), n, device=out.device), None,
-                        torch.stack(confidence, 1) if confidence else None, forwards=n, catch_up_s=catch_up_s)
+                        torch.stack(confidence, 1) if confidence else None, forwards=n, catch_up_s=catch_up_s,
+                        catch_up_slots=catch_up_slots)
+
+    def lag(self, batch: SlotBatch) -> int:
+        """Slots the next ``propose`` runs before drafting (the prompt, or a plain stretch), beyond the pending token."""
+        return max(batch.num_slots - cache_length(self.cache), 0)
 
     def _forward(self, tokens, mask, positions, have: int) -> torch.Tensor:
         """(B, V) logits after ``tokens``; a long catch-up (after plain steps) runs in chunks the
@@ -180,6 +210,8 @@ class PromptLookupDrafter:
     """
 
     name = "prompt-lookup"
+    wants_features = False
+    reusable_cache = False    # nothing to cache: it reads the token history
 
     def __init__(self, histories: list[list[int]], max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -198,6 +230,9 @@ class PromptLookupDrafter:
         counts = [len(c) for c, _ in found]
         device = batch.pending.device
         return Proposal(tokens.to(device), None, torch.tensor(counts).to(device), counts, confidence)
+
+    def lag(self, batch: SlotBatch) -> int:
+        return 0    # its "catch-up" is the loop appending tokens to the history
 
     def rollback(self, num_slots: int) -> None:
         pass

@@ -272,6 +272,7 @@ class FeatureDrafter:
 
     name = "feature"
     wants_features = True
+    reusable_cache = False    # its cache holds features of the target, which a prefix cache does not keep
 
     def __init__(self, draft: FeatureDraft, target_vocab: int):
         self.draft = draft
@@ -342,6 +343,10 @@ class FeatureDrafter:
         self.true_length = self.cache.length
         self.window = self.window[:, pending_slot - self.window_from:]
         self.window_from = pending_slot
+
+    def lag(self, batch: SlotBatch) -> int:
+        """Slots to catch up on: one layer, cheap, and timed as drafting (no catch-up price)."""
+        return max(batch.num_slots - self.cache.length, 0)
 
     def rollback(self, num_slots: int) -> None:
         """Keep only slots computed from the target's true features (and within the target's ``num_slots``)."""

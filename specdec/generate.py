@@ -141,7 +141,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if mode is not None:
             from specdec.static import use_static
 
-            if getattr(run.drafter, "wants_features", False) and mode == "inductor":
+            if run.drafter is not None and run.drafter.wants_features and mode == "inductor":
                 raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
                                  "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
             k_max = options.max_draft_tokens(num_draft_tokens, opts.prompt_lookup_num_tokens) if run.drafter else 0
@@ -325,7 +325,7 @@ def _decode(run: _Run) -> None:
         _plain_loop(run)
         return
     while run.batch.size:
-        stretch = run.controller.plain_steps()
+        stretch = run.controller.plain_steps(run.drafter.lag(run.batch))
         if stretch:
             t0 = time.perf_counter()
             steps = _plain_loop(run, stretch)
@@ -431,7 +431,7 @@ def _step(run: _Run) -> None:
     past = proposal.catch_up_s
     controller.update(StepRecord(k, proposal.forwards - (past > 0), accepted, proposal.host_counts(),
                                  proposal.confidence, t1 - t0 - past, t2 - t1, time.perf_counter() - t0 - past,
-                                 catch_up_s=past))
+                                 catch_up_s=past, catch_up_slots=proposal.catch_up_slots))
 
 
 def _propose(run: _Run, k: int) -> Proposal:
@@ -515,14 +515,14 @@ def _count_step(run: _Run, k: int, accepted: list[int], proposed: list[int]) -> 
 
 def _feature_tap(run: _Run):
     """Keep the target's last-layer outputs while decoding, if the drafter reads them."""
-    if getattr(run.drafter, "wants_features", False):
+    if run.drafter is not None and run.drafter.wants_features:
         return run.runner.watching_features()
     return contextlib.nullcontext()
 
 
 def _observe(run: _Run, num_slots: int) -> None:
     """Hand a feature drafter the target's last-layer outputs of the ``num_slots`` slots just cached."""
-    if not getattr(run.drafter, "wants_features", False):
+    if run.drafter is None or not run.drafter.wants_features:
         return
     hidden = run.runner.take_features()[:, :num_slots]
     if hidden.shape[1] < num_slots:  # a prefix-cache hit: cached slots were not run, so no features

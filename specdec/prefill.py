@@ -174,7 +174,7 @@ def draft_namespace(drafter, prefix_cache, namespace: str | None) -> str | None:
     the cache (``PrefixCache.model_identity``: no other object ever gets it, and it changes with
     the draft's weights) and the draft's K/V shapes.
     """
-    if not getattr(prefix_cache, "cache_drafts", True) or not getattr(drafter, "reusable_cache", False):
+    if not getattr(prefix_cache, "cache_drafts", True) or drafter is None or not drafter.reusable_cache:
         return None
     model = drafter.runner.model
     tenant = "" if namespace is None else "=" + namespace   # keeps None and "" apart, as the cache does

@@ -1,5 +1,6 @@
 """The adaptive draft-length controller, on simulated drafts and costs (no model)."""
 
+import math
 import random
 
 import pytest
@@ -18,14 +19,14 @@ def _simulate(ctl, accept, confidence, plain_s=1.0, forward_s=0.3, verify_s=1.0,
     """
     rng, clock, produced, spec_steps, unseen = random.Random(seed), 0.0, 0, 0, prompt
     while produced < tokens:
-        stretch = min(ctl.plain_steps(), tokens - produced)
+        stretch = min(ctl.plain_steps(unseen if per_forward else 0), tokens - produced)
         if stretch:
             clock += stretch * plain_s
             produced += stretch
             unseen += stretch
             ctl.observe_plain(stretch, stretch * plain_s)
             continue
-        catch_up, unseen = unseen * catch_up_per_token, 0
+        catch_up, slots, unseen = unseen * catch_up_per_token, unseen, 0
         clock += catch_up
         confs, limit = [], ctl.draft_limit()
         for j in range(limit):
@@ -42,7 +43,8 @@ def _simulate(ctl, accept, confidence, plain_s=1.0, forward_s=0.3, verify_s=1.0,
         produced += accepted + 1
         spec_steps += 1
         ctl.update(StepRecord(n, len(confs) if per_forward else 0, [accepted], [n], torch.tensor([confs]),
-                              draft, verify, draft + verify, catch_up_s=catch_up))
+                              draft, verify, draft + verify, catch_up_s=catch_up,
+                              catch_up_slots=slots if catch_up else 0))
     return produced / clock, spec_steps
 
 
@@ -179,6 +181,30 @@ def test_a_second_losing_probe_is_priced_by_its_catch_up():
     assert ctl.plain_steps() >= 7.8 / ctl.probe_share - 1
     ctl.observe_plain(100, 100.0)                   # the call ended 100 steps into the stretch
     assert ctl.resume().plain_steps() == ctl.plain_steps() > 0
+
+
+def test_after_a_loss_a_probe_waits_until_its_catch_up_is_cheap():
+    ctl = AdaptiveDraftLength(k_max=12)
+    ctl.observe_plain(3, 3.0)                       # 1 s a plain step
+    # a losing probe that caught up on 100 slots in 2 s: 0.02 s a slot
+    ctl.update(StepRecord(4, 4, [0], [4], torch.full((1, 4), 0.5), 1.4, 1.4, 2.8, catch_up_s=2.0,
+                          catch_up_slots=100))
+    assert ctl.plain_steps() == ctl.min_stretch     # lost badly: off for a first, short stretch
+    ctl.observe_plain(ctl.min_stretch, float(ctl.min_stretch))
+    assert ctl.plain_steps(lag=0) == 0              # nothing to catch up on: probe
+    # a new call's 500-token prompt costs 10 s: a probe waits for 10 / 0.03 plain seconds in all
+    waited = ctl.min_stretch
+    assert ctl.plain_steps(lag=500) == math.ceil(500 * 0.02 / ctl.probe_share) - waited
+    ctl.observe_plain(400, 400.0)
+    assert ctl.plain_steps(lag=500) == 0
+
+
+def test_a_draft_that_has_not_lost_probes_whatever_its_catch_up():
+    ctl = AdaptiveDraftLength(k_max=12)
+    ctl.observe_plain(3, 3.0)
+    ctl.update(StepRecord(4, 4, [4], [4], torch.full((1, 4), 0.9), 0.4, 1.0, 1.4, catch_up_s=2.0,
+                          catch_up_slots=100))
+    assert ctl.plain_steps(lag=10_000) == 0
 
 
 def test_a_good_draft_keeps_winning_across_calls():
