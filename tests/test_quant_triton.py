@@ -187,3 +187,18 @@ def test_gpu_torch_compile_keeps_the_kernels_opaque():
     x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_joined_triton_projections_match_unjoined(bits):
+    from specdec.fused_linear import fused_projections, join_projections
+
+    model = quantize(tiny_model("llama").to(DEVICE), bits=bits, group_size=32, backend="triton")
+    ids = prompts(1, [7])[0].to(DEVICE)
+    with torch.no_grad():
+        want = model(ids).logits
+        groups = join_projections(model)
+        with fused_projections(groups):
+            got = model(ids).logits
+    assert len(groups) == 2 * model.config.num_hidden_layers and groups[0].joined.backend == "triton"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
