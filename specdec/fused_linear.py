@@ -131,6 +131,12 @@ def join_projections(model: nn.Module) -> list[ProjectionGroup]:
     return groups
 
 
+def joined_groups(model: nn.Module) -> list[ProjectionGroup]:
+    """The groups of ``model`` joined now (intact), each once."""
+    groups = {id(g): g for m in model.modules() if (g := getattr(m, "_joined", None)) is not None and g.intact()}
+    return list(groups.values())
+
+
 def _joinable(module) -> bool:
     if type(module) not in (*_FUSED, *_FUSED.values()) or hasattr(module, "_hf_hook") \
             or module._forward_hooks or module._forward_pre_hooks or module.weight.device.type == "meta":
