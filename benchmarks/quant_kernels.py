@@ -74,10 +74,10 @@ def tile_grid(fmt: str, rows: int, group_size: int) -> list:
     """Alternative Triton tiles around the defaults: GEMV for one row, tl.dot tiles for more."""
     from specdec.quant.triton_ops import KernelConfig
 
-    if rows == 1:
-        steps = (256, 512, 1024) if fmt == "int8" else (max(group_size, 512), 1024, 2048)
-        return [KernelConfig(1, bn, bk, w, s) for bn, bk, w, s in itertools.product((2, 4, 8, 16), steps, (4, 8), (2,))] \
-            + [KernelConfig(1, 8, 512, 4, s) for s in (1, 3)]
+    if rows == 1:   # steps in codes: 0.5-2 KB a row of int8, 0.5-2 KB a row of int4 (twice the codes)
+        steps = (512, 1024, 2048) if fmt == "int8" else (max(group_size, 1024), 2048, 4096)
+        return [KernelConfig(1, bn, bk, w, 2) for bn, bk, w in itertools.product((2, 4, 8), steps, (4, 8))] \
+            + [KernelConfig(1, 4, steps[1], 8, s) for s in (1, 3)]
     bm = min(64, max(16, 1 << (rows - 1).bit_length()))
     steps = (128, 256) if fmt == "int8" else (2 * group_size, 4 * group_size)
     return [KernelConfig(bm, bn, bk, 4, s) for bn, bk, s in itertools.product((16, 32, 64), steps, (3, 4))]

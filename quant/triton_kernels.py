@@ -51,10 +51,11 @@ def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
-        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)          # (BK,)
+        # x indexed as a (1, BK) row, like the weights: its layout then matches theirs (as in Inductor)
+        x = tl.load(x_ptr + m * stride_xm + k[None, :], mask=k[None, :] < K, other=0.0).to(tl.float32)
         q = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :],
                     mask=n_ok[:, None] & (k[None, :] < K), other=0)                              # (BN, BK)
-        acc += _i8_to_f32(q) * x[None, :]
+        acc += _i8_to_f32(q) * x
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -117,17 +118,18 @@ def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, 
     for g0 in range(0, n_groups, GROUPS_PER_STEP):
         g = g0 + rg
         g_ok = g < n_groups
-        byte = g[:, None] * HALF + rh[None, :]                        # (GS, H) byte column
-        x_even = tl.load(x_ptr + m * stride_xm + 2 * byte, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + m * stride_xm + 2 * byte + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        p = tl.load(w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :],
-                    mask=n_ok[:, None, None] & g_ok[None, :, None], other=0).to(tl.int32)   # (BN, GS, H)
-        qx = _u32_to_f32(p >> 4) * x_even[None, :, :] + _u32_to_f32(p & 0xF) * x_odd[None, :, :]
+        byte = (g[:, None] * HALF + rh[None, :])[None, :, :]              # (1, GS, H) byte column
+        x_ok = g_ok[None, :, None]
+        x_even = tl.load(x_ptr + m * stride_xm + 2 * byte, mask=x_ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + m * stride_xm + 2 * byte + 1, mask=x_ok, other=0.0).to(tl.float32)
+        p = tl.load(w_ptr + rn[:, None, None] * stride_wn + byte,
+                    mask=n_ok[:, None, None] & x_ok, other=0).to(tl.int32)                     # (BN, GS, H)
+        qx = _u32_to_f32(p >> 4) * x_even + _u32_to_f32(p & 0xF) * x_odd
         sz = rn[:, None] * stride_sn + g[None, :]
         sz_ok = n_ok[:, None] & g_ok[None, :]
         s = tl.load(s_ptr + sz, mask=sz_ok, other=0.0).to(tl.float32)                       # (BN, GS)
         z = tl.load(z_ptr + sz, mask=sz_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(qx, axis=2) * s + z * tl.sum(x_even + x_odd, axis=1)[None, :]
+        acc += tl.sum(qx, axis=2) * s + z * tl.sum(x_even + x_odd, axis=2)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)

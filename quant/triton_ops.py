@@ -6,11 +6,12 @@ traced), and CUDA graphs capture the kernel launches once a warm-up call has com
 ``int8_linear`` / ``int4_linear`` take an explicit ``KernelConfig``, for benchmarks and sweeps.
 
 The tile sizes (``int8_config`` / ``int4_config``) are starting points for memory-bound products on
-a GPU of ~100+ SMs: enough programs to keep every SM's loads in flight, steps of a few KB of weight
-bytes per program; ``benchmarks/quant_kernels.py`` times alternatives on the device at hand.
+a GPU of ~100+ SMs, where what counts is the weight bytes in flight per SM (tens of KB hide the
+memory latency). GEMV: a step of 4 KB (4 rows x 1 KB), one 16-byte load per thread of 8 warps and
+few registers, so that all of a layer's programs fit on the SMs at once. GEMM: 4 KB weight tiles
+pipelined 4 deep. ``benchmarks/quant_kernels.py`` times alternatives on the device at hand.
+(No ``from __future__ import annotations``: ``torch.library`` reads the ops' annotations.)
 """
-
-from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
@@ -58,16 +59,16 @@ def _block_n(n: int, device: torch.device, gemv: bool) -> int:
 def int8_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     """Tile sizes for an (m, k) x (n, k)^T int8 product."""
     if m == 1:
-        return KernelConfig(1, _block_n(n, device, True), min(512, triton.next_power_of_2(k)), 4, 2)
+        return KernelConfig(1, _block_n(n, device, True), min(1024, triton.next_power_of_2(k)), 8, 2)
     return KernelConfig(_block_m(m), _block_n(n, device, False), max(16, min(256, triton.next_power_of_2(k))), 4, 4)
 
 
 def int4_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> KernelConfig:
     """Tile sizes for an int4 product; ``block_k`` is a whole number of groups (at most the row)."""
     groups = triton.next_power_of_2(k // group_size)
-    if m == 1:
-        return KernelConfig(1, _block_n(n, device, True), group_size * min(groups, max(1, 1024 // group_size)), 4, 2)
-    return KernelConfig(_block_m(m), _block_n(n, device, False), group_size * min(groups, max(1, 256 // group_size)), 4, 3)
+    if m == 1:   # 2048 codes: 1 KB a row, as int8's step
+        return KernelConfig(1, _block_n(n, device, True), group_size * min(groups, max(1, 2048 // group_size)), 8, 2)
+    return KernelConfig(_block_m(m), _block_n(n, device, False), group_size * min(groups, max(1, 256 // group_size)), 4, 4)
 
 
 def _ieee(x: torch.Tensor) -> bool:
