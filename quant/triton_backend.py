@@ -33,10 +33,12 @@ def fast_on(device: torch.device) -> bool:
 
 
 def require() -> None:
-    """Raise, saying what to do, where triton is missing (checked when a layer is built)."""
+    """Load the kernels when a layer is built (so that a traced forward finds them imported), or raise
+    saying what to do where triton is missing."""
     if not available():
         raise ImportError("backend='triton' needs the triton package (CUDA builds of torch install it; "
                           "pip install triton), or use backend='auto' or 'reference'")
+    from . import triton_ops  # noqa: F401
 
 
 def _check(x: torch.Tensor) -> None:

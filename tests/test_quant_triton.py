@@ -202,3 +202,14 @@ def test_joined_triton_projections_match_unjoined(bits):
             got = model(ids).logits
     assert len(groups) == 2 * model.config.num_hidden_layers and groups[0].joined.backend == "triton"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torch_compile_sees_one_opaque_op(bits):
+    """Dynamo traces the layer's forward in one graph, the product staying one custom op call."""
+    lin = nn.Linear(64, 32, device=DEVICE)
+    layer = Int8Linear.from_linear(lin, "triton") if bits == 8 else Int4Linear.from_linear(lin, 32, "triton")
+    x = torch.randn(3, 64, device=DEVICE)
+    with torch.no_grad():
+        got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
