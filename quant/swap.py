@@ -35,9 +35,9 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 64, backend: str
     backend: ``"auto"`` (per weight device/dtype/shape: of the fused kernels that run and agree with
     ``"reference"``, the fastest on a batch-1 input, unless slower than ``"reference"``; on CUDA timed
     as a CUDA graph replays them), ``"torch"`` (int8) / ``"tinygemm"`` (int4), ``"triton"`` (our
-    Triton kernels, CUDA), ``"reference"``, or ``"bnb"`` (bitsandbytes, CUDA). skip: names (or fnmatch patterns, or last name components)
-    of layers to leave in full precision (a single string is one pattern). All layers are checked
-    before any is replaced.
+    Triton kernels, CUDA), ``"reference"``, or ``"bnb"`` (bitsandbytes, CUDA).
+    skip: names (or fnmatch patterns, or last name components) of layers to leave in full precision
+    (a single string is one pattern). All layers are checked before any is replaced.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. AutoModelForCausalLM.from_pretrained(...)), "

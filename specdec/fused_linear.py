@@ -36,8 +36,6 @@ from specdec.quant import Int4Linear, Int8Linear
 
 _SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _JOINING = threading.Lock()   # two threads joining one model at once would each re-point the other's views
-
-
 # the tensors of each kind of layer that hold one row (or entry) per output feature
 _ROW_TENSORS = {nn.Linear: ("weight", "bias"), Int8Linear: ("weight", "scales", "bias"),
                 Int4Linear: ("weight", "scales", "zeros", "bias")}
@@ -230,7 +228,8 @@ def fused_projections(groups: list[ProjectionGroup]):
         for group in groups:
             for index, member in enumerate(group.members):
                 swapped.append((member, type(member)))
-                member.__class__, member._group, member._index = _FUSED[type(member)], group, index
+                fused = _FUSED.get(type(member), type(member))   # already fused: an enclosing call's
+                member.__class__, member._group, member._index = fused, group, index
         yield
     finally:
         for member, kind in swapped:
