@@ -74,8 +74,9 @@ def seconds(layer: nn.Module, x: torch.Tensor) -> float:
     wall time elsewhere."""
     if x.device.type != "cuda":
         return wall_seconds(layer, x)
-    try:
-        return graph_seconds(layer, x)
-    except RuntimeError:   # not capturable: eager timing is what it would cost
-        torch.cuda.synchronize(x.device)
-        return wall_seconds(layer, x)
+    with torch.cuda.device(x.device):   # the capture runs on the current device
+        try:
+            return graph_seconds(layer, x)
+        except RuntimeError:   # not capturable: eager timing is what it would cost
+            torch.cuda.synchronize(x.device)
+            return wall_seconds(layer, x)

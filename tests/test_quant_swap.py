@@ -166,3 +166,9 @@ def test_triton_backend_without_triton_says_how_to_install(base, monkeypatch):
     monkeypatch.setattr(quant.triton_backend, "available", lambda: False)
     with pytest.raises(ImportError, match="pip install triton"):
         quantize(copy.deepcopy(base), bits=4, backend="triton")
+
+
+def test_wall_timing_on_cpu():
+    from quant import timing
+
+    assert 0 < timing.seconds(nn.Linear(64, 64), torch.randn(1, 64)) < 1
