@@ -42,7 +42,7 @@ def _i8_to_f32(q):
 
 @triton.jit
 def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One activation row (program axis 1) against BLOCK_N weight rows (axis 0)."""
     pid_n, m = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                     # (BN,)
@@ -64,8 +64,8 @@ def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_
 
 @triton.jit
 def int8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                      HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """BLOCK_M activation rows (axis 1) against BLOCK_N weight rows (axis 0), by tl.dot."""
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,8 +101,8 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn,
-                      stride_ym, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                      GROUPS_PER_STEP: tl.constexpr):
+                     stride_ym, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUPS_PER_STEP: tl.constexpr):
     """One activation row against BLOCK_N weight rows, GROUPS_PER_STEP groups a loop step.
 
     Per group: sum_k x_k (q_k s + z) = s * sum_k x_k q_k + z * sum_k x_k, so codes are only converted,
@@ -138,8 +138,8 @@ def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, 
 
 @triton.jit
 def int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                      stride_ym, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr):
+                     stride_ym, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr):
     """BLOCK_M activation rows against BLOCK_N weight rows by tl.dot: per group, the even and the odd
     columns (high and low nibbles) each make one product of depth GROUP / 2. The weight tile is
     dequantized as ``dequantize_int4`` does (fp32, then the activation dtype)."""

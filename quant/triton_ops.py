@@ -75,8 +75,12 @@ def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or interpreting()
 
 
-def _output(x: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+def _output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The (M, N) result; the kernels index in int32, so no operand may hold 2**31 elements."""
+    if max(x.numel(), weight.numel()) >= 2**31:
+        raise ValueError(f"the Triton kernels index with int32: weight {tuple(weight.shape)} or input "
+                         f"{tuple(x.shape)} is too large; use backend='reference' for this layer")
+    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -84,7 +88,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: Op
     """``(x @ q.T) * scales + bias`` for x (M, K) with unit stride along K, q (N, K) int8 contiguous."""
     (m, k), n = x.shape, q.shape[0]
     c = config or int8_config(m, n, k, x.device)
-    y = _output(x, n)
+    y = _output(x, q)
     b = scales if bias is None else bias  # a valid pointer the kernel never reads
     launch = dict(HAS_BIAS=bias is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
                   num_stages=c.num_stages)
@@ -103,7 +107,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     """``x @ dequantize_int4(packed, scales, zeros).T + bias``, canonical int4 buffers, contiguous."""
     (m, k), n = x.shape, packed.shape[0]
     c = config or int4_config(m, n, k, group_size, x.device)
-    y = _output(x, n)
+    y = _output(x, packed)
     b = scales if bias is None else bias
     launch = dict(HAS_BIAS=bias is not None, GROUP=group_size, BLOCK_N=c.block_n,
                   GROUPS_PER_STEP=c.block_k // group_size, num_warps=c.num_warps, num_stages=c.num_stages)
