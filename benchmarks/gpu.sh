@@ -18,7 +18,9 @@
 #   drop-in        spec, then pipeline
 #   general        specdec bench on everyday chat and code (bf16, ours vs hf vs hf-assisted) and fp32 identity
 #   gpu-tests      every @pytest.mark.gpu test
-#   quant-graphs   int8/int4 weights with compile=True on a random 8B shape (benchmarks/quant_graphs.py; no model file)
+#   quant-graphs   int8/int4 weights with compile=True on a random 8B shape (benchmarks/quant_graphs.py; no model file;
+#                  QUANT_VARIANTS, e.g. "bf16 int8 int4 int4:triton int4:tinygemm")
+#   quant-kernels  the int8/int4 matmul kernels alone on the 8B layer shapes, Triton tiles swept (benchmarks/quant_kernels.py)
 #   sweep          adaptive k against every fixed k, prompt lookup + CUDA graphs (code, summarize; PNG plots)
 #   batch          batch 8 of left-padded prompts (benchmarks/batch_bench.py)
 #   quant          int8/int4 weight decode speed and KV-cache bytes (benchmarks/quant_speed.py)
@@ -73,7 +75,7 @@ run) ;;
 *) echo "usage: gpu.sh stage | run [bench|bench2|sweep|batch|quant|prefix|all|distill|distill-resume|distill-more|distill-bench|distill-feature|distill-feature-bench|fastpath|fastpath-profile|prefix-random]"; exit 2 ;;
 esac
 WHAT="${2:-bench}"
-if [[ "$WHAT" != fastpath* && "$WHAT" != prefix-random && "$WHAT" != quant-graphs && ! -s "$GGUF" ]]; then
+if [[ "$WHAT" != fastpath* && "$WHAT" != prefix-random && "$WHAT" != quant-* && ! -s "$GGUF" ]]; then
     for d in .gguf*/; do if [ -d "$d" ]; then cp "$d"* "$M/"; fi; done
     cat "$M"/gguf.part.* > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"   # no empty file left behind on failure
 fi
@@ -105,8 +107,12 @@ if [[ "$WHAT" == general ]]; then  # ours vs HF vs HF assisted on everyday chat 
         --workload general --n-prompts 2 --max-new-tokens 64 --draft distilled 2>&1 | grep -v "Loading weights" || true
 fi
 if [[ "$WHAT" == quant-graphs ]]; then  # int8/int4 weights on the compiled path, 8B shape, vs each one's roofline
-    timeout "${T_QUANT:-300}" python3 -m benchmarks.quant_graphs --paths ${QUANT_PATHS:-graphs} --out "$OUT" 2>&1 \
+    timeout "${T_QUANT:-300}" python3 -m benchmarks.quant_graphs --paths ${QUANT_PATHS:-graphs} \
+        --variants ${QUANT_VARIANTS:-bf16 int8 int4} --out "$OUT" 2>&1 \
         | grep -v "Loading weights" | tee "$OUT/quant-graphs-log.txt" || true
+fi
+if [[ "$WHAT" == quant-kernels ]]; then  # the weight-only kernels alone, GB/s per backend and Triton tile
+    timeout "${T_QUANT:-300}" python3 -m benchmarks.quant_kernels --out "$OUT" 2>&1 | tee "$OUT/quant-kernels-log.txt" || true
 fi
 if [[ "$WHAT" == gpu-tests ]]; then
     timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu-tests-full.txt" 2>&1 || true

@@ -3,7 +3,10 @@
 Measures batch-1 greedy ``specdec.generate(model, ids, compile=...)`` (no draft: plain decoding over
 the static KV cache, with CUDA graphs for ``compile=True``, plus ``torch.compile`` fusion for
 ``"inductor"``) on a random Llama-3-8B-shaped model, for bf16 weights and the same weights quantized by
-``quant.quantize`` to int8 (per channel) and int4 (group-wise, tinygemm where it runs). For each
+``quant.quantize`` to int8 (per channel) and int4 (group-wise), with ``--backend`` (default ``auto``:
+the fastest kernel per layer shape), or with the backend a variant names (``int4:triton``). Each row
+says which backend its layers use (``backend``) and how many sibling groups the static path joined
+(``joined_groups``; tinygemm layers are never joined). For each
 (weight variant, path) row: tokens/s making exactly ``--new-tokens`` tokens (median of ``--repeats``
 synchronized calls after a warm-up call that captures the graphs), the decode-only rate (a 1-token
 call's time subtracted), the weight bytes one decode step reads, the roofline tokens/s those bytes
@@ -42,9 +45,11 @@ from specdec.quant.int4 import GROUP_SIZES
 from . import report
 from .quant_speed import SHAPES, build_model, copy_bandwidth, decode_bytes, sync
 
-VARIANTS = {"bf16": None, "int8": 8, "int4": 4}     # variant -> bits
+VARIANTS = {"bf16": None, "int8": 8, "int4": 4}     # variant -> bits; "int8:<backend>" forces a backend
+BACKENDS = {8: ("torch", "triton", "reference"), 4: ("tinygemm", "triton", "reference")}
+VARIANT_CHOICES = [*VARIANTS, *(f"{v}:{b}" for v, bits in VARIANTS.items() if bits for b in BACKENDS[bits])]
 PATHS = {"graphs": True, "inductor": "inductor", "eager": False}   # path -> generate(compile=...)
-ROW_KEYS = ("variant", "path", "tok_s", "seconds", "decode_tok_s", "bytes_per_token", "roofline_tok_s",
+ROW_KEYS = ("variant", "path", "backend", "tok_s", "seconds", "decode_tok_s", "bytes_per_token", "roofline_tok_s",
             "roofline_fraction", "agreement_with_bf16", "error")   # in every row (None: not measured)
 BYTES_NOTE = ("bytes_per_token: bytes of every parameter and buffer of the model as stored (quantized "
               "layers: codes + scales/zeros), minus the input embedding table (one row read per token) unless "
@@ -55,7 +60,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="8b", choices=list(SHAPES), help="Llama shape (tiny: a smoke test)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANT_CHOICES,
+                   help="bf16, int8, int4 (quantized with --backend), or int8:<backend> / int4:<backend>")
     p.add_argument("--paths", nargs="+", default=["graphs"], choices=list(PATHS),
                    help="graphs: compile=True; inductor: compile='inductor'; eager: compile=False")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens each timed call makes (exactly)")
@@ -65,7 +71,7 @@ def parse_args(argv):
                    help="int4 group size (what Int4Linear and tinygemm take)")
     p.add_argument("--warmup-tokens", type=int, default=16,
                    help="tokens of the untimed warm-up call (it captures the graphs / compiles)")
-    p.add_argument("--backend", default="auto", help="quant.quantize backend")
+    p.add_argument("--backend", default="auto", help="quant.quantize backend of the int8 and int4 variants")
     p.add_argument("--copy-bytes", type=int, default=None,
                    help="bytes per copy for the bandwidth test (default 2 GiB on CUDA, 16 MiB elsewhere)")
     p.add_argument("--deadline", type=float, default=540.0,
@@ -100,10 +106,25 @@ def agreement(tokens: list[int], reference: list[int] | None) -> dict:
 
 
 def runner_state(model) -> dict:
-    """What the static path set up for ``model``: runners, whether they still use graphs, graphs captured."""
+    """What the static path set up for ``model``: runners, whether they still use graphs, graphs captured,
+    sibling projections joined."""
     from specdec import static
+    from specdec.fused_linear import joined_groups
 
-    return static.runners_of(model)
+    return {**static.runners_of(model), "joined_groups": len(joined_groups(model))}
+
+
+def variant_spec(variant: str, default_backend: str) -> tuple[int | None, str | None]:
+    """``"int4:triton"`` -> (4, "triton"); ``"int8"`` -> (8, default_backend); ``"bf16"`` -> (None, None)."""
+    name, _, backend = variant.partition(":")
+    bits = VARIANTS[name]
+    return bits, (backend or default_backend) if bits else None
+
+
+def backend_used(model) -> str:
+    """The backend of the model's quantized layers ("a+b" if several), or "bf16"."""
+    found = sorted({m.backend for m in model.modules() if hasattr(m, "backend")})
+    return "+".join(found) or "bf16"
 
 
 def run_path(model, ids: torch.Tensor, path: str, args, device: torch.device) -> dict:
@@ -174,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
               "config": {k: v for k, v in vars(args).items()}, "device": str(device),
               "copy_bandwidth_bytes_per_s": bandwidth, "copy_bandwidth_GBps": bandwidth / 1e9,
               "bytes_note": BYTES_NOTE, "rows": [],
-              "int4_over_bf16_compiled": None, "int8_over_bf16_compiled": None}
+              "int4_over_bf16_compiled": None, "int8_over_bf16_compiled": None, "over_bf16_compiled": {}}
 
     def emit(row: dict) -> None:
         row = {**dict.fromkeys(ROW_KEYS), **row}
@@ -208,15 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
             sync(device)
             base["build_seconds"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            if VARIANTS[variant] is not None:
+            bits, backend = variant_spec(variant, args.backend)
+            if bits is not None:
                 from specdec.quant import quantize
 
-                quantize(model, bits=VARIANTS[variant], group_size=args.group_size, backend=args.backend)
+                quantize(model, bits=bits, group_size=args.group_size, backend=backend)
             sync(device)
             free_memory()
             base["quantize_seconds"] = time.perf_counter() - t0
-            base["backends"] = sorted({m.backend for m in model.modules() if hasattr(m, "backend")}) or ["bf16"]
-            if VARIANTS[variant] == 4:
+            base["backend"] = backend_used(model)
+            base["backends"] = base["backend"].split("+")
+            if bits == 4:
                 base["group_size"] = args.group_size
             base["bytes_per_token"] = decode_bytes(model)
             base["roofline_tok_s"] = bandwidth / base["bytes_per_token"]
@@ -259,11 +282,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _ratios(result: dict) -> None:
-    """int4 / int8 over bf16 tok/s on the graphs path (None while a side is missing or failed)."""
+    """Quantized over bf16 tok/s on the graphs path, per variant (None while a side is missing or failed);
+    ``int4_over_bf16_compiled`` / ``int8_over_bf16_compiled`` for the ``int4`` / ``int8`` variants."""
     tok = {r["variant"]: r.get("tok_s") for r in result["rows"] if r.get("path") == "graphs" and not r.get("error")}
+    result["over_bf16_compiled"] = {v: t / tok["bf16"] for v, t in tok.items()
+                                    if v != "bf16" and t and tok.get("bf16")}
     for variant in ("int4", "int8"):
-        ok = tok.get(variant) and tok.get("bf16")
-        result[f"{variant}_over_bf16_compiled"] = tok[variant] / tok["bf16"] if ok else None
+        result[f"{variant}_over_bf16_compiled"] = result["over_bf16_compiled"].get(variant)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-BACKENDS = ("tinygemm", "reference")
+from . import triton_backend
+
+BACKENDS = ("tinygemm", "triton", "reference")
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -90,8 +92,9 @@ class Int4Linear(nn.Module):
 
     backend: ``"tinygemm"`` uses ``torch._weight_int4pack_mm`` (CUDA, bf16 activations) or
     ``torch._weight_int4pack_mm_for_cpu`` (CPU); the kernel layout is device-specific, so build
-    the module on the device it will run on. ``"reference"`` keeps the canonical buffers and
-    dequantizes then matmuls (any device, any dtype).
+    the module on the device it will run on. ``"triton"`` keeps the canonical buffers and runs
+    ``quant.triton_kernels`` (CUDA; inputs of up to ``MAX_ROWS`` rows, more take the reference path).
+    ``"reference"`` keeps the canonical buffers and dequantizes then matmuls (any device, any dtype).
     """
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -99,6 +102,8 @@ class Int4Linear(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"Int4Linear backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            triton_backend.require()
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.group_size, self.backend = group_size, backend
         if backend == "tinygemm":  # CUDA's kernel wants bf16 activations and scales
@@ -124,6 +129,10 @@ class Int4Linear(nn.Module):
             y = _tinygemm_mm(x2d, self.weight, self.group_size, self.scales_and_zeros)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
+        x2d = x.reshape(-1, self.in_features)
+        if self.backend == "triton" and x2d.shape[0] <= triton_backend.MAX_ROWS:
+            y = triton_backend.int4_mm(x2d, self.weight, self.scales, self.zeros, self.group_size, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         w = dequantize_int4(self.weight, self.scales, self.zeros, x.dtype)
         return F.linear(x, w, self.bias)
 

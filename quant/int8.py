@@ -11,7 +11,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-BACKENDS = ("torch", "reference")
+from . import triton_backend
+
+BACKENDS = ("torch", "triton", "reference")
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,8 +38,9 @@ def _torch_int8_mm(x2d: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> 
 class Int8Linear(nn.Module):
     """``y = x @ (q * scales).T + bias`` with an int8 weight held in memory.
 
-    backend: ``"torch"`` calls ``torch._weight_int8pack_mm`` (CPU, MPS, recent CUDA);
-    ``"reference"`` casts the codes, matmuls, then scales each output channel (any device).
+    backend: ``"torch"`` calls ``torch._weight_int8pack_mm`` (CPU, MPS, recent CUDA); ``"triton"``
+    runs ``quant.triton_kernels`` (CUDA; inputs of up to ``MAX_ROWS`` rows, more take the reference
+    path); ``"reference"`` casts the codes, matmuls, then scales each output channel (any device).
     """
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -45,6 +48,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"Int8Linear backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            triton_backend.require()
         self.out_features, self.in_features = q.shape
         self.backend = backend
         self.register_buffer("weight", q)  # (out, in) int8
@@ -58,9 +63,12 @@ class Int8Linear(nn.Module):
         return cls(q, scales, bias, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        if self.backend == "triton" and x2d.shape[0] <= triton_backend.MAX_ROWS:
+            y = triton_backend.int8_mm(x2d, self.weight, self.scales, self.bias)  # bias added in the kernel
+            return y.reshape(*x.shape[:-1], self.out_features)
         if self.backend == "torch":
-            y = _torch_int8_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-            y = y.reshape(*x.shape[:-1], self.out_features)
+            y = _torch_int8_mm(x2d, self.weight, self.scales).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # per-channel scale on the output
         return y if self.bias is None else y + self.bias

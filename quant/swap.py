@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import time
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from . import timing, triton_backend
 from .int4 import GROUP_SIZES, Int4Linear, quantize_int4
 from .int8 import Int8Linear
 from .search import quantize_int4_search
 
 logger = logging.getLogger(__name__)
 
-FAST_BACKEND = {8: "torch", 4: "tinygemm"}
+FAST_BACKENDS = {8: ("torch", "triton"), 4: ("tinygemm", "triton")}   # what backend="auto" tries
 METHODS = ("rtn", "search", "gptq")
 
 
@@ -32,11 +32,12 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 64, backend: str
     calibration: token ids for ``"gptq"``, a (N, T) LongTensor or a list of lists, e.g. 16-128
     sequences of 256-512 tokens of text like what the model will see; the model must be an HF
     causal LM (its decoder layers are calibrated one after the other).
-    backend: ``"auto"`` (per weight device/dtype/shape: the fused kernel if it runs, agrees with
-    ``"reference"`` and is not slower on a batch-1 input, else ``"reference"``), ``"torch"`` (int8) / ``"tinygemm"`` (int4), ``"reference"``, or
-    ``"bnb"`` (bitsandbytes, CUDA). skip: names (or fnmatch patterns, or last name components)
-    of layers to leave in full precision (a single string is one pattern). All layers are checked
-    before any is replaced.
+    backend: ``"auto"`` (per weight device/dtype/shape: of the fused kernels that run and agree with
+    ``"reference"``, the fastest on a batch-1 input, unless slower than ``"reference"``; on CUDA timed
+    as a CUDA graph replays them), ``"torch"`` (int8) / ``"tinygemm"`` (int4), ``"triton"`` (our
+    Triton kernels, CUDA), ``"reference"``, or ``"bnb"`` (bitsandbytes, CUDA).
+    skip: names (or fnmatch patterns, or last name components) of layers to leave in full precision
+    (a single string is one pattern). All layers are checked before any is replaced.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. AutoModelForCausalLM.from_pretrained(...)), "
@@ -65,7 +66,7 @@ def _check_args(bits: int, group_size: int, backend: str, method: str, calibrati
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     if bits == 4 and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES} for int4, got {group_size!r}")
-    allowed = ("auto", "reference", "bnb", FAST_BACKEND[bits])
+    allowed = ("auto", "reference", "bnb", *FAST_BACKENDS[bits])
     if backend not in allowed:
         raise ValueError(f"backend for bits={bits} must be one of {allowed}, got {backend!r}")
     if method not in METHODS:
@@ -170,39 +171,52 @@ def _make_layer(linear: nn.Linear, bits: int, group_size: int, backend: str, cho
 
 
 def _probe(linear: nn.Linear, bits: int, group_size: int) -> str:
-    """The fast backend if it runs here, agrees with reference and is not slower at batch-1 decode."""
-    fast = FAST_BACKEND[bits]
+    """The fastest fused backend that runs here and agrees with reference, unless slower than reference
+    at batch-1 decode (more than 10%); else reference."""
+    x = torch.randn(2, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
+    reference = _build(linear, bits, group_size, "reference")
+    with torch.no_grad():
+        want = (reference(x).float(), reference(x[:1]).float())
+    times = {}
+    for name in _candidates(bits, x.device):
+        seconds = _try_backend(linear, bits, group_size, name, x, want)
+        if seconds is not None:
+            times[name] = seconds
+    if not times:
+        return "reference"
+    best = min(times, key=times.get)
+    reference_seconds = _seconds(reference, x[:1])
+    logger.info("quant: batch-1 us per call: %s, reference %.1f", ", ".join(f"{n} {1e6 * t:.1f}" for n, t in
+                                                                            times.items()), 1e6 * reference_seconds)
+    return best if times[best] <= 1.1 * reference_seconds else "reference"
+
+
+def _candidates(bits: int, device: torch.device) -> tuple[str, ...]:
+    """Fused backends worth trying on ``device`` (Triton on CUDA only: elsewhere it would interpret)."""
+    return tuple(b for b in FAST_BACKENDS[bits] if b != "triton" or triton_backend.fast_on(device))
+
+
+def _try_backend(linear: nn.Linear, bits: int, group_size: int, name: str, x: torch.Tensor,
+                 want: tuple[torch.Tensor, torch.Tensor]) -> float | None:
+    """Seconds per batch-1 call of backend ``name``, or None where it fails or disagrees with reference
+    (on the 2-row and the 1-row input: kernels may differ by row count)."""
     try:
-        x = torch.randn(2, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
-        layers = {name: _build(linear, bits, group_size, name) for name in (fast, "reference")}
+        layer = _build(linear, bits, group_size, name)
         with torch.no_grad():
-            got, want = (layers[n](x).float() for n in (fast, "reference"))
-        if (got - want).abs().max().item() > 0.05 * want.abs().max().item() + 1e-3:
-            logger.info("quant: backend %r disagrees with reference on %s; using reference", fast, x.device)
-            return "reference"
-        times = {n: _seconds(layer, x[:1]) for n, layer in layers.items()}
-        logger.info("quant: %s %.1f us vs reference %.1f us per batch-1 call", fast, 1e6 * times[fast],
-                    1e6 * times["reference"])
-        return fast if times[fast] <= 1.1 * times["reference"] else "reference"
-    except (RuntimeError, NotImplementedError, AttributeError, TypeError) as err:
-        logger.info("quant: backend %r unavailable (%s: %s); using reference", fast, type(err).__name__,
+            got = (layer(x).float(), layer(x[:1]).float())
+        if any((g - w).abs().max().item() > 0.05 * w.abs().max().item() + 1e-3 for g, w in zip(got, want)):
+            logger.info("quant: backend %r disagrees with reference on %s", name, x.device)
+            return None
+        return _seconds(layer, x[:1])
+    except Exception as err:  # noqa: BLE001 - any failure of a candidate kernel (missing op, compile error): skip it
+        logger.info("quant: backend %r unavailable (%s: %s)", name, type(err).__name__,
                     str(err).splitlines()[0][:200] if str(err) else "")
-    return "reference"
+    return None
 
 
-@torch.no_grad()
-def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median wall time of ``layer(x)``, synchronized on CUDA."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    layer(x)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        layer(x)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def _seconds(layer: nn.Module, x: torch.Tensor) -> float:
+    """Time of one ``layer(x)`` call (GPU time in a replayed CUDA graph on CUDA: ``quant.timing``)."""
+    return timing.seconds(layer, x)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -81,7 +81,7 @@ def test_replaced_weights_are_detected_not_used(model):
             pass
 
 
-def test_quantized_or_hooked_members_are_left_alone(model):
+def test_hooked_members_are_left_alone(model):
     attn = model.model.layers[0].self_attn
     attn.k_proj.register_forward_hook(lambda *a: None)
     groups = join_projections(model)
@@ -134,3 +134,62 @@ def test_bad_inputs_are_refused():
         join_projections("model")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         static.release(None)
+
+
+def _quantized(model, bits):
+    from quant import quantize
+
+    return quantize(model, bits=bits, group_size=32, backend="reference")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_members_join_bit_identically(model, bits):
+    """Codes, scales (and zeros) joined along the output rows: the same outputs, to the bit (CPU)."""
+    from quant import Int4Linear, Int8Linear
+
+    kind = Int8Linear if bits == 8 else Int4Linear
+    model = _quantized(model, bits)
+    attn = model.model.layers[0].self_attn
+    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    x = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        before, alone = _logits(model, ids), [m(x) for m in qkv]
+    groups = join_projections(model)
+    assert len(groups) == 2 * model.config.num_hidden_layers
+    assert type(groups[0].joined) is kind and groups[0].joined.out_features == sum(m.out_features for m in qkv)
+    assert attn.k_proj.scales.data_ptr() == groups[0].joined.scales[groups[0].bounds[1][0]:].data_ptr()   # a view
+    with fused_projections(groups), torch.no_grad():
+        assert type(attn.q_proj).__name__ == f"_Fused{kind.__name__}"
+        assert torch.equal(_logits(model, ids), before)
+        joined = [m(x) for m in qkv]
+    assert type(attn.q_proj) is kind
+    assert all(torch.equal(a, b) for a, b in zip(joined, alone))
+    state = model.state_dict()
+    q, k = state["model.layers.0.self_attn.q_proj.scales"], state["model.layers.0.self_attn.k_proj.scales"]
+    assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()   # saved as separate tensors
+
+
+def test_unlike_or_tinygemm_members_stay_apart(model):
+    from quant import Int4Linear
+
+    model = _quantized(model, 8)
+    model.model.layers[0].self_attn.v_proj.backend = "torch"                  # another backend than q, k
+    groups = join_projections(model)
+    assert len(groups) == 2 * model.config.num_hidden_layers - 1
+    tiny = tiny_model("llama")
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("no tinygemm CPU kernel")
+    from quant import quantize
+
+    quantize(tiny, bits=4, group_size=32, backend="tinygemm")
+    assert isinstance(tiny.model.layers[0].mlp.up_proj, Int4Linear) and join_projections(tiny) == []
+
+
+def test_compile_greedy_identical_with_joined_int4_projections(model):
+    model = _quantized(model, 4)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    plain = specdec.generate(model, ids, max_new_tokens=12)
+    fast = specdec.generate(model, ids, max_new_tokens=12, compile=True, draft_model="self:1", num_draft_tokens=3)
+    assert torch.equal(plain, fast)
+    assert getattr(model.model.layers[0].mlp.up_proj, "_joined", None) is not None   # the runner joined them

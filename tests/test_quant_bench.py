@@ -101,3 +101,25 @@ def test_graphs_agreement():
     assert got == {"agreement_with_bf16": 0.75, "agreement_prefix_with_bf16": 0.5, "first_divergence": 2}
     assert agreement([1, 2], [1, 2])["agreement_prefix_with_bf16"] == 1.0
     assert agreement([1], None)["agreement_with_bf16"] is None
+
+
+def test_graphs_forced_backend_variants_and_backend_field(tmp_path):
+    from benchmarks import quant_graphs
+
+    result = quant_graphs.main(["--shape", "tiny", "--device", "cpu", "--variants", "bf16", "int4:reference",
+                                "--new-tokens", "4", "--repeats", "1", "--warmup-tokens", "2", "--out", str(tmp_path)])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["bf16"]["backend"] == "bf16" and rows["int4:reference"]["backend"] == "reference"
+    assert rows["int4:reference"]["joined_groups"] == 2 * 2            # q/k/v and gate/up in each of 2 layers
+    assert result["over_bf16_compiled"]["int4:reference"] > 0 and result["int4_over_bf16_compiled"] is None
+
+
+def test_kernels_tiny_cpu_smoke(tmp_path):
+    from benchmarks import quant_kernels
+
+    result = quant_kernels.main(["--device", "cpu", "--shapes", "tiny", "--rows", "1", "--sweep", "none",
+                                 "--out", str(tmp_path)])
+    timed = {(r["format"], r["backend"]): r for r in result["rows"] if r.get("seconds")}
+    assert {("bf16", "bf16"), ("int8", "reference"), ("int4", "reference")} <= set(timed)
+    assert timed["int8", "reference"]["max_rel_error"] == 0.0
+    assert timed["int4", "reference"]["GBps"] > 0 and result["best"][0]["shape"] == "tiny"

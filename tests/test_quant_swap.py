@@ -131,3 +131,44 @@ def test_auto_prefers_reference_when_kernel_is_slower(base, monkeypatch):
     monkeypatch.setattr(quant.swap, "_seconds", lambda layer, x: 1.0 if layer.backend != "reference" else 0.1)
     q = quantize(copy.deepcopy(base), bits=4)
     assert {m.backend for m in q.modules() if isinstance(m, Int4Linear)} == {"reference"}
+
+
+def _fake_triton(monkeypatch, result):
+    """backend "triton" built without triton, its product replaced by ``result(x2d, q, scales, bias)``."""
+    import quant.swap
+    import quant.triton_backend
+
+    monkeypatch.setattr(quant.triton_backend, "require", lambda: None)
+    monkeypatch.setattr(quant.triton_backend, "int8_mm", result)
+    monkeypatch.setattr(quant.swap, "_candidates", lambda bits, device: ("torch", "triton"))
+    fast = {"torch": 0.5, "triton": 0.2, "reference": 1.0}
+    monkeypatch.setattr(quant.swap, "_seconds", lambda layer, x: fast[layer.backend])
+
+
+def _int8_backends(model):
+    return {m.backend for m in model.modules() if isinstance(m, Int8Linear)}
+
+
+def test_auto_picks_the_fastest_backend_that_agrees(base, monkeypatch):
+    def exact(x2d, q, scales, bias):
+        y = nn.functional.linear(x2d, q.to(x2d.dtype)) * scales
+        return y if bias is None else y + bias
+
+    _fake_triton(monkeypatch, exact)
+    assert _int8_backends(quantize(copy.deepcopy(base), bits=8)) == {"triton"}
+    _fake_triton(monkeypatch, lambda x2d, q, scales, bias: torch.zeros(x2d.shape[0], q.shape[0]))
+    assert _int8_backends(quantize(copy.deepcopy(base), bits=8)) == {"torch"}   # triton disagrees
+
+
+def test_triton_backend_without_triton_says_how_to_install(base, monkeypatch):
+    import quant.triton_backend
+
+    monkeypatch.setattr(quant.triton_backend, "available", lambda: False)
+    with pytest.raises(ImportError, match="pip install triton"):
+        quantize(copy.deepcopy(base), bits=4, backend="triton")
+
+
+def test_wall_timing_on_cpu():
+    from quant import timing
+
+    assert 0 < timing.seconds(nn.Linear(64, 64), torch.randn(1, 64)) < 1
