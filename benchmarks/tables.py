@@ -57,7 +57,8 @@ QUANT_SPEED = f"{RESULTS}/quant-speed-h100.json"
 MULTI_GPU = f"{RESULTS}/h200x2-multi-gpu-device-map.json"
 SPEC_VS_PLAIN_GPU = f"{RESULTS}/h100/spec-vs-plain-general-smollm2-135m-h100-2026-12-07.json"
 PREFIX_TTFT_GPU = f"{RESULTS}/h100/prefix-ttft-smollm2-135m-h100-2026-12-07.json"
-QUANT_GRAPHS = f"{RESULTS}/h100/quant-graphs-llama-8b-random-h100-2026-12-07.json"
+QUANT_GRAPHS = f"{RESULTS}/h100/quant-graphs-llama-8b-random-h100-2026-12-08.json"
+PIPELINE_GPU = f"{RESULTS}/h100/pipeline-patched-vs-unpatched-smollm2-135m-h100-2026-12-08.json"
 
 # What each bench variant is, in a user's words; {draft} is the run's --draft.
 VARIANTS = {
@@ -376,7 +377,27 @@ def quant_graphs_table(path: str, base: str) -> str:
     return _table(["weights", "path", "tok/s", "of its roofline", "kernel", "error"], body) + "\n\n" + note
 
 
+def pipeline_table(path: str, base: str) -> str:
+    """A patched text-generation pipeline against the same pipeline unpatched, per batch size."""
+    data = load(path)
+    names = {"pipeline": "`pipeline(...)` unpatched (HF `generate()`)",
+             "patched-plain+graphs": "`patch(pipe, compile=True)`",
+             "patched-lookup+graphs": "`patch(pipe, compile=True, prompt_lookup_num_tokens=10)`",
+             "patched-distilled+graphs": "`patch(pipe, compile=True, draft_model=\"distilled\")`"}
+    sizes = sorted({r["batch_size"] for r in data["rows"]})
+    by = {(r["variant"], r["batch_size"]): r for r in data["rows"]}
+    body = [[names.get(v, v)] + [f"{by[v, b]['tok_s']:.1f} ({by[v, b]['speedup_vs_pipeline']:.2f}x, "
+                                 f"agreement {by[v, b]['agreement']:.2f})" if (v, b) in by else "-" for b in sizes]
+            for v in names]
+    note = (f"New tokens/s of a chat `pipeline(\"text-generation\")` (speedup over the unpatched pipeline; "
+            f"agreement: share of tokens equal to the unpatched pipeline's, bf16). {data['model']}, {data['dtype']}, "
+            f"{data['rows'][0]['n_prompts']} chat prompts x 128 new tokens, greedy. {_environment(data)}; "
+            f"file: {link(path, base)}.")
+    return _table(["pipeline"] + [f"batch {b}" for b in sizes], body) + "\n\n" + note
+
+
 TABLES: dict[str, Callable[[str], str]] = {
+    "pipeline-gpu": lambda base: pipeline_table(PIPELINE_GPU, base),
     "speedup": lambda base: bench_table(SHIPPED_DRAFT, README_VARIANTS, base),
     "speedup-detail": lambda base: bench_detail_table(SHIPPED_DRAFT, base, {
         "ours-distilled": "ours, draft `distilled-feature`, eager",

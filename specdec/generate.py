@@ -21,6 +21,7 @@ from specdec import learned, options
 from specdec import verify as verify_mod
 from specdec.adapter import ModelRunner, crop, select_rows
 from specdec.config import Settings, resolve
+from specdec.device_lock import DEVICE
 from specdec.draft_length import AdaptiveDraftLength, FixedDraftLength, StepRecord
 from specdec.drafters import ModelDrafter, PromptLookupDrafter, Proposal
 from specdec.feature_draft import FeatureDraft, FeatureDrafter
@@ -133,39 +134,40 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if settings.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=: pass the tokenizer that made input_ids")
     runners = []  # static runners checked out for this call (compile): given back however it ends
-    try:
-        run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
-        run.drafter, run.controller = _make_drafter(run, draft, opts)
-        run.stats.drafter = getattr(run.drafter, "name", "none")
-        mode = options.compile_mode(compile)
-        if mode is not None:
-            from specdec.static import use_static
+    with DEVICE.shared():   # no CUDA graph capture of another thread while this call runs
+        try:
+            run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
+            run.drafter, run.controller = _make_drafter(run, draft, opts)
+            run.stats.drafter = getattr(run.drafter, "name", "none")
+            mode = options.compile_mode(compile)
+            if mode is not None:
+                from specdec.static import use_static
 
-            if run.drafter is not None and run.drafter.wants_features and mode == "inductor":
-                raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
-                                 "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
-            k_max = options.max_draft_tokens(num_draft_tokens, opts.prompt_lookup_num_tokens) if run.drafter else 0
-            runners = use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
-                                 kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=mode == "inductor")
-        learned_key = _recall_controller(run, model, draft, opts, mode, input_ids.shape[0])
-        run.prefix_cache, run.namespace = prefix_cache, cache_namespace
-        if prefix_cache is not None:
-            from specdec.prefill import draft_namespace
+                if run.drafter is not None and run.drafter.wants_features and mode == "inductor":
+                    raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
+                                     "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
+                k_max = options.max_draft_tokens(num_draft_tokens, opts.prompt_lookup_num_tokens) if run.drafter else 0
+                runners = use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
+                                     kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=mode == "inductor")
+            learned_key = _recall_controller(run, model, draft, opts, mode, input_ids.shape[0])
+            run.prefix_cache, run.namespace = prefix_cache, cache_namespace
+            if prefix_cache is not None:
+                from specdec.prefill import draft_namespace
 
-            run.draft_namespace = draft_namespace(run.drafter, prefix_cache, cache_namespace)
-        with _feature_tap(run):
-            _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
-            _decode(run)
-        if learned_key is not None:
-            learned.remember(model, draft, learned_key, run.controller)
-    except torch.OutOfMemoryError as err:
-        run = None  # noqa: F841 - this call's KV cache must not outlive it in the traceback
-        raise _out_of_memory(err, input_ids, settings, prefix_cache) from err
-    finally:
-        if runners:
-            from specdec.static import give_back
+                run.draft_namespace = draft_namespace(run.drafter, prefix_cache, cache_namespace)
+            with _feature_tap(run):
+                _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
+                _decode(run)
+            if learned_key is not None:
+                learned.remember(model, draft, learned_key, run.controller)
+        except torch.OutOfMemoryError as err:
+            run = None  # noqa: F841 - this call's KV cache must not outlive it in the traceback
+            raise _out_of_memory(err, input_ids, settings, prefix_cache) from err
+        finally:
+            if runners:
+                from specdec.static import give_back
 
-            give_back(*runners)
+                give_back(*runners)
     if streamer is not None:
         streamer.end()
     run.stats.total_s = time.perf_counter() - start

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from specdec.adapter import ModelRunner, accepts, cache_keyword, hook_last_layer
 from specdec.quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
+from specdec.device_lock import DEVICE
 from specdec.fused_linear import fused_projections, join_projections
 
 MAX_COPIES = 4                    # runners per key (concurrent calls of one shape); more calls wait
@@ -65,7 +66,6 @@ _WARNED: set[str] = set()
 # built under it may land back here
 _LOCK = threading.RLock()
 _RETURNED = threading.Condition(_LOCK)   # notified when a runner is given back
-_CAPTURING = threading.Lock()            # one CUDA graph capture at a time in this process
 
 
 def _warn_once(message: str) -> None:
@@ -515,10 +515,10 @@ class StaticRunner:
 
     def _capture(self, tokens, positions, slots) -> _Graph:
         """Warm up on a side stream (these runs write this step's KV, as the replay will), then capture.
-        One capture at a time, and in thread-local mode: another thread's work on the device (its own
-        forwards, allocations, syncs) neither lands in this graph nor breaks the capture."""
+        One capture at a time, with no generate() call of another thread running meanwhile
+        (``specdec.device_lock``), and in thread-local mode."""
         global captures
-        with _CAPTURING:
+        with DEVICE.exclusive():
             entry = self._capture_alone(tokens, positions, slots)
         with _LOCK:
             captures += 1
@@ -596,7 +596,7 @@ def static_runner(model: torch.nn.Module, batch_size: int, max_len: int, role: s
     Where the static path does not fit this model: the eager ``ModelRunner``, with a warning (once)."""
     emb = model.get_input_embeddings().weight
     base = (id(model), role, batch_size, emb.dtype, emb.device, fuse, kv_bits, slot_bucket(max_len))
-    with _RETURNED:
+    with DEVICE.released(), _RETURNED:    # waiting for another call's runner: let captures through
         runner, copy = _free_runner(model, base)
         while runner is None and copy is None:
             _RETURNED.wait()
