@@ -176,7 +176,7 @@ def measure(model, length: int, device: str, repeats: int, miss_repeats: int, co
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(length)
     prefix = torch.randint(3, vocab, (1, length), generator=gen)
-    suffixes = [torch.randint(3, vocab, (1, SUFFIX), generator=gen) for _ in range(repeats + miss_repeats + 2)]
+    suffixes = [torch.randint(3, vocab, (1, SUFFIX), generator=gen) for _ in range(repeats + miss_repeats + 3)]
     make = lambda i: torch.cat([prefix, suffixes[i]], dim=1).to(device)  # noqa: E731
     cache = PrefixCache(max_bytes=16 << 30, min_hit_tokens=0)
     for i in (0, 1):                            # store the prefix; warm up this suffix size (graphs)
@@ -192,7 +192,7 @@ def measure(model, length: int, device: str, repeats: int, miss_repeats: int, co
         with OpCounter(box):
             call(model, make(2 + repeats), device, cache, compile, box, counted)
     for i in range(miss_repeats):
-        misses.append(call(model, make(2 + repeats + i), device, None, compile))
+        misses.append(call(model, make(3 + repeats + i), device, None, compile))
     names = [BEFORE, "lookup", "gather", "load", "suffix", "prefill_other", FIRST, STORE]
     phase_ms = {n: 1e3 * statistics.median(p.seconds.get(n, 0.0) for p in runs) for n in names}
     row = dict(prefix_tokens=length, blocks=length // cache.block_size, compile=compile,
