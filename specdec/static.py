@@ -38,7 +38,6 @@ leaves that runner eager over its static cache.
 from __future__ import annotations
 
 import gc
-import itertools
 import threading
 import types
 import warnings
@@ -53,6 +52,7 @@ from specdec.adapter import ModelRunner, accepts, cache_keyword, hook_last_layer
 from specdec.quant.kv import QTensor, dequantize_token_groups, quantize_token_groups
 from specdec.attention import PACKED_GQA, attention_implementation
 from specdec.fused_linear import fused_projections, join_projections
+from specdec.prefix_cache.identity import module_tensors
 
 MAX_COPIES = 4                    # runners per key (concurrent calls of one shape); more calls wait
 captures = 0                      # CUDA graphs captured so far in this process
@@ -647,7 +647,7 @@ def give_back(*runners) -> None:
 def weights_signature(model: torch.nn.Module) -> tuple:
     """Where every parameter and buffer lives: a captured graph reads these addresses, so a runner
     whose model no longer matches (a module swapped, a tensor moved) must not replay."""
-    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    return tuple(t.data_ptr() for t in module_tensors(model))
 
 
 def release(model: torch.nn.Module) -> int:

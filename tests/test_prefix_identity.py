@@ -137,6 +137,20 @@ def test_model_key_lets_a_cache_outlive_the_model_object():
         cache.set_model_key(new, 3)
 
 
+def test_a_model_used_with_a_cache_is_freed_with_its_last_reference():
+    """What the identity and the static runner keep per model (its module list) does not keep it alive."""
+    import weakref
+
+    model, cache = tiny_model("llama", layers=1), PrefixCache(max_bytes=1 << 20)
+    ids = prompts(1, [32], seed=1)[0]
+    for compile in (False, True):
+        specdec.generate(model, ids, max_new_tokens=2, prefix_cache=cache, compile=compile)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
 def test_min_hit_tokens_skips_short_hits():
     model = tiny_model("llama")
     first, second = _shared(64)
