@@ -9,8 +9,9 @@ that changes per call, ``generate(max_new_tokens=1)``:
   miss_ms   time to the first token without a cache (median)
   hit_ms    the same with a cache holding the prefix (``min_hit_tokens=0``: every hit used)
   phases    host milliseconds of a hit, medians over calls, each phase net of the phases inside it:
-            before (generate() up to the prefill), lookup (``PrefixCache.match``), gather (the hit's
-            K/V for the run), load (into the run's cache), suffix (the suffix forward), prefill_other
+            before (generate() up to the prefill), lookup (``prefill.match_rows``), gather (the hit's K/V
+            for the run: ``gather_rows``), load (into the run's cache: ``load_hit``), suffix (the suffix
+            forward), prefill_other
             (the rest of the prefill), first_token (from the prefill to the first token), store
             (after the first token: the finished row stored)
   hit_host_ms  the phases up to the first token but the suffix forward: the hit's own host work
@@ -38,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import specdec
 from specdec import adapter, prefill, static
-from specdec.prefix_cache import PrefixCache, cache as cache_module
+from specdec.prefix_cache import PrefixCache
 
 from . import report
 from .prefix_bench import load
@@ -50,10 +51,9 @@ BEFORE, FIRST, STORE = "before", "first_token", "store"
 def hooks() -> list[tuple[object, str, str]]:
     """(owner, attribute, phase): the functions whose calls make up each phase of a hit."""
     return [(prefill, "prefill_with_prefix_cache", "prefill_other"),
-            (cache_module.PrefixCache, "match", "lookup"),
-            (cache_module.PrefixMatch, "kv_parts", "gather"),
-            (prefill, "cache_with_kv", "load"),
-            (static.StaticSlots, "load", "load"),
+            (prefill, "match_rows", "lookup"),
+            (prefill, "gather_rows", "gather"),
+            (prefill, "load_hit", "load"),
             (adapter.ModelRunner, "forward", "suffix"),
             (static.StaticRunner, "forward", "suffix"),
             (prefill, "store_rows", STORE)]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from specdec import learned, options
+from specdec import hit_policy, learned, options
 from specdec import verify as verify_mod
 from specdec.adapter import ModelRunner, crop, select_rows
 from specdec.config import Settings, resolve
@@ -51,6 +51,8 @@ class _Run:
     prefix_cache: object = None     # rows store prompt + output KV here when they finish
     namespace: str | None = None
     draft_namespace: str | None = None  # the draft model's K/V namespace in prefix_cache (None: not cached)
+    target_identity: str | None = None  # the target's identity in prefix_cache (computed once per call)
+    path: tuple = ()                # what a prefill's cost depends on besides the model (hit_policy)
     eos: torch.Tensor | None = None  # (n,) EOS ids inside the vocabulary (for min_new_tokens)
     room: int = 0                   # most tokens any active row may still emit (caps k: no wasted drafts)
     rows_host: list = None          # batch.rows as a list (read without a device sync)
@@ -150,9 +152,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         learned_key = _recall_controller(run, model, draft, opts, mode, input_ids.shape[0])
         run.prefix_cache, run.namespace = prefix_cache, cache_namespace
         if prefix_cache is not None:
-            from specdec.prefill import draft_namespace
+            from specdec.prefill import draft_namespace, target_identity
 
             run.draft_namespace = draft_namespace(run.drafter, prefix_cache, cache_namespace)
+            run.target_identity = target_identity(prefix_cache, model)
+        run.path = (mode, kv_quant, input_ids.shape[0], run.draft_namespace is not None)
         with _feature_tap(run):
             _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
             _decode(run)
@@ -300,11 +304,18 @@ def _recall_controller(run: _Run, model, draft, opts: options.Options, mode, bat
 
 
 def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
-    t0 = time.perf_counter()
+    """Run the prompts (through the prefix cache if any) and emit each row's first token. The time to
+    that token, read back here, is what ``hit_policy`` learns from (calls that captured a graph aside)."""
+    from specdec import static
+
+    t0, captures, model = time.perf_counter(), static.captures, run.runner.model
+    start = 0                                          # first prompt slot run (> 0: a hit was used)
     if prefix_cache is not None:
         from specdec.prefill import prefill_with_prefix_cache
 
-        logits = prefill_with_prefix_cache(run, input_ids, mask, prefix_cache, namespace)
+        min_tokens = hit_policy.threshold(model, run.path, prefix_cache)
+        logits, start = prefill_with_prefix_cache(run, input_ids, mask, prefix_cache, namespace,
+                                                  run.target_identity, min_tokens)
     else:
         logits = run.runner.forward(input_ids, mask, positions_from_mask(mask), run.cache, last_only=True)
     run.batch.append(input_ids, mask.bool())
@@ -312,10 +323,14 @@ def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
     first = _choose_target(run, logits[:, -1:], torch.zeros_like(run.batch.produced))[:, 0]
     run.batch.pending = first
     run.batch.produced += 1
+    first_host = first.tolist()                        # waits for the prefill
+    seconds = time.perf_counter() - t0
     if run.streamer is not None:
         run.streamer.put(input_ids.cpu())
-    _emit(run, first[:, None][:, :0], torch.zeros_like(first), first)
+    _emit(run, [[]] * len(first_host), [0] * len(first_host), first_host)
     run.stats.prefill_s = time.perf_counter() - t0
+    if static.captures == captures:
+        hit_policy.observe(model, run.path, start, input_ids.shape[1] - start, seconds)
 
 
 def _decode(run: _Run) -> None:

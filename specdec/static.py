@@ -412,11 +412,19 @@ class StaticRunner:
 
     @torch.inference_mode()
     def write_prefix(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy per-layer (key, value) (B, heads, n, head_dim) into slots 0..n-1 (a prefix-cache hit)."""
-        if len(kv_layers) != len(self._hf_cache.layers):
-            raise ValueError(f"got K/V for {len(kv_layers)} layers, the static cache has {len(self._hf_cache.layers)}")
-        for layer, (k, v) in zip(self._hf_cache.layers, kv_layers):
-            self._store(layer, self._arange[: k.shape[2]], k.to(self._device), v.to(self._device))
+        """Copy per-layer (key, value) (B, heads, n, head_dim) into slots 0..n-1 (a prefix-cache hit).
+        Into allocated full-precision storage, every layer's copy goes in one call (``_foreach_copy_``):
+        no Python per layer on the hit's path."""
+        layers = self._hf_cache.layers
+        if len(kv_layers) != len(layers):
+            raise ValueError(f"got K/V for {len(kv_layers)} layers, the static cache has {len(layers)}")
+        n = kv_layers[0][0].shape[2] if kv_layers else 0
+        if self.kv_bits is None and self._initialized():
+            targets = [t[:, :, :n] for layer in layers for t in (layer.keys, layer.values)]
+            torch._foreach_copy_(targets, [t.to(self._device) for pair in kv_layers for t in pair])
+            return
+        for layer, (k, v) in zip(layers, kv_layers):
+            self._store(layer, self._arange[:n], k.to(self._device), v.to(self._device))
 
     def _replay_padded(self, tokens, positions, start: int, bucket: int) -> torch.Tensor:
         """A suffix after a cached prefix, padded to ``bucket`` tokens so that a graph runs it.
