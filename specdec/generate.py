@@ -136,10 +136,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError("stop_strings needs tokenizer=: pass the tokenizer that made input_ids")
     runners = []  # static runners checked out for this call (compile): given back however it ends
     try:
-        run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
+        mode = options.compile_mode(compile)
+        run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant,
+                     eager=mode is None)
         run.drafter, run.controller = _make_drafter(run, draft, opts)
         run.stats.drafter = getattr(run.drafter, "name", "none")
-        mode = options.compile_mode(compile)
         if mode is not None:
             from specdec.static import use_static
 
@@ -226,28 +227,39 @@ def _check_inputs(model, input_ids, attention_mask):
     if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
     vocab = model.get_input_embeddings().weight.shape[0]
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+    lo, hi = torch.stack([input_ids.min(), input_ids.max()]).tolist()      # one read-back (a sync on a GPU)
+    if lo < 0 or hi >= vocab:
         raise ValueError(f"input_ids hold ids outside the model's vocabulary [0, {vocab}): "
-                         f"min {int(input_ids.min())}, max {int(input_ids.max())}; was it tokenized for this model?")
+                         f"min {lo}, max {hi}; was it tokenized for this model?")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    else:
+        _check_mask(attention_mask, input_ids)
+    device = model.get_input_embeddings().weight.device
+    return input_ids.long().to(device), attention_mask.long().to(device)
+
+
+def _check_mask(attention_mask, input_ids: torch.Tensor) -> None:
     if not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a tensor like input_ids, got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")
-    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+    not_binary, empty_row, right_padded = torch.stack([      # one read-back for the three checks
+        ((attention_mask != 0) & (attention_mask != 1)).any(), (attention_mask.sum(-1) == 0).any(),
+        (attention_mask[:, -1] == 0).any()]).tolist()
+    if not_binary:
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-    if bool((attention_mask.sum(-1) == 0).any()):
+    if empty_row:
         raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one real token")
-    if bool((attention_mask[:, -1] == 0).any()):
+    if right_padded:
         raise ValueError("attention_mask has right padding (a row ends with 0): decoder-only models continue "
                          "after the last slot, so pad on the left (tokenizer.padding_side = 'left')")
-    device = model.get_input_embeddings().weight.device
-    return input_ids.long().to(device), attention_mask.long().to(device)
 
 
-def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_quant) -> _Run:
+def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_quant, eager: bool = True) -> _Run:
+    """The call's state before its prefill. ``eager=False``: no cache yet (``use_static`` gives the run a
+    static one; an HF cache costs a pass over the config's layers to build)."""
     runner = ModelRunner(model, make_cache=_kv_cache_factory(kv_quant))
     B = input_ids.shape[0]
     if streamer is not None and B > 1:
@@ -261,7 +273,7 @@ def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_
                        device=input_ids.device)
     uniforms = Uniforms(B, settings.max_new_tokens, generator, input_ids.device) if settings.sampling.do_sample \
         else None
-    return _Run(runner, runner.new_cache(), settings, batch, histories, [[] for _ in range(B)],
+    return _Run(runner, runner.new_cache() if eager else None, settings, batch, histories, [[] for _ in range(B)],
                 StopChecker(settings, tokenizer), GenerationStats(B), uniforms, streamer, eos=eos,
                 rows_host=list(range(B)))
 
