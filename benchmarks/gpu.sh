@@ -148,7 +148,7 @@ if [[ "$WHAT" == prefix-random ]]; then
     python3 -m benchmarks.prefix_bench --device cuda --model 8b --gen-tokens 16 --out "$OUT" 2>&1 | tail -4 || true
 fi
 if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
-    [[ "${PREFIX_OPS:-1}" == 1 ]] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
+    [[ "${PREFIX_OPS:-1}" == 1 ]] && python3 -m benchmarks.prefix_bench --device cuda --out "$OUT" 2>&1 | tail -30 || true
     # miss vs hit TTFT, eager and compile=True, the min_hit_tokens crossover and token identity, one JSON
     timeout "${T_PREFIX:-240}" python3 -m benchmarks.prefix_ttft --device cuda --lengths "${PREFIX_LENGTHS:-128,256,512,1024,2048,8192}" --out "$OUT" 2>&1 \
         | grep -v "Loading weights" | tail -12 || true

@@ -157,7 +157,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
             run.draft_namespace = draft_namespace(run.drafter, prefix_cache, cache_namespace)
             run.target_identity = target_identity(prefix_cache, model)
-        run.path = (mode, kv_quant, input_ids.shape[0], run.draft_namespace is not None)
+        run.path = hit_policy.path(mode, kv_quant, input_ids.shape[0], run.draft_namespace is not None)
         with _feature_tap(run):
             _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
             _decode(run)

@@ -89,6 +89,12 @@ class HitCosts:
         return max(0, math.ceil((c - a) / (b - d)))
 
 
+def path(compile_mode: str | None, kv_quant: str | None, batch_size: int, draft_cached: bool) -> tuple:
+    """What a prefill's cost depends on besides the model: ``compile_mode`` (None, "graphs",
+    "inductor"), ``kv_quant``, the batch size, whether a draft's K/V is cached too."""
+    return compile_mode, kv_quant, batch_size, draft_cached
+
+
 def applies(model: torch.nn.Module) -> bool:
     """Whether hits are gated by timings for this model: on an accelerator, not on a CPU."""
     param = next(model.parameters(), None)
