@@ -31,6 +31,7 @@ import torch
 
 from specdec.prefix_cache.hf_cache import cache_with_kv, check_supported, kv_from_cache
 from specdec.prefix_cache.identity import model_identity
+from specdec.prefix_cache.store import Layout
 from specdec.state import positions_from_mask
 from specdec.static import StaticSlots
 
@@ -86,7 +87,7 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
         _, draft_kv = _load_rows(prefix_cache, host_ids, pads, regular, run.draft_namespace,
                                  _Keys(None, draft_min), run.drafter.runner.device)
         if draft_kv is not None:
-            run.drafter.load_prefix(draft_kv)
+            run.drafter.load_prefix(draft_kv.layers())
     positions = positions_from_mask(mask)[:, start:]
     if not exact:
         return run.runner.forward(input_ids, mask, positions, run.cache, last_only=True), 0
@@ -98,14 +99,16 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
     return run.runner.forward(input_ids[:, start:], mask, positions, run.cache, last_only=True), start
 
 
-def load_hit(run, kv, config) -> None:
-    """Start the run's cache from a hit's per-layer K/V (B, heads, start, head_dim): copied into the
-    slots of a static cache, or handed as they are to a fresh ``DynamicCache`` (which never writes
-    into them: its updates concatenate)."""
-    if isinstance(run.cache, StaticSlots):
-        run.cache.load(kv)
+def load_hit(run, kv: HitKV, config) -> None:
+    """Start the run's cache from a hit's K/V: copied into the slots of a static cache (one copy for
+    all layers where their K/V share a shape), or handed as they are to the call's own empty
+    ``DynamicCache`` (which never writes into them: its updates concatenate)."""
+    if not isinstance(run.cache, StaticSlots):
+        run.cache = cache_with_kv(kv.layers(), config, cache=run.cache)
+    elif kv.stacked() is not None:
+        run.cache.load_stacked(kv.stacked())
     else:
-        run.cache = cache_with_kv(kv, config, cache=run.cache)   # the call's own empty cache, filled
+        run.cache.load(kv.layers())
 
 
 def _quantizes(runner) -> bool:
@@ -123,7 +126,7 @@ def _prefill_quantized(run, input_ids, mask, positions, start: int, kv, prefix_c
     """Run the prompt from slot ``start`` in full precision over a ``DynamicCache`` holding the hit,
     store every row's prompt blocks, then hand the K/V to the run's quantized cache."""
     model = run.runner.model
-    scratch = cache_with_kv(kv, model.config) if kv is not None else _empty_cache(model.config)
+    scratch = cache_with_kv(kv.layers(), model.config) if kv is not None else _empty_cache(model.config)
     tokens = input_ids[:, start:]
     if isinstance(run.cache, StaticSlots):
         logits = run.runner.prefill_after(run.cache, scratch, tokens, mask, positions, last_only=True)
@@ -161,8 +164,8 @@ def _row_spans(mask: torch.Tensor) -> tuple[list[int], list[bool]]:
 
 
 def _load_rows(prefix_cache, host_ids: torch.Tensor, pads: list[int], regular: list[bool], namespace,
-               keys: _Keys, device):
-    """(start, per-layer K/V of slots [0, start) or None): every row's hit under ``namespace``,
+               keys: _Keys, device) -> tuple[int, HitKV | None]:
+    """(start, the K/V of slots [0, start) or None): every row's hit under ``namespace``,
     ``start`` the first slot some row must compute (module docstring); (0, None) when no row hits."""
     hits = []  # filled inside try: a failing match (OOM, Ctrl-C) still releases the earlier rows' blocks
     try:
@@ -222,8 +225,25 @@ def _kv_shape_tag(model: torch.nn.Module) -> str:
     return f"L{text.num_hidden_layers}-H{heads}-D{head_dim}-{dtype}"
 
 
-def gather_rows(hits, pads: list[int], start: int, device):
-    """Per layer (key, value) (B, heads, start, head_dim): each row's cached KV placed after its padding.
+@dataclass(frozen=True)
+class HitKV:
+    """The K/V a hit hands the run: the cache layout's parts, each (members, B, heads, start, head_dim)."""
+
+    parts: list[torch.Tensor]
+    layout: Layout
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key, value) (B, heads, start, head_dim): views of the parts."""
+        return self.layout.split(self.parts)
+
+    def stacked(self) -> torch.Tensor | None:
+        """(2 * layers, B, heads, start, head_dim), layer i's key at 2i and value at 2i + 1, where every
+        layer's K and V share a shape and a device; None otherwise."""
+        return self.parts[0] if self.layout.fused and len(set(self.layout.devices)) == 1 else None
+
+
+def gather_rows(hits, pads: list[int], start: int, device) -> HitKV:
+    """Each row's cached K/V for slots [0, start), placed after its padding.
 
     A single unpadded row is used as the cache holds it: views of its blocks' storage where one insert
     stored them all (no copy; read-only, as ``load_hit`` uses them), else one ``torch.cat`` for all
@@ -233,7 +253,7 @@ def gather_rows(hits, pads: list[int], start: int, device):
     reference = next(h for h in hits if h is not None and h.num_tokens)
     if len(hits) == 1 and pads[0] == 0 and hits[0].num_tokens == start:
         batched = [p.to(device).unsqueeze(1) for p in hits[0].kv_parts(copy=False)]  # (members, 1, heads, start, dim)
-        return reference.layout.split(batched)
+        return HitKV(batched, reference.layout)
     parts = [h.kv_parts() if h is not None and h.num_tokens else None for h in hits]
     batched = [p.new_zeros(p.shape[0], len(hits), p.shape[1], start, p.shape[3], device=device)
                for p in next(x for x in parts if x is not None)]
@@ -242,7 +262,7 @@ def gather_rows(hits, pads: list[int], start: int, device):
         if row is not None and take > 0:
             for out, p in zip(batched, row):
                 out[:, b, :, pad:start] = p[:, :, :take]
-    return reference.layout.split(batched)
+    return HitKV(batched, reference.layout)
 
 
 def store_rows(run, rows: list[int], prefix_cache, namespace) -> None:

@@ -123,6 +123,12 @@ class StaticSlots:
         self.runner.write_prefix(kv_layers)
         self.length = kv_layers[0][0].shape[2] if kv_layers else 0
 
+    def load_stacked(self, kv: torch.Tensor) -> None:
+        """``load`` from every layer's K/V in one tensor (2 * layers, B, heads, n, head_dim): layer i's
+        key at 2i, its value at 2i + 1."""
+        self.runner.write_stacked(kv)
+        self.length = kv.shape[3]
+
 
 @dataclass
 class _Graph:
@@ -199,6 +205,9 @@ class StaticRunner:
             layer.update = self._layer_update(layer)
             layer.codes = None                # (keys QTensor, values QTensor) when kv_bits is set
         self._write_slots: torch.Tensor | None = None
+        # every layer's K/V storage as one tensor (_allocate); False: the layers' K/V differ in shape
+        self._kv: torch.Tensor | bool | None = None
+        self._layer_index = {id(layer): i for i, layer in enumerate(self._hf_cache.layers)}
         self._additive = model.config._attn_implementation == "eager"
         self._cache_position = accepts(model, "cache_position")
         self._cache_keyword = cache_keyword(model)
@@ -338,7 +347,7 @@ class StaticRunner:
         ``into``: the layer's attention window (views covering ``slots``) to write through."""
         if self.kv_bits is None:
             if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
+                self._allocate(layer, k, v)
             keys, values = into if into is not None else (layer.keys, layer.values)
             keys.index_copy_(2, slots, k.to(keys.dtype))
             values.index_copy_(2, slots, v.to(values.dtype))
@@ -425,6 +434,38 @@ class StaticRunner:
             return
         for layer, (k, v) in zip(layers, kv_layers):
             self._store(layer, self._arange[:n], k.to(self._device), v.to(self._device))
+
+    @torch.inference_mode()
+    def write_stacked(self, kv: torch.Tensor) -> None:
+        """``write_prefix`` from one tensor (2 * layers, B, heads, n, head_dim) (layer i's key at 2i, its
+        value at 2i + 1): one copy where every layer's storage is a view of one tensor (``_allocate``)."""
+        shared = self._kv if isinstance(self._kv, torch.Tensor) else None
+        if shared is not None and self._initialized() and kv.shape[:3] == shared.shape[:3] \
+                and kv.shape[4] == shared.shape[4]:
+            shared[:, :, :, : kv.shape[3]].copy_(kv)
+            return
+        self.write_prefix([(kv[2 * i], kv[2 * i + 1]) for i in range(kv.shape[0] // 2)])
+
+    def _allocate(self, layer, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Allocate a layer's storage on its first write: as HF does, then, where the layer's K and V fit
+        it, moved to views of one tensor for all layers, (2 * layers, B, heads, max_len, head_dim), so
+        that a prefix-cache hit is one copy (``write_stacked``). A layer that does not fit (K/V shapes
+        differ across layers) leaves every layer its own storage. Not under torch.compile (``fuse``:
+        it would see the views as aliased inputs) nor once a graph is captured (it read the addresses)."""
+        layer.lazy_initialization(k, v)
+        if self._fused or self._graphs or self._kv is False:
+            return
+        keys, values = layer.keys, layer.values
+        spec = (keys.shape, keys.dtype, keys.device)
+        if self._kv is None and (values.shape, values.dtype, values.device) == spec:
+            self._kv = keys.new_zeros((2 * len(self._hf_cache.layers), *keys.shape))
+        shared = self._kv is not None and all((t.shape, t.dtype, t.device) == (self._kv.shape[1:], self._kv.dtype,
+                                                                               self._kv.device) for t in (keys, values))
+        if not shared:
+            self._kv = False                 # layers already moved keep their views: valid storage still
+            return
+        i = self._layer_index[id(layer)]
+        layer.keys, layer.values = self._kv[2 * i], self._kv[2 * i + 1]
 
     def _replay_padded(self, tokens, positions, start: int, bucket: int) -> torch.Tensor:
         """A suffix after a cached prefix, padded to ``bucket`` tokens so that a graph runs it.

@@ -289,7 +289,7 @@ def test_a_hit_reads_every_layer_and_block_with_one_copy():
         ops = Ops()
         with ops:
             with cache.match(ids + [1]) as hit:
-                kv = gather_rows([hit], [0], hit.num_tokens, "cpu")
+                kv = gather_rows([hit], [0], hit.num_tokens, "cpu").layers()
             cache_with_kv(kv, config)
         copies = {k: v for k, v in ops.seen.items() if k not in ("unbind", "unsqueeze", "view", "slice", "select",
                                                                    "detach", "alias", "squeeze")}
