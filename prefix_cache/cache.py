@@ -108,7 +108,8 @@ class PrefixCache:
         min_hit_tokens: a match of fewer tokens is a miss (its blocks are not read): where
             prefilling a short prefix costs no more than reading it back (a launch-bound GPU), the
             cache prefills instead. None: 256 for a model on a CUDA device, 0 otherwise (every hit
-            is used); ``benchmarks/prefix_ttft.py`` measures the crossover.
+            is used); on a GPU ``specdec.generate`` replaces the 256 by a threshold learned from its
+            own prefill timings (``specdec.hit_policy``). An int is used as given.
 
     Every key holds the identity of the model whose K/V the block is (``match``/``insert`` with
     ``model=``; ``specdec.generate`` passes its target and draft): by default one that no other
