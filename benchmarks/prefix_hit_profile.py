@@ -174,6 +174,8 @@ def call(model, ids, device: str, cache, compile: bool, box=None, phases: Phases
 def measure(model, length: int, device: str, repeats: int, miss_repeats: int, compile: bool) -> dict:
     """One row: miss and hit TTFT, and the hit's phases, for one prefix length and path."""
     vocab = model.get_input_embeddings().weight.shape[0]
+    config = model.config.get_text_config()
+    length = min(length, (getattr(config, "max_position_embeddings", None) or 1 << 30) - SUFFIX - 2)
     gen = torch.Generator().manual_seed(length)
     prefix = torch.randint(3, vocab, (1, length), generator=gen)
     suffixes = [torch.randint(3, vocab, (1, SUFFIX), generator=gen) for _ in range(repeats + miss_repeats + 3)]

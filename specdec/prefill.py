@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.prefix_cache import PrefixMatch
 from specdec.prefix_cache.hf_cache import cache_with_kv, check_supported, kv_from_cache
 from specdec.prefix_cache.identity import model_identity
 from specdec.prefix_cache.store import Layout
@@ -252,7 +253,8 @@ def gather_rows(hits, pads: list[int], start: int, device) -> HitKV:
     """
     reference = next(h for h in hits if h is not None and h.num_tokens)
     if len(hits) == 1 and pads[0] == 0 and hits[0].num_tokens == start:
-        batched = [p.to(device).unsqueeze(1) for p in hits[0].kv_parts(copy=False)]  # (members, 1, heads, start, dim)
+        parts = hits[0].kv_parts(copy=False) if isinstance(hits[0], PrefixMatch) else hits[0].kv_parts()
+        batched = [p.to(device).unsqueeze(1) for p in parts]          # (members, 1, heads, start, dim)
         return HitKV(batched, reference.layout)
     parts = [h.kv_parts() if h is not None and h.num_tokens else None for h in hits]
     batched = [p.new_zeros(p.shape[0], len(hits), p.shape[1], start, p.shape[3], device=device)
