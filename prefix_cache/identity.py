@@ -70,7 +70,8 @@ def _tensors(model: torch.nn.Module):
 
 def module_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     """Every parameter and buffer of every submodule (a tied one once per module holding it), read
-    fresh. Several times faster than ``parameters()`` + ``buffers()``, which walk the modules anew."""
+    fresh, from the cached module list (``parameters()`` and ``buffers()`` recurse through the modules
+    on every call)."""
     out: list[torch.Tensor] = []
     for _, m, _ in _submodules(model):
         params, buffers = m._parameters, m._buffers
