@@ -24,7 +24,9 @@
 #   sweep          adaptive k against every fixed k, prompt lookup + CUDA graphs (code, summarize; PNG plots)
 #   batch          batch 8 of left-padded prompts (benchmarks/batch_bench.py)
 #   quant          int8/int4 weight decode speed and KV-cache bytes (benchmarks/quant_speed.py)
-#   prefix         prefix cache on the default model (benchmarks/prefix_bench.py)
+#   prefix         prefix cache on the default model: hit/miss TTFT (benchmarks/prefix_bench.py unless PREFIX_OPS=0,
+#                  benchmarks/prefix_ttft.py at PREFIX_LENGTHS) and a hit's host time by phase at 2k/8k
+#                  (benchmarks/prefix_hit_profile.py unless PREFIX_PROFILE=0)
 #   all            all of the above
 #   distill        distil a layered draft of the default model: greedy text for DISTILL_GEN_S=150 s with
 #                  compile=True, then DISTILL_TRAIN_S=330 s of training, the last quarter through the int4
@@ -155,10 +157,14 @@ if [[ "$WHAT" == prefix-random ]]; then
     python3 -m benchmarks.prefix_bench --device cuda --model 8b --gen-tokens 16 --out "$OUT" 2>&1 | tail -4 || true
 fi
 if [[ "$WHAT" == prefix || "$WHAT" == all ]]; then
-    [[ "${PREFIX_OPS:-1}" == 1 ]] && python3 benchmarks/prefix_bench.py --device cuda --out "$OUT" 2>&1 | tail -30 || true
+    [[ "${PREFIX_OPS:-1}" == 1 ]] && python3 -m benchmarks.prefix_bench --device cuda --out "$OUT" 2>&1 | tail -30 || true
     # miss vs hit TTFT, eager and compile=True, the min_hit_tokens crossover and token identity, one JSON
     timeout "${T_PREFIX:-240}" python3 -m benchmarks.prefix_ttft --device cuda --lengths "${PREFIX_LENGTHS:-128,256,512,1024,2048,8192}" --out "$OUT" 2>&1 \
         | grep -v "Loading weights" | tail -12 || true
+    # host time of a hit phase by phase (lookup, gather, load, suffix, store) and its aten ops, eager and compile=True
+    [[ "${PREFIX_PROFILE:-1}" == 1 ]] && timeout "${T_PREFIX_PROFILE:-150}" python3 -m benchmarks.prefix_hit_profile \
+        --device cuda --model default --lengths 2048,8192 --out "$OUT/prefix-hit-host-time-default-gpu.json" 2>&1 \
+        | grep -v "Loading weights" | tail -8 || true
 fi
 SHIP=smollm2-135m-instruct-L6.safetensors  # the shipped layered file; a distill run here writes its file under this name
 if [[ "$WHAT" == distill || "$WHAT" == distill-resume || "$WHAT" == distill-more ]]; then

@@ -3,7 +3,10 @@
 For each shared-prefix length L: prompt = L tokens of real text + a 16-token question.
   miss:   specdec.generate without a cache
   cold:   with an empty PrefixCache (a full miss: lookup + insert overhead)
-  hit:    with the cache holding an earlier prompt of the same L-token prefix
+  hit:    with the cache holding an earlier prompt of the same L-token prefix (``min_hit_tokens=0``:
+          the hit is used)
+  auto:   the same through a cache with the default ``min_hit_tokens`` (on a GPU ``specdec.hit_policy``
+          prefills instead where the timings of this process's prefills say the hit is slower)
 Each call is generate(max_new_tokens=1), median of --repeats, timed two ways:
   ttft_*:  time to the first new token, seen by a streamer (its first put after the prompt's),
            i.e. what a user waits for; the row's K/V is stored in the cache after that.
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 
 import specdec
+from specdec import hit_policy
 from specdec.prefix_cache import PrefixCache
 
 from . import report, workloads
@@ -85,15 +89,17 @@ def measure_length(model, tok, length: int, device, repeats: int, gen_tokens: in
     prefix = text_ids(tok, length, vocab)
     questions = [text_ids(None, 16 + i, vocab)[-16:] for i in range(repeats + 1)]
     make = lambda q: torch.tensor([prefix + q], device=device)  # noqa: E731
-    miss, cold, hit, gen_miss, gen_cold = [], [], [], [], []
-    cache = PrefixCache(max_bytes=8 << 30)
-    timed(model, make(questions[0]), device, cache, compile=compile)
-    timed(model, make(questions[0]), device, cache, compile=compile)          # graphs of this suffix size
+    miss, cold, hit, auto, gen_miss, gen_cold = [], [], [], [], [], []
+    cache, auto_cache = PrefixCache(max_bytes=8 << 30, min_hit_tokens=0), PrefixCache(max_bytes=8 << 30)
+    for c in (cache, auto_cache):
+        timed(model, make(questions[0]), device, c, compile=compile)
+        timed(model, make(questions[0]), device, c, compile=compile)          # graphs of this suffix size
     timed(model, make(questions[0]), device, PrefixCache(max_bytes=8 << 30), compile=compile)
-    for q in questions[1:]:                  # interleaved, so machine noise hits all three alike
+    for q in questions[1:]:                  # interleaved, so machine noise hits all four alike
         miss.append(timed(model, make(q), device, compile=compile))
         cold.append(timed(model, make(q), device, PrefixCache(max_bytes=8 << 30), compile=compile))
         hit.append(timed(model, make(q), device, cache, compile=compile))
+        auto.append(timed(model, make(q), device, auto_cache, compile=compile)[0])
         if gen_tokens:
             gen_miss.append(timed(model, make(q), device, None, gen_tokens, compile)[1])
             gen_cold.append(timed(model, make(q), device, PrefixCache(max_bytes=8 << 30), gen_tokens, compile)[1])
@@ -107,11 +113,19 @@ def measure_length(model, tok, length: int, device, repeats: int, gen_tokens: in
                ttft_cold_ms=1e3 * tc, ttft_hit_ms=1e3 * th, call_miss_ms=1e3 * cm, call_cold_ms=1e3 * cc,
                call_hit_ms=1e3 * ch, matched_tokens=matched, hit_speedup=tm / th, miss_overhead=tc / tm - 1,
                call_hit_speedup=cm / ch, call_miss_overhead=cc / cm - 1, match_ms=match_ms,
-               miss_match_ms=_miss_match_ms(cache, prefix, vocab, model), cache_bytes=cache.nbytes)
+               miss_match_ms=_miss_match_ms(cache, prefix, vocab, model), cache_bytes=cache.nbytes,
+               ttft_auto_ms=1e3 * statistics.median(auto), auto_speedup=tm / statistics.median(auto),
+               auto_min_hit_tokens=learned_threshold(model, compile, auto_cache))
     if gen_tokens:
         gm, gc = statistics.median(gen_miss), statistics.median(gen_cold)
         row.update(gen_tokens=gen_tokens, gen_miss_ms=1e3 * gm, gen_cold_ms=1e3 * gc, gen_miss_overhead=gc / gm - 1)
     return row
+
+
+def learned_threshold(model, compile: bool, cache) -> int | None:
+    """The ``min_hit_tokens`` the default cache uses now for a batch of 1 (None: no hit at all)."""
+    tokens = hit_policy.threshold(model, hit_policy.path("graphs" if compile else None, None, 1, False), cache)
+    return None if tokens >= hit_policy.NEVER else tokens
 
 
 def _miss_match_ms(cache, prefix: list[int], vocab: int, model) -> float:

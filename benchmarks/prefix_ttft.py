@@ -5,8 +5,10 @@ For each shared-prefix length L (cut to fit the model's positions) and each mode
   miss:  specdec.generate without a cache
   cold:  with an empty PrefixCache (a full miss: lookup + insert overhead); miss_overhead = cold/miss - 1
   hit:   with a cache holding an earlier prompt of the same prefix, ``min_hit_tokens=0`` (every hit used)
-  auto:  the same hit through a cache with the default ``min_hit_tokens`` (what a user gets: it
-         prefills instead where the prefix is shorter than the threshold)
+  auto:  the same hit through a cache with the default ``min_hit_tokens`` (what a user gets: on a GPU
+         ``specdec.hit_policy`` prefills instead where this process's prefill timings, those of the
+         other three included, predict the hit slower; ``min_hit_tokens`` in the row: its threshold
+         then, None for no hit at all)
 TTFT = time to the first new token (streamer), median of --repeats, calls interleaved so that
 machine noise hits all alike. ``identical``: --check-tokens greedy tokens with a hit equal those
 without a cache (eager and compiled). Writes JSON with the environment and the command.
@@ -28,7 +30,7 @@ import specdec
 from specdec.prefix_cache import PrefixCache
 
 from . import report
-from .prefix_bench import text_ids, load, timed
+from .prefix_bench import learned_threshold, load, text_ids, timed
 
 SUFFIX = 16
 
@@ -61,7 +63,7 @@ def measure(model, tok, length: int, device, repeats: int, compile: bool, check_
     row = dict(shared_tokens=length, suffix_tokens=SUFFIX, compile=compile,
                **{f"ttft_{name}_ms": v for name, v in ms.items()},
                hit_speedup=ms["miss"] / ms["hit"], auto_speedup=ms["miss"] / ms["auto"],
-               miss_overhead=ms["cold"] / ms["miss"] - 1, min_hit_tokens=auto_cache.hit_threshold(model))
+               miss_overhead=ms["cold"] / ms["miss"] - 1, min_hit_tokens=learned_threshold(model, compile, auto_cache))
     if check_tokens:
         ids = make(suffixes[-1])
         plain = specdec.generate(model, ids, max_new_tokens=check_tokens, compile=compile)

@@ -56,16 +56,20 @@ class PrefixMatch:
         parts = self.kv_parts()
         return self.layout.split([p.unsqueeze(1) for p in parts]) if parts else []
 
-    def kv_parts(self) -> list[torch.Tensor]:
+    def kv_parts(self, copy: bool = True) -> list[torch.Tensor]:
         """The matched K/V as the layout's parts, each (members, heads, num_tokens, head_dim): one
         ``torch.cat`` per part over the matched blocks (one part unless K and V or layers differ in
-        shape); ``layout.split`` turns batched parts into per-layer views. [] on a miss."""
+        shape); ``layout.split`` turns batched parts into per-layer views. [] on a miss.
+
+        ``copy=False``: where the blocks were stored by one insert (one slice of its storage), views
+        of the cache's own storage instead of a copy. They stay valid after ``release`` (an eviction
+        moves survivors to new storage, it never writes into the old), but must only be read."""
         if self.released and self.nodes:
             raise RuntimeError("kv() after release(): read the K/V before releasing the match")
         if self.cache is None:
-            return concat_parts([node.handle for node in self.nodes])
+            return concat_parts([node.handle for node in self.nodes], copy)
         with self.cache._lock:           # another thread's eviction may be compacting these blocks' segment
-            return concat_parts([node.handle for node in self.nodes])
+            return concat_parts([node.handle for node in self.nodes], copy)
 
     def kv_tensor(self) -> torch.Tensor:
         """The matched K/V as one tensor (layers, 2, heads, num_tokens, head_dim); layer i's key is
@@ -104,7 +108,8 @@ class PrefixCache:
         min_hit_tokens: a match of fewer tokens is a miss (its blocks are not read): where
             prefilling a short prefix costs no more than reading it back (a launch-bound GPU), the
             cache prefills instead. None: 256 for a model on a CUDA device, 0 otherwise (every hit
-            is used); ``benchmarks/prefix_ttft.py`` measures the crossover.
+            is used); on a GPU ``specdec.generate`` replaces the 256 by a threshold learned from its
+            own prefill timings (``specdec.hit_policy``). An int is used as given.
 
     Every key holds the identity of the model whose K/V the block is (``match``/``insert`` with
     ``model=``; ``specdec.generate`` passes its target and draft): by default one that no other
@@ -185,7 +190,7 @@ class PrefixCache:
         chain = self._chain(ids[:usable * self.block_size], namespace, model)
         threshold = self.hit_threshold(model) if min_tokens is None else min_tokens
         with self._lock:
-            path = self._tree.match(chain.iter_keys(), chain.iter_token_bytes())   # hashes stop at the first miss
+            path = self._tree.match_blocks(chain)          # hashes stop at the first miss
             self._tree.lock(path)
             try:
                 self._reload(path, chain)
@@ -221,7 +226,7 @@ class PrefixCache:
         _check_kv(kv_layers, len(ids))
         chain = self._chain(ids, namespace, model)
         with self._lock:
-            path = self._tree.match(chain.iter_keys(), chain.iter_token_bytes())
+            path = self._tree.match_blocks(chain)
             self._tree.lock(path)
             try:
                 return self._store_new(path, chain, kv_layers) * self.block_size
@@ -266,8 +271,8 @@ class PrefixCache:
         the new nodes are not locked.
         """
         start, bs = len(path), self.block_size
-        parent = path[-1] if path else self._tree.root
-        if start == len(chain) or chain.key(start) in parent.children:
+        parent, parent_key = (path[-1], path[-1].key) if path else (self._tree.root, None)
+        if start == len(chain) or chain.key_after(parent_key, start) in parent.children:
             return 0                                        # nothing new, or a key collision
         per_block = block_nbytes(kv_layers, bs)
         self._make_room((len(chain) - start) * per_block)
@@ -277,7 +282,7 @@ class PrefixCache:
         layout = layout_of(kv_layers)
         parts = stack_kv(kv_layers, start * bs, (start + count) * bs, layout)
         blocks = cut_blocks(parts, bs, layout, fresh=True)
-        keys = chain.keys_range(start, start + count)
+        keys = chain.keys_from(parent_key, start, start + count)
         if len(self._spill):
             for key in keys:
                 self._spill.discard(key)
@@ -289,7 +294,7 @@ class PrefixCache:
         """Extend a locked match ``path`` with spilled blocks brought back to the device."""
         while len(self._spill) and len(path) < len(chain):
             i, parent = len(path), (path[-1] if path else self._tree.root)
-            key, tokens = chain.key(i), chain.token_bytes(i)
+            key, tokens = chain.key_after(path[-1].key if path else None, i), chain.token_bytes(i)
             if not self._spill.contains(key, tokens) or key in parent.children:
                 break                                       # not spilled, or a key collision
             block = self._spill.pop(key)                    # popped first: making room may spill more

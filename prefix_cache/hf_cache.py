@@ -92,12 +92,14 @@ def cache_from_kv(kv_layers: KV, config: Any) -> DynamicCache:
     return cache
 
 
-def cache_with_kv(kv_layers: KV, config: Any) -> DynamicCache:
+def cache_with_kv(kv_layers: KV, config: Any, cache: DynamicCache | None = None) -> DynamicCache:
     """A ``DynamicCache`` that takes ``kv_layers`` as they are (no copy): the caller hands over
     tensors it will not touch again, e.g. the views ``PrefixMatch.kv()`` returns. Later updates
-    concatenate, so the cache never writes into them."""
+    concatenate, so the cache never writes into them. ``cache``: an empty ``DynamicCache`` to fill
+    instead of a new one (building one reads the config layer by layer: not free for deep models)."""
     _check_layer_count(kv_layers, config)
-    cache = _new_dynamic_cache(config)
+    if cache is None or not _empty_dynamic(cache, len(kv_layers)):
+        cache = _new_dynamic_cache(config)
     layers = getattr(cache, "layers", None)
     if layers is None or len(layers) != len(kv_layers) or any(type(x) is not DynamicLayer for x in layers):
         for i, (k, v) in enumerate(kv_layers):
@@ -107,6 +109,13 @@ def cache_with_kv(kv_layers: KV, config: Any) -> DynamicCache:
         layer.dtype, layer.device = k.dtype, k.device    # what DynamicLayer.lazy_initialization sets
         layer.keys, layer.values, layer.is_initialized = k, v, True
     return cache
+
+
+def _empty_dynamic(cache: Any, num_layers: int) -> bool:
+    """Whether ``cache`` is a ``DynamicCache`` of ``num_layers`` plain layers holding nothing yet."""
+    layers = getattr(cache, "layers", None)
+    return (type(cache) is DynamicCache and layers is not None and len(layers) == num_layers
+            and all(type(x) is DynamicLayer and not x.is_initialized for x in layers))
 
 
 def _new_dynamic_cache(config: Any) -> DynamicCache:

@@ -42,19 +42,23 @@ def object_number(model: torch.nn.Module) -> int:
 
 
 # per module object: its submodules (name, module, that module's children when listed), so that
-# a signature walks flat lists instead of nn.Module's recursive generators (a few times faster)
+# a signature walks flat lists instead of nn.Module's recursive generators (a few times faster).
+# The model itself is left out of its entry (a weak key whose value held it would never die).
 _DTYPES: dict[torch.dtype, int] = {}   # a small number per dtype seen (within this process)
-_TREES: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_TREES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _submodules(model: torch.nn.Module) -> list:
-    """[(name, module, children tuple)] of every submodule; relisted when any module's children
-    changed (a layer swapped by ``quantize()``, a module added or removed)."""
-    tree = _TREES.get(model)
-    if tree is None or any(tuple(m._modules.values()) != kids for _, m, kids in tree):
-        tree = [(name, m, tuple(m._modules.values())) for name, m in model.named_modules(remove_duplicate=False)]
-        with _LOCK:
-            _TREES[model] = tree
+    """[(name, module, children tuple)] of the model and every submodule; relisted when any module's
+    children changed (a layer swapped by ``quantize()``, a module added or removed)."""
+    entry = _TREES.get(model)
+    if entry is not None:
+        tree = [("", model, entry[0])] + entry[1]
+        if not any(tuple(m._modules.values()) != kids for _, m, kids in tree):
+            return tree
+    tree = [(name, m, tuple(m._modules.values())) for name, m in model.named_modules(remove_duplicate=False)]
+    with _LOCK:
+        _TREES[model] = (tree[0][2], tree[1:])
     return tree
 
 
@@ -62,6 +66,20 @@ def _tensors(model: torch.nn.Module):
     """Per module: its name and its parameters and buffers, read fresh (a replaced tensor shows)."""
     for prefix, m, _ in _submodules(model):
         yield prefix, m._parameters, m._buffers
+
+
+def module_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of every submodule (a tied one once per module holding it), read
+    fresh, from the cached module list (``parameters()`` and ``buffers()`` recurse through the modules
+    on every call)."""
+    out: list[torch.Tensor] = []
+    for _, m, _ in _submodules(model):
+        params, buffers = m._parameters, m._buffers
+        if params:
+            out += [t for t in params.values() if t is not None]
+        if buffers:
+            out += [t for t in buffers.values() if t is not None]
+    return out
 
 
 def _version(t: torch.Tensor) -> int:
@@ -73,8 +91,7 @@ def _version(t: torch.Tensor) -> int:
 
 def weights_signature(model: torch.nn.Module) -> str:
     """A hash of where each parameter and buffer lives, its dtype and in-place write count."""
-    tensors = [t for _, params, buffers in _tensors(model) for group in (params, buffers)
-               for t in group.values() if t is not None]
+    tensors = module_tensors(model)
     try:
         versions = [t._version for t in tensors]      # bumped by every in-place write (load_state_dict's copy_)
     except RuntimeError:                              # inference tensors keep no version counter

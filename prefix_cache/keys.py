@@ -21,7 +21,6 @@ TokenIds = Sequence[int] | torch.Tensor
 
 _ROOT_SEED = b"specdec.prefix_cache.root"
 _PACK_KEY = struct.Struct("<Q").pack_into   # a parent key (u64 LE) written into a record in place
-_BATCH = 4                                   # hash this many blocks or more in one pass over a buffer
 
 
 def namespace_bytes(namespace: str | None) -> bytes:
@@ -107,10 +106,11 @@ def token_array(token_ids: TokenIds) -> np.ndarray:
 class BlockChain:
     """The full blocks of one prompt, their chained keys computed on demand.
 
-    A lookup walks the tree block by block and stops at the first miss, so a prompt that
-    shares nothing with the cache hashes one block, whatever its length. An insert hashes the
-    rest in one pass (``keys_range``): every block's record ``parent key || tokens || namespace``
-    laid out in one buffer by numpy, then per block only the parent key is written in place.
+    A lookup (``RadixTree.match_blocks``) computes a block's key from its parent node's key
+    (``key_after``) only where it steps to another node's children, and stops at the first miss, so
+    a prompt that shares nothing with the cache hashes one block, whatever its length. An insert
+    hashes its new blocks in one pass (``keys_from``): every block's record ``parent key || tokens ||
+    namespace`` laid out in one buffer by numpy, then per block only the parent key is written in place.
 
     A block's tokens come as a tuple of ints (``tokens``) or as their int64 LE bytes
     (``token_bytes``, what the cache's tree stores: one slice, no per-token objects).
@@ -123,37 +123,61 @@ class BlockChain:
         self._ids = ids[: self.num_blocks * block_size]
         self._raw = self._ids.astype("<i8", copy=False).tobytes()
         self._ns = key_tag(namespace, model)
-        self._keys: list[int] = []
-        self._last = root_key(namespace, model)
+        self._root = root_key(namespace, model)
+        self._keys: list[int] = []                 # keys of blocks 0.. as hashed by key()/keys_range()
 
     def __len__(self) -> int:
         return self.num_blocks
 
-    def key(self, i: int) -> int:
-        """Key of block i (hashing blocks up to i the first time)."""
-        if len(self._keys) <= i:
-            self._hash(i + 1)
-        return self._keys[i]
+    def key_after(self, parent_key: int | None, i: int) -> int:
+        """Key of block i as the child of a block keyed ``parent_key`` (None: block i starts the chain)."""
+        step = 8 * self.block_size
+        parent = self._root if parent_key is None else parent_key
+        return xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") + self._raw[i * step:(i + 1) * step] + self._ns)
 
-    def _hash(self, stop: int) -> None:
-        """Extend the keys up to block ``stop`` (exclusive)."""
-        first, step, digest = len(self._keys), 8 * self.block_size, xxhash.xxh3_64_intdigest
-        if stop - first < _BATCH:
-            for lo in range(first * step, stop * step, step):
-                self._last = digest(self._last.to_bytes(8, "little") + self._raw[lo:lo + step] + self._ns)
-                self._keys.append(self._last)
-            return
-        m, ns = stop - first, self._ns
+    def keys_from(self, parent_key: int | None, first: int, stop: int) -> list[int]:
+        """Keys of blocks ``first..stop-1``, block ``first`` the child of one keyed ``parent_key``
+        (None: the chain's start), hashed in one pass over a buffer."""
+        m, ns, step = stop - first, self._ns, 8 * self.block_size
+        if m <= 0:
+            return []
         rec = 8 + step + len(ns)
         buf = np.empty((m, rec), dtype=np.uint8)                # per block: key slot | tokens | namespace
         buf[:, 8:8 + step] = np.frombuffer(self._raw, np.uint8, m * step, first * step).reshape(m, step)
         buf[:, 8 + step:] = np.frombuffer(ns, np.uint8)
-        mem, pack, last, keys = memoryview(buf).cast("B"), _PACK_KEY, self._last, self._keys
+        mem, pack, digest = memoryview(buf).cast("B"), _PACK_KEY, xxhash.xxh3_64_intdigest
+        last, keys = self._root if parent_key is None else parent_key, []
         for off in range(0, m * rec, rec):
             pack(mem, off, last)
             last = digest(mem[off:off + rec])
             keys.append(last)
-        self._last = last
+        return keys
+
+    def equal_blocks(self, i: int, tokens: bytes, j: int, limit: int) -> int:
+        """How many blocks from block i equal those of ``tokens`` (int64 LE bytes of whole blocks)
+        from its block j, at most ``limit``: one bytes comparison when all do, else one numpy pass."""
+        step = 8 * self.block_size
+        limit = max(0, min(limit, self.num_blocks - i, len(tokens) // step - j))
+        mine, theirs = self._raw[i * step:(i + limit) * step], tokens[j * step:(j + limit) * step]
+        if mine == theirs:
+            return limit
+        a, b = (np.frombuffer(x, "<i8").reshape(limit, self.block_size) for x in (mine, theirs))
+        return int((a != b).any(axis=1).argmax())
+
+    def key(self, i: int) -> int:
+        """Key of block i (hashing blocks up to i the first time)."""
+        return self.keys_range(i, i + 1)[0]
+
+    def keys(self) -> list[int]:
+        """Keys of every block."""
+        return self.keys_range(0, self.num_blocks)
+
+    def keys_range(self, first: int, stop: int) -> list[int]:
+        """Keys of blocks ``first..stop-1`` (hashing any not hashed yet in one pass)."""
+        done = len(self._keys)
+        if done < stop:
+            self._keys += self.keys_from(self._keys[-1] if done else None, done, stop)
+        return self._keys[first:stop]
 
     def tokens(self, i: int) -> tuple[int, ...]:
         """Token ids of block i."""
@@ -164,36 +188,10 @@ class BlockChain:
         step = 8 * self.block_size
         return self._raw[i * step:(i + 1) * step]
 
-    def keys(self) -> list[int]:
-        """Keys of every block."""
-        return self.keys_range(0, self.num_blocks)
-
-    def keys_range(self, first: int, stop: int) -> list[int]:
-        """Keys of blocks ``first..stop-1`` (hashing any not hashed yet in one pass)."""
-        if len(self._keys) < stop:
-            self._hash(stop)
-        return self._keys[first:stop]
-
-    def all_tokens(self, first: int = 0) -> list[tuple[int, ...]]:
-        """Token ids of blocks ``first..``."""
-        rows = self._ids[first * self.block_size:].reshape(-1, self.block_size).tolist()
-        return list(map(tuple, rows))
-
     def token_bytes_range(self, first: int, stop: int) -> list[bytes]:
         """``token_bytes`` of blocks ``first..stop-1``."""
         step, raw = 8 * self.block_size, self._raw
         return [raw[lo:lo + step] for lo in range(first * step, stop * step, step)]
-
-    def iter_keys(self):
-        """Keys in order, hashed lazily (for a walk that may stop early)."""
-        return (self.key(i) for i in range(self.num_blocks))
-
-    def iter_tokens(self):
-        return (self.tokens(i) for i in range(self.num_blocks))
-
-    def iter_token_bytes(self):
-        """``token_bytes`` in order, sliced lazily."""
-        return (self.token_bytes(i) for i in range(self.num_blocks))
 
 
 def block_keys(ids: TokenIds, block_size: int, namespace: str | None = None, model: str | None = None) -> list[int]:

@@ -192,36 +192,57 @@ def compact(segment: Segment) -> None:
 
 
 def _runs(blocks: Sequence[Block]) -> list[list]:
-    """Blocks grouped into runs of consecutive views of one segment: [segment, first, stop, block]."""
+    """Blocks grouped into runs of consecutive views of one segment: [segment, first, stop, block].
+
+    A segment lists its blocks in index order, so a run is found by comparing a slice of
+    ``blocks`` with a slice of the segment's list (identity, in C), not block by block.
+    """
     runs: list[list] = []
-    for b in blocks:
-        last = runs[-1] if runs else None
-        if last is not None and b.segment is not None and last[0] is b.segment and b.index == last[2]:
-            last[2] += 1
-        else:
-            runs.append([b.segment, b.index, b.index + 1, b])
+    pos, n = 0, len(blocks)
+    while pos < n:
+        block = blocks[pos]
+        segment = block.segment
+        length = 1 if segment is None else _same_prefix(blocks, pos, segment.blocks, block.index)
+        runs.append([segment, block.index, block.index + length, block])
+        pos += length
     return runs
 
 
-def concat_parts(blocks: Sequence[Block]) -> list[torch.Tensor]:
+def _same_prefix(a: Sequence, i: int, b: Sequence, j: int) -> int:
+    """How many items from a[i] and b[j] on are the same objects, in order (at least one is)."""
+    lo, hi = 1, min(len(a) - i, len(b) - j)
+    if a[i:i + hi] == b[j:j + hi]:                      # the usual case: the whole rest of the segment
+        return hi
+    while lo < hi - 1:                                 # a[i:i+lo] == b[j:j+lo], the first hi differ
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[i:i + mid] == b[j:j + mid] else (lo, mid)
+    return lo
+
+
+def concat_parts(blocks: Sequence[Block], copy: bool = True) -> list[torch.Tensor]:
     """The blocks' parts concatenated along the token dim: per part (members, heads, n*bs, head_dim).
 
     One ``torch.cat`` per part (one in the usual case) over runs of consecutive blocks, so a
-    prefix stored by one insert is one slice; the result is a fresh tensor.
+    prefix stored by one insert is one slice; the result is a fresh tensor. ``copy=False``: blocks
+    that are one run come back as views of their segment (read-only: never write into them).
     """
     if not blocks:
         return []
-    if any(b.layout != blocks[0].layout for b in blocks[1:]):
+    runs = _runs(blocks)
+    layout = blocks[0].layout
+    if any(r[3].layout is not layout and r[3].layout != layout for r in runs):   # one layout per segment
         raise RuntimeError("matched blocks come from models of different shapes; "
                            "use one cache namespace per model")
-    home, runs = blocks[0].device, _runs(blocks)
+    home = blocks[0].device
 
     def piece(run: list, g: int) -> torch.Tensor:
         segment, first, stop, block = run
         t = block.parts[g] if segment is None else segment.view(g, first, stop)
         return t if t.device == home else t.to(home)
 
-    return [torch.cat([piece(r, g) for r in runs], dim=2) for g in range(len(blocks[0].parts))]
+    if not copy and len(runs) == 1:
+        return [piece(runs[0], g) for g in range(len(layout.members))]
+    return [torch.cat([piece(r, g) for r in runs], dim=2) for g in range(len(layout.members))]
 
 
 def concat_blocks(blocks: Sequence[Block]) -> KV:

@@ -3,6 +3,11 @@
 The tree knows nothing of models or tensors: each node holds an opaque block
 ``handle`` and its size in bytes. Leaves that no request references are evicted
 least-recently-used first, and a ``free`` callback receives each evicted node.
+
+Blocks added by one ``extend`` form a ``Run``: their nodes in order and their tokens as one bytes
+string. ``match_blocks`` compares a run's tokens with the prompt's in one bytes comparison instead of
+one dict lookup and one comparison per block, so a long shared prefix costs a few Python steps per
+run, not per block (plus one attribute write per block to mark it used).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import heapq
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 
 class Node:
@@ -23,7 +28,7 @@ class Node:
     """
 
     __slots__ = ("key", "parent", "_tokens", "handle", "nbytes", "children", "lock_ref", "last_access",
-                 "hit_count")
+                 "hit_count", "run", "run_index")
 
     def __init__(self, key: int, parent: Node | None, tokens: tuple[int, ...] | bytes, handle: Any = None,
                  nbytes: int = 0, children: dict[int, Node] | None = None, lock_ref: int = 0,
@@ -37,6 +42,8 @@ class Node:
         self.lock_ref = lock_ref             # requests using this block; > 0 means not evictable
         self.last_access = last_access       # logical clock of the last match/insert touching it
         self.hit_count = hit_count           # times a match reused this block
+        self.run: Run | None = None          # the blocks added with it by one ``extend`` (None: added alone)
+        self.run_index = 0                   # its position in ``run.nodes``
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -57,6 +64,35 @@ class Node:
 def _as_tokens(tokens: Sequence[int] | bytes) -> tuple[int, ...] | bytes:
     t = type(tokens)
     return tokens if t is tuple or t is bytes else tuple(tokens)
+
+
+class Run:
+    """Nodes added by one ``extend``, each the child of the one before, and their tokens (bytes) joined.
+
+    Eviction takes leaves, so a run loses nodes from its end only: ``nodes`` is trimmed as they go,
+    and every node in it is still in the tree.
+    """
+
+    __slots__ = ("nodes", "tokens")
+
+    def __init__(self, nodes: list[Node], tokens: bytes) -> None:
+        self.nodes = nodes
+        self.tokens = tokens
+
+
+class Blocks(Protocol):
+    """A prompt's full blocks as ``match_blocks`` reads them (``prefix_cache.keys.BlockChain``)."""
+
+    def __len__(self) -> int: ...
+
+    def key_after(self, parent_key: int | None, i: int) -> int:
+        """Key of block i as the child of a block keyed ``parent_key`` (None: of the root)."""
+
+    def token_bytes(self, i: int) -> bytes:
+        """Block i's tokens as int64 LE bytes."""
+
+    def equal_blocks(self, i: int, tokens: bytes, j: int, limit: int) -> int:
+        """How many blocks from i equal those of ``tokens`` from block j, at most ``limit``."""
 
 
 class RadixTree:
@@ -86,6 +122,25 @@ class RadixTree:
             node = child
         return path
 
+    def match_blocks(self, blocks: Blocks) -> list[Node]:
+        """``match`` for a tree whose tokens are bytes (what ``PrefixCache`` stores): the longest chain
+        of nodes equal to ``blocks``, touched. One key is computed per step from the parent node's own
+        key; a step into a run takes as many of its blocks as equal the prompt's, compared in one go."""
+        node, path, i, n = self.root, [], 0, len(blocks)
+        while i < n:
+            child = node.children.get(blocks.key_after(None if node is self.root else node.key, i))
+            if child is None or child._tokens != blocks.token_bytes(i):
+                break
+            run, j = child.run, child.run_index
+            m = 1 if run is None else 1 + blocks.equal_blocks(i + 1, run.tokens, j + 1,
+                                                              min(len(run.nodes) - j, n - i) - 1)
+            path.extend(run.nodes[j:j + m] if m > 1 else (child,))
+            i, node = i + m, path[-1]
+        now = self._tick()
+        for node in path:
+            node.last_access = now
+        return path
+
     def insert(self, parent: Node | None, key: int, tokens: tuple[int, ...], handle: Any, nbytes: int) -> Node:
         """Add a new child block under ``parent`` (None: the root). The key must be new there."""
         parent = parent or self.root
@@ -102,7 +157,7 @@ class RadixTree:
         """Add a chain of new blocks under ``parent`` (None: the root), each of ``nbytes``; returns
         its nodes. The same as ``insert`` block by block (each block the child of the one before,
         touched in order), in one loop: only the first key can already be present, under ``parent``.
-        ``tokens``: tuples or bytes, stored as they are."""
+        ``tokens``: tuples or bytes, stored as they are; bytes make the nodes one ``Run``."""
         parent = parent or self.root
         if not keys:
             return []
@@ -119,6 +174,10 @@ class RadixTree:
         self._clock = clock
         self.nbytes += nbytes * len(nodes)
         self.num_nodes += len(nodes)
+        if type(tokens[0]) is bytes:                     # what match_blocks reads in one go
+            run = Run(list(nodes), b"".join(tokens))
+            for j, node in enumerate(nodes):
+                node.run, node.run_index = run, j
         return nodes
 
     def lock(self, nodes: Sequence[Node]) -> None:
@@ -176,3 +235,6 @@ class RadixTree:
         del node.parent.children[node.key]
         self.nbytes -= node.nbytes
         self.num_nodes -= 1
+        if node.run is not None:                  # a leaf: the last of its run still in the tree
+            del node.run.nodes[node.run_index:]
+            node.run = None

@@ -179,7 +179,7 @@ class ModelDrafter:
         0..n-1. The next ``propose`` forwards only the slots after them (its usual catch-up)."""
         from specdec.prefix_cache.hf_cache import cache_with_kv
 
-        self.cache = cache_with_kv(kv_layers, self.runner.model.config)
+        self.cache = cache_with_kv(kv_layers, self.runner.model.config, cache=self.cache)   # filled if still empty
 
     def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (key, value) (1, heads, T, head_dim) of batch row ``row`` (views), T the slots this

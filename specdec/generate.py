@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from specdec import learned, options
+from specdec import hit_policy, learned, options
 from specdec import verify as verify_mod
 from specdec.adapter import ModelRunner, crop, select_rows
 from specdec.config import Settings, resolve
@@ -52,6 +52,8 @@ class _Run:
     prefix_cache: object = None     # rows store prompt + output KV here when they finish
     namespace: str | None = None
     draft_namespace: str | None = None  # the draft model's K/V namespace in prefix_cache (None: not cached)
+    target_identity: str | None = None  # the target's identity in prefix_cache (computed once per call)
+    path: tuple = ()                # what a prefill's cost depends on besides the model (hit_policy)
     eos: torch.Tensor | None = None  # (n,) EOS ids inside the vocabulary (for min_new_tokens)
     room: int = 0                   # most tokens any active row may still emit (caps k: no wasted drafts)
     rows_host: list = None          # batch.rows as a list (read without a device sync)
@@ -136,10 +138,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     runners = []  # static runners checked out for this call (compile): given back however it ends
     with DEVICE.shared():   # no CUDA graph capture of another thread while this call runs
         try:
-            run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant)
+            mode = options.compile_mode(compile)
+            run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant,
+                         eager=mode is None)
             run.drafter, run.controller = _make_drafter(run, draft, opts)
             run.stats.drafter = getattr(run.drafter, "name", "none")
-            mode = options.compile_mode(compile)
             if mode is not None:
                 from specdec.static import use_static
 
@@ -152,9 +155,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             learned_key = _recall_controller(run, model, draft, opts, mode, input_ids.shape[0])
             run.prefix_cache, run.namespace = prefix_cache, cache_namespace
             if prefix_cache is not None:
-                from specdec.prefill import draft_namespace
+                from specdec.prefill import draft_namespace, target_identity
 
                 run.draft_namespace = draft_namespace(run.drafter, prefix_cache, cache_namespace)
+                run.target_identity = target_identity(prefix_cache, model)
+            run.path = hit_policy.path(mode, kv_quant, input_ids.shape[0], run.draft_namespace is not None)
             with _feature_tap(run):
                 _prefill(run, input_ids, attention_mask, prefix_cache, cache_namespace)
                 _decode(run)
@@ -224,28 +229,39 @@ def _check_inputs(model, input_ids, attention_mask):
     if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
     vocab = model.get_input_embeddings().weight.shape[0]
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+    lo, hi = torch.stack([input_ids.min(), input_ids.max()]).tolist()      # one read-back (a sync on a GPU)
+    if lo < 0 or hi >= vocab:
         raise ValueError(f"input_ids hold ids outside the model's vocabulary [0, {vocab}): "
-                         f"min {int(input_ids.min())}, max {int(input_ids.max())}; was it tokenized for this model?")
+                         f"min {lo}, max {hi}; was it tokenized for this model?")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    else:
+        _check_mask(attention_mask, input_ids)
+    device = model.get_input_embeddings().weight.device
+    return input_ids.long().to(device), attention_mask.long().to(device)
+
+
+def _check_mask(attention_mask, input_ids: torch.Tensor) -> None:
     if not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a tensor like input_ids, got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")
-    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+    not_binary, empty_row, right_padded = torch.stack([      # one read-back for the three checks
+        ((attention_mask != 0) & (attention_mask != 1)).any(), (attention_mask.sum(-1) == 0).any(),
+        (attention_mask[:, -1] == 0).any()]).tolist()
+    if not_binary:
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-    if bool((attention_mask.sum(-1) == 0).any()):
+    if empty_row:
         raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one real token")
-    if bool((attention_mask[:, -1] == 0).any()):
+    if right_padded:
         raise ValueError("attention_mask has right padding (a row ends with 0): decoder-only models continue "
                          "after the last slot, so pad on the left (tokenizer.padding_side = 'left')")
-    device = model.get_input_embeddings().weight.device
-    return input_ids.long().to(device), attention_mask.long().to(device)
 
 
-def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_quant) -> _Run:
+def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_quant, eager: bool = True) -> _Run:
+    """The call's state before its prefill. ``eager=False``: no cache yet (``use_static`` gives the run a
+    static one; an HF cache costs a pass over the config's layers to build)."""
     runner = ModelRunner(model, make_cache=_kv_cache_factory(kv_quant))
     B = input_ids.shape[0]
     if streamer is not None and B > 1:
@@ -259,7 +275,7 @@ def _start(model, input_ids, mask, settings, streamer, tokenizer, generator, kv_
                        device=input_ids.device)
     uniforms = Uniforms(B, settings.max_new_tokens, generator, input_ids.device) if settings.sampling.do_sample \
         else None
-    return _Run(runner, runner.new_cache(), settings, batch, histories, [[] for _ in range(B)],
+    return _Run(runner, runner.new_cache() if eager else None, settings, batch, histories, [[] for _ in range(B)],
                 StopChecker(settings, tokenizer), GenerationStats(B), uniforms, streamer, eos=eos,
                 rows_host=list(range(B)))
 
@@ -302,11 +318,18 @@ def _recall_controller(run: _Run, model, draft, opts: options.Options, mode, bat
 
 
 def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
-    t0 = time.perf_counter()
+    """Run the prompts (through the prefix cache if any) and emit each row's first token. The time to
+    that token, read back here, is what ``hit_policy`` learns from (calls that captured a graph aside)."""
+    from specdec import static
+
+    t0, captures, model = time.perf_counter(), static.captures, run.runner.model
+    start = 0                                          # first prompt slot run (> 0: a hit was used)
     if prefix_cache is not None:
         from specdec.prefill import prefill_with_prefix_cache
 
-        logits = prefill_with_prefix_cache(run, input_ids, mask, prefix_cache, namespace)
+        min_tokens = hit_policy.threshold(model, run.path, prefix_cache)
+        logits, start = prefill_with_prefix_cache(run, input_ids, mask, prefix_cache, namespace,
+                                                  run.target_identity, min_tokens)
     else:
         logits = run.runner.forward(input_ids, mask, positions_from_mask(mask), run.cache, last_only=True)
     run.batch.append(input_ids, mask.bool())
@@ -314,10 +337,14 @@ def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
     first = _choose_target(run, logits[:, -1:], torch.zeros_like(run.batch.produced))[:, 0]
     run.batch.pending = first
     run.batch.produced += 1
+    first_host = first.tolist()                        # waits for the prefill
+    seconds = time.perf_counter() - t0
     if run.streamer is not None:
         run.streamer.put(input_ids.cpu())
-    _emit(run, first[:, None][:, :0], torch.zeros_like(first), first)
+    _emit(run, [[]] * len(first_host), [0] * len(first_host), first_host)
     run.stats.prefill_s = time.perf_counter() - t0
+    if static.captures == captures:
+        hit_policy.observe(model, run.path, start, input_ids.shape[1] - start, seconds)
 
 
 def _decode(run: _Run) -> None:

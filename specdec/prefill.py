@@ -29,8 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.prefix_cache import PrefixMatch
 from specdec.prefix_cache.hf_cache import cache_with_kv, check_supported, kv_from_cache
 from specdec.prefix_cache.identity import model_identity
+from specdec.prefix_cache.store import Layout
 from specdec.state import positions_from_mask
 from specdec.static import StaticSlots
 
@@ -43,20 +45,32 @@ class _Keys:
     min_tokens: int = 0
 
 
-def _target_keys(prefix_cache, model: torch.nn.Module) -> _Keys:
-    identity = prefix_cache.model_identity(model) if hasattr(prefix_cache, "model_identity") else None
-    threshold = prefix_cache.hit_threshold(model) if hasattr(prefix_cache, "hit_threshold") else 0
-    return _Keys(identity, threshold)
+def target_identity(prefix_cache, model: torch.nn.Module) -> str | None:
+    """The identity ``model``'s blocks are keyed by in ``prefix_cache`` (None: a cache of another kind,
+    keyed by tokens and namespace only). generate() computes it once per call for the lookup and the store."""
+    return prefix_cache.model_identity(model) if hasattr(prefix_cache, "model_identity") else None
 
 
-def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, prefix_cache, namespace):
-    """Fill ``run.cache`` for the prompts reusing cached blocks; return last-position logits (B, 1, V).
+def _target_keys(prefix_cache, model: torch.nn.Module, identity: str | None, min_tokens: int | None) -> _Keys:
+    if identity is None:
+        identity = target_identity(prefix_cache, model)
+    if min_tokens is None:
+        min_tokens = prefix_cache.hit_threshold(model) if hasattr(prefix_cache, "hit_threshold") else 0
+    return _Keys(identity, min_tokens)
 
-    With ``run.draft_namespace`` set, the drafter's cache is started from the draft's own hit too.
+
+def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, prefix_cache, namespace,
+                              identity: str | None = None, min_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """Fill ``run.cache`` for the prompts reusing cached blocks; return the last-position logits (B, 1, V)
+    and ``start``, the first slot that ran (0: nothing was reused).
+
+    ``identity``: ``target_identity(prefix_cache, model)``; ``min_tokens``: the shortest hit to use
+    (None: ``prefix_cache.hit_threshold(model)``). With ``run.draft_namespace`` set, the drafter's cache
+    is started from the draft's own hit too.
     """
     model = run.runner.model
     check_supported(model.config)
-    keys = _target_keys(prefix_cache, model)
+    keys = _target_keys(prefix_cache, model, identity, min_tokens)
     P = input_ids.shape[1]
     pads, regular = _row_spans(mask)
     host_ids = input_ids.cpu()
@@ -70,21 +84,32 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
         run.stats.cached_prompt_tokens[b] = max(start - pad, 0) if ok else 0
     if getattr(run, "draft_namespace", None) is not None:
         # the draft's identity is in its namespace; a short prefix is cheaper to prefill for it too
+        draft_min = prefix_cache.hit_threshold(model) if hasattr(prefix_cache, "hit_threshold") else 0
         _, draft_kv = _load_rows(prefix_cache, host_ids, pads, regular, run.draft_namespace,
-                                 _Keys(None, keys.min_tokens), run.drafter.runner.device)
+                                 _Keys(None, draft_min), run.drafter.runner.device)
         if draft_kv is not None:
-            run.drafter.load_prefix(draft_kv)
+            run.drafter.load_prefix(draft_kv.layers())
     positions = positions_from_mask(mask)[:, start:]
     if not exact:
-        return run.runner.forward(input_ids, mask, positions, run.cache, last_only=True)
+        return run.runner.forward(input_ids, mask, positions, run.cache, last_only=True), 0
     if quantized:
-        return _prefill_quantized(run, input_ids, mask, positions, start, kv, prefix_cache, namespace, keys)
+        logits = _prefill_quantized(run, input_ids, mask, positions, start, kv, prefix_cache, namespace, keys)
+        return logits, start
     if kv is not None:
-        if isinstance(run.cache, StaticSlots):
-            run.cache.load(kv)                         # copied into the preallocated slots
-        else:
-            run.cache = cache_with_kv(kv, model.config)
-    return run.runner.forward(input_ids[:, start:], mask, positions, run.cache, last_only=True)
+        load_hit(run, kv, model.config)
+    return run.runner.forward(input_ids[:, start:], mask, positions, run.cache, last_only=True), start
+
+
+def load_hit(run, kv: HitKV, config) -> None:
+    """Start the run's cache from a hit's K/V: copied into the slots of a static cache (one copy for
+    all layers where their K/V share a shape), or handed as they are to the call's own empty
+    ``DynamicCache`` (which never writes into them: its updates concatenate)."""
+    if not isinstance(run.cache, StaticSlots):
+        run.cache = cache_with_kv(kv.layers(), config, cache=run.cache)
+    elif kv.stacked() is not None:
+        run.cache.load_stacked(kv.stacked())
+    else:
+        run.cache.load(kv.layers())
 
 
 def _quantizes(runner) -> bool:
@@ -102,7 +127,7 @@ def _prefill_quantized(run, input_ids, mask, positions, start: int, kv, prefix_c
     """Run the prompt from slot ``start`` in full precision over a ``DynamicCache`` holding the hit,
     store every row's prompt blocks, then hand the K/V to the run's quantized cache."""
     model = run.runner.model
-    scratch = cache_with_kv(kv, model.config) if kv is not None else _empty_cache(model.config)
+    scratch = cache_with_kv(kv.layers(), model.config) if kv is not None else _empty_cache(model.config)
     tokens = input_ids[:, start:]
     if isinstance(run.cache, StaticSlots):
         logits = run.runner.prefill_after(run.cache, scratch, tokens, mask, positions, last_only=True)
@@ -140,21 +165,28 @@ def _row_spans(mask: torch.Tensor) -> tuple[list[int], list[bool]]:
 
 
 def _load_rows(prefix_cache, host_ids: torch.Tensor, pads: list[int], regular: list[bool], namespace,
-               keys: _Keys, device):
-    """(start, per-layer K/V of slots [0, start) or None): every row's hit under ``namespace``,
+               keys: _Keys, device) -> tuple[int, HitKV | None]:
+    """(start, the K/V of slots [0, start) or None): every row's hit under ``namespace``,
     ``start`` the first slot some row must compute (module docstring); (0, None) when no row hits."""
     hits = []  # filled inside try: a failing match (OOM, Ctrl-C) still releases the earlier rows' blocks
     try:
-        for row, pad, ok in zip(host_ids, pads, regular):
-            hits.append(_match(prefix_cache, row[pad:], namespace, keys) if ok else None)
+        match_rows(prefix_cache, host_ids, pads, regular, namespace, keys, into=hits)
         if not any(h is not None and h.num_tokens for h in hits):
             return 0, None
         start = min(pad + (h.num_tokens if h is not None else 0) for pad, h in zip(pads, hits))
-        return start, (_kv_from_hits(hits, pads, start, device) if start > 0 else None)
+        return start, (gather_rows(hits, pads, start, device) if start > 0 else None)
     finally:
         for h in hits:
             if h is not None:
                 h.release()
+
+
+def match_rows(prefix_cache, host_ids: torch.Tensor, pads: list[int], regular: list[bool], namespace,
+               keys: _Keys, into: list) -> None:
+    """Look up each row's tokens after its padding (rows not ``regular`` look nothing up: None),
+    appending each match to ``into`` as it is made (the caller releases them, also on an error)."""
+    for row, pad, ok in zip(host_ids, pads, regular):
+        into.append(_match(prefix_cache, row[pad:], namespace, keys) if ok else None)
 
 
 def _match(prefix_cache, ids: torch.Tensor, namespace, keys: _Keys):
@@ -194,26 +226,45 @@ def _kv_shape_tag(model: torch.nn.Module) -> str:
     return f"L{text.num_hidden_layers}-H{heads}-D{head_dim}-{dtype}"
 
 
-def _kv_from_hits(hits, pads: list[int], start: int, device):
-    """Per layer (key, value) (B, heads, start, head_dim): each row's cached KV placed after its padding.
+@dataclass(frozen=True)
+class HitKV:
+    """The K/V a hit hands the run: the cache layout's parts, each (members, B, heads, start, head_dim)."""
 
-    One ``torch.cat`` per hit builds its K/V for all layers at once (``kv_parts``); a single
-    unpadded row is used as is (layers are views of it), a batch gets one copy per row. ``hits``
+    parts: list[torch.Tensor]
+    layout: Layout
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key, value) (B, heads, start, head_dim): views of the parts."""
+        return self.layout.split(self.parts)
+
+    def stacked(self) -> torch.Tensor | None:
+        """(2 * layers, B, heads, start, head_dim), layer i's key at 2i and value at 2i + 1, where every
+        layer's K and V share a shape and a device; None otherwise."""
+        return self.parts[0] if self.layout.fused and len(set(self.layout.devices)) == 1 else None
+
+
+def gather_rows(hits, pads: list[int], start: int, device) -> HitKV:
+    """Each row's cached K/V for slots [0, start), placed after its padding.
+
+    A single unpadded row is used as the cache holds it: views of its blocks' storage where one insert
+    stored them all (no copy; read-only, as ``load_hit`` uses them), else one ``torch.cat`` for all
+    layers at once (``kv_parts``). A batch gets one zeroed tensor and one copy per row. ``hits``
     holds None for rows that looked nothing up; at least one row hit.
     """
-    parts = [h.kv_parts() if h is not None and h.num_tokens else None for h in hits]
     reference = next(h for h in hits if h is not None and h.num_tokens)
     if len(hits) == 1 and pads[0] == 0 and hits[0].num_tokens == start:
-        batched = [p.to(device).unsqueeze(1) for p in parts[0]]       # (members, 1, heads, start, dim)
-    else:
-        batched = [p.new_zeros(p.shape[0], len(hits), p.shape[1], start, p.shape[3], device=device)
-                   for p in next(x for x in parts if x is not None)]
-        for b, (row, pad) in enumerate(zip(parts, pads)):
-            take = start - pad
-            if row is not None and take > 0:
-                for out, p in zip(batched, row):
-                    out[:, b, :, pad:start] = p[:, :, :take]
-    return reference.layout.split(batched)
+        parts = hits[0].kv_parts(copy=False) if isinstance(hits[0], PrefixMatch) else hits[0].kv_parts()
+        batched = [p.to(device).unsqueeze(1) for p in parts]          # (members, 1, heads, start, dim)
+        return HitKV(batched, reference.layout)
+    parts = [h.kv_parts() if h is not None and h.num_tokens else None for h in hits]
+    batched = [p.new_zeros(p.shape[0], len(hits), p.shape[1], start, p.shape[3], device=device)
+               for p in next(x for x in parts if x is not None)]
+    for b, (row, pad) in enumerate(zip(parts, pads)):
+        take = start - pad
+        if row is not None and take > 0:
+            for out, p in zip(batched, row):
+                out[:, b, :, pad:start] = p[:, :, :take]
+    return HitKV(batched, reference.layout)
 
 
 def store_rows(run, rows: list[int], prefix_cache, namespace) -> None:
@@ -223,7 +274,9 @@ def store_rows(run, rows: list[int], prefix_cache, namespace) -> None:
     cache stored its prompts' full-precision K/V at prefill and stores nothing here."""
     draft_ns = getattr(run, "draft_namespace", None)
     quantized = _quantizes(run.runner)
-    identity = None if quantized else _target_keys(prefix_cache, run.runner.model).identity
+    identity = None
+    if not quantized:
+        identity = getattr(run, "target_identity", None) or target_identity(prefix_cache, run.runner.model)
     batch = run.batch
     for i in rows:
         if not quantized:

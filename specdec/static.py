@@ -38,7 +38,6 @@ leaves that runner eager over its static cache.
 from __future__ import annotations
 
 import gc
-import itertools
 import threading
 import types
 import warnings
@@ -54,6 +53,7 @@ from specdec.quant.kv import QTensor, dequantize_token_groups, quantize_token_gr
 from specdec.attention import PACKED_GQA, attention_implementation
 from specdec.device_lock import DEVICE
 from specdec.fused_linear import fused_projections, join_projections
+from specdec.prefix_cache.identity import module_tensors
 
 MAX_COPIES = 4                    # runners per key (concurrent calls of one shape); more calls wait
 captures = 0                      # CUDA graphs captured so far in this process
@@ -122,6 +122,12 @@ class StaticSlots:
         """Start from a cached prefix: per layer (key, value) (B, heads, n, head_dim) fill slots 0..n-1."""
         self.runner.write_prefix(kv_layers)
         self.length = kv_layers[0][0].shape[2] if kv_layers else 0
+
+    def load_stacked(self, kv: torch.Tensor) -> None:
+        """``load`` from every layer's K/V in one tensor (2 * layers, B, heads, n, head_dim): layer i's
+        key at 2i, its value at 2i + 1."""
+        self.runner.write_stacked(kv)
+        self.length = kv.shape[3]
 
 
 @dataclass
@@ -199,6 +205,9 @@ class StaticRunner:
             layer.update = self._layer_update(layer)
             layer.codes = None                # (keys QTensor, values QTensor) when kv_bits is set
         self._write_slots: torch.Tensor | None = None
+        # every layer's K/V storage as one tensor (_allocate); False: the layers' K/V differ in shape
+        self._kv: torch.Tensor | bool | None = None
+        self._layer_index = {id(layer): i for i, layer in enumerate(self._hf_cache.layers)}
         self._additive = model.config._attn_implementation == "eager"
         self._cache_position = accepts(model, "cache_position")
         self._cache_keyword = cache_keyword(model)
@@ -338,7 +347,7 @@ class StaticRunner:
         ``into``: the layer's attention window (views covering ``slots``) to write through."""
         if self.kv_bits is None:
             if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
+                self._allocate(layer, k, v)
             keys, values = into if into is not None else (layer.keys, layer.values)
             keys.index_copy_(2, slots, k.to(keys.dtype))
             values.index_copy_(2, slots, v.to(values.dtype))
@@ -412,11 +421,51 @@ class StaticRunner:
 
     @torch.inference_mode()
     def write_prefix(self, kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy per-layer (key, value) (B, heads, n, head_dim) into slots 0..n-1 (a prefix-cache hit)."""
-        if len(kv_layers) != len(self._hf_cache.layers):
-            raise ValueError(f"got K/V for {len(kv_layers)} layers, the static cache has {len(self._hf_cache.layers)}")
-        for layer, (k, v) in zip(self._hf_cache.layers, kv_layers):
-            self._store(layer, self._arange[: k.shape[2]], k.to(self._device), v.to(self._device))
+        """Copy per-layer (key, value) (B, heads, n, head_dim) into slots 0..n-1 (a prefix-cache hit).
+        Into allocated full-precision storage, every layer's copy goes in one call (``_foreach_copy_``):
+        no Python per layer on the hit's path."""
+        layers = self._hf_cache.layers
+        if len(kv_layers) != len(layers):
+            raise ValueError(f"got K/V for {len(kv_layers)} layers, the static cache has {len(layers)}")
+        n = kv_layers[0][0].shape[2] if kv_layers else 0
+        if self.kv_bits is None and self._initialized():
+            targets = [t[:, :, :n] for layer in layers for t in (layer.keys, layer.values)]
+            torch._foreach_copy_(targets, [t.to(self._device) for pair in kv_layers for t in pair])
+            return
+        for layer, (k, v) in zip(layers, kv_layers):
+            self._store(layer, self._arange[:n], k.to(self._device), v.to(self._device))
+
+    @torch.inference_mode()
+    def write_stacked(self, kv: torch.Tensor) -> None:
+        """``write_prefix`` from one tensor (2 * layers, B, heads, n, head_dim) (layer i's key at 2i, its
+        value at 2i + 1): one copy where every layer's storage is a view of one tensor (``_allocate``)."""
+        shared = self._kv if isinstance(self._kv, torch.Tensor) else None
+        if shared is not None and self._initialized() and kv.shape[:3] == shared.shape[:3] \
+                and kv.shape[4] == shared.shape[4]:
+            shared[:, :, :, : kv.shape[3]].copy_(kv)
+            return
+        self.write_prefix([(kv[2 * i], kv[2 * i + 1]) for i in range(kv.shape[0] // 2)])
+
+    def _allocate(self, layer, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Allocate a layer's storage on its first write: as HF does, then, where the layer's K and V fit
+        it, moved to views of one tensor for all layers, (2 * layers, B, heads, max_len, head_dim), so
+        that a prefix-cache hit is one copy (``write_stacked``). A layer that does not fit (K/V shapes
+        differ across layers) leaves every layer its own storage. Not under torch.compile (``fuse``:
+        it would see the views as aliased inputs) nor once a graph is captured (it read the addresses)."""
+        layer.lazy_initialization(k, v)
+        if self._fused or self._graphs or self._kv is False:
+            return
+        keys, values = layer.keys, layer.values
+        spec = (keys.shape, keys.dtype, keys.device)
+        if self._kv is None and (values.shape, values.dtype, values.device) == spec:
+            self._kv = keys.new_zeros((2 * len(self._hf_cache.layers), *keys.shape))
+        shared = self._kv is not None and all((t.shape, t.dtype, t.device) == (self._kv.shape[1:], self._kv.dtype,
+                                                                               self._kv.device) for t in (keys, values))
+        if not shared:
+            self._kv = False                 # layers already moved keep their views: valid storage still
+            return
+        i = self._layer_index[id(layer)]
+        layer.keys, layer.values = self._kv[2 * i], self._kv[2 * i + 1]
 
     def _replay_padded(self, tokens, positions, start: int, bucket: int) -> torch.Tensor:
         """A suffix after a cached prefix, padded to ``bucket`` tokens so that a graph runs it.
@@ -647,7 +696,7 @@ def give_back(*runners) -> None:
 def weights_signature(model: torch.nn.Module) -> tuple:
     """Where every parameter and buffer lives: a captured graph reads these addresses, so a runner
     whose model no longer matches (a module swapped, a tensor moved) must not replay."""
-    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    return tuple(t.data_ptr() for t in module_tensors(model))
 
 
 def release(model: torch.nn.Module) -> int:

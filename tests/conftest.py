@@ -17,10 +17,12 @@ VOCAB = 96
 
 @pytest.fixture(autouse=True)
 def _controllers_start_afresh():
-    """Each test starts with no draft-length controller memory from an earlier test's calls."""
-    from specdec import learned
+    """Each test starts with no draft-length controller memory, and no prefill timings, from an earlier
+    test's calls."""
+    from specdec import hit_policy, learned
 
     learned.forget()
+    hit_policy.forget()
     yield
 
 

@@ -6,8 +6,9 @@ import importlib
 
 import pytest
 
-SCRIPTS = ["batch_bench", "draft_acceptance", "draft_speed", "gen_throughput", "multi_gpu", "prefix_bench", "prefix_draft_bench", "prefix_ttft",
-           "prefix_insert_ab", "quant_graphs", "quant_kernels", "quant_quality", "quant_speed", "roofline", "run", "step_kernels", "step_profile"]
+SCRIPTS = ["batch_bench", "draft_acceptance", "draft_speed", "gen_throughput", "multi_gpu", "prefix_bench", "prefix_draft_bench",
+           "prefix_hit_profile", "prefix_ttft", "prefix_insert_ab", "quant_graphs", "quant_kernels", "quant_quality",
+           "quant_speed", "roofline", "run", "step_kernels", "step_profile"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

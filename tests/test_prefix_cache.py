@@ -525,6 +525,79 @@ def test_tree_extend_equals_block_by_block_insert():
         many.extend(None, keys[:1], toks[:1], [None], 1)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_match_blocks_equals_the_block_by_block_match(seed):
+    """RadixTree.match_blocks (a run of blocks compared in one go) finds the nodes ``match`` finds
+    block by block, on trees of runs that branch, are evicted from their ends and get single blocks."""
+    from prefix_cache.keys import BlockChain, token_array
+
+    rng, bs = random.Random(seed), 3
+    tree = RadixTree()
+    stems = [[rng.randrange(4) for _ in range(rng.randrange(1, 12) * bs)] for _ in range(4)]
+
+    def prompt():
+        stem = rng.choice(stems)
+        return stem[:rng.randrange(len(stem) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(0, 6) * bs)]
+
+    for step in range(60):
+        chain = BlockChain(token_array(prompt()), bs)
+        n = len(chain)
+        want = tree.match(chain.keys(), chain.token_bytes_range(0, n))
+        assert tree.match_blocks(chain) == want, step
+        assert all(node.run is None or node.run.nodes[node.run_index] is node for node in tree.nodes())
+        start = len(want)
+        if start < n and rng.random() < 0.7:
+            parent = want[-1] if want else None
+            keys = chain.keys_from(parent.key if parent else None, start, n)
+            if rng.random() < 0.2:                                    # a block added alone (a reload)
+                tree.insert(parent, keys[0], chain.token_bytes(start), None, 1)
+            else:
+                tree.extend(parent, keys, chain.token_bytes_range(start, n), [None] * (n - start), 1)
+        if rng.random() < 0.3:
+            tree.evict(rng.randrange(1, 8))
+
+
+def test_a_long_hit_hashes_once_per_step_into_a_run(monkeypatch):
+    """A lookup hashes one key where it steps into another node's children, not one per block: a
+    prefix stored by one insert, then a branch stored by a second insert, cost a few hashes."""
+    import prefix_cache.keys as keys_mod
+
+    cache = PrefixCache(max_bytes=1 << 26, block_size=4)
+    ids = list(range(4096))
+    cache.insert(ids, fake_kv(ids))
+    branch = ids[:2048] + [7] * 1024
+    cache.insert(branch, fake_kv(branch))
+    calls = []
+    real = keys_mod.xxhash.xxh3_64_intdigest
+    monkeypatch.setattr(keys_mod.xxhash, "xxh3_64_intdigest", lambda *a: calls.append(1) or real(*a))
+    with cache.match(ids + [0]) as m:
+        assert m.num_tokens == 4096 and len(calls) <= 2                   # root key + block 0
+        assert_kv_equal(m.kv(), fake_kv(ids))
+    calls.clear()
+    with cache.match(branch + [0]) as m:
+        assert m.num_tokens == 3072 and len(calls) <= 3                   # + the first block of the branch
+        assert_kv_equal(m.kv(), fake_kv(branch))
+    check_invariants(cache)
+
+
+def test_views_of_one_insert_survive_release_and_eviction():
+    """kv_parts(copy=False) of blocks stored by one insert are views of the cache's storage, equal
+    to the copy, and stay equal after the match is released and its blocks evicted."""
+    cache = PrefixCache(max_bytes=1 << 20, block_size=4)
+    ids = list(range(40))
+    cache.insert(ids, fake_kv(ids))
+    with cache.match(ids) as m:
+        views, copies = m.kv_parts(copy=False), m.kv_parts()
+        assert views[0].untyped_storage().data_ptr() == next(cache._tree.nodes()).handle.parts[0].untyped_storage().data_ptr()
+    cache.evict(cache.nbytes // 2)                                          # compacts the segment
+    cache.clear()
+    assert all(torch.equal(v, c) for v, c in zip(views, copies))
+    cache.insert(ids[:20], fake_kv(ids[:20]))
+    cache.insert(ids[20:] + ids[:20], fake_kv(ids[20:] + ids[:20]))
+    with cache.match(ids[:20] + [0]) as m:
+        assert torch.equal(m.kv_parts(copy=False)[0], m.kv_parts()[0])
+
+
 def test_nodes_store_token_bytes_and_read_as_tuples():
     """The cache stores a block's tokens as int64 bytes; Node.tokens reads them as the tuple, and a
     collision guard, spill and reload compare them as before (negative and large ids included)."""

@@ -233,3 +233,43 @@ def test_static_feature_and_lookup_drafters_keep_prefilling(kw):
 def test_cache_drafts_must_be_a_bool():
     with pytest.raises(TypeError, match="cache_drafts must be True or False"):
         PrefixCache(max_bytes=1 << 20, cache_drafts="no")
+
+
+def test_compile_hit_loads_every_layer_with_one_copy():
+    """compile=True: the static cache's layers are views of one tensor, and a hit's K/V (stored by one
+    insert) reaches it with one copy for all layers; the output equals HF's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from specdec import prefill, static
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Copies.count += func.overloadpacket.__name__ in ("copy_", "index_copy_", "_foreach_copy_", "cat")
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model("llama")
+    cache = PrefixCache(max_bytes=64 << 20, block_size=16)
+    shared = prompts(1, [96], seed=6)[0]
+    first, second = (torch.cat([shared, torch.tensor([[5 + i, 6, 7]])], dim=1) for i in range(2))
+    specdec.generate(model, first, max_new_tokens=4, prefix_cache=cache, compile=True)
+    original = prefill.load_hit
+
+    def counted(run, kv, config):
+        with Copies():
+            original(run, kv, config)
+        runner = run.runner
+        assert isinstance(runner._kv, torch.Tensor)
+        assert all(layer.keys.data_ptr() == runner._kv[2 * i].data_ptr()
+                   for i, layer in enumerate(runner._hf_cache.layers))
+
+    prefill.load_hit = counted
+    try:
+        out, stats = specdec.generate(model, second, max_new_tokens=8, prefix_cache=cache, compile=True,
+                                      return_stats=True)
+    finally:
+        prefill.load_hit = original
+    assert stats.cached_prompt_tokens == [96] and Copies.count == 1
+    assert torch.equal(out, hf_greedy(model, second, torch.ones_like(second), 8))
+    assert static.runners_of(model)["static_runners"] >= 1

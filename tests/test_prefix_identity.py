@@ -137,6 +137,20 @@ def test_model_key_lets_a_cache_outlive_the_model_object():
         cache.set_model_key(new, 3)
 
 
+def test_a_model_used_with_a_cache_is_freed_with_its_last_reference():
+    """What the identity and the static runner keep per model (its module list) does not keep it alive."""
+    import weakref
+
+    model, cache = tiny_model("llama", layers=1), PrefixCache(max_bytes=1 << 20)
+    ids = prompts(1, [32], seed=1)[0]
+    for compile in (False, True):
+        specdec.generate(model, ids, max_new_tokens=2, prefix_cache=cache, compile=compile)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
 def test_min_hit_tokens_skips_short_hits():
     model = tiny_model("llama")
     first, second = _shared(64)
@@ -243,15 +257,16 @@ def test_kv_quant_static_short_prompt_runs_as_uncached():
 # ---- the cost of a hit --------------------------------------------------------------------------
 
 def test_a_hit_reads_every_layer_and_block_with_one_copy():
-    """A hit's K/V for all layers is one ``torch.cat`` over the runs of blocks stored together
-    (one run per insert), then per-layer views: no kernel per layer or per block."""
+    """A hit's K/V for all layers is per-layer views of the blocks' storage where one insert stored
+    them, else one ``torch.cat`` over the runs of blocks stored together (one run per insert): no
+    kernel per layer or per block."""
     import collections
 
     import transformers
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from prefix_cache.hf_cache import cache_with_kv
-    from specdec.prefill import _kv_from_hits
+    from specdec.prefill import gather_rows
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -274,11 +289,11 @@ def test_a_hit_reads_every_layer_and_block_with_one_copy():
         ops = Ops()
         with ops:
             with cache.match(ids + [1]) as hit:
-                kv = _kv_from_hits([hit], [0], hit.num_tokens, "cpu")
+                kv = gather_rows([hit], [0], hit.num_tokens, "cpu").layers()
             cache_with_kv(kv, config)
         copies = {k: v for k, v in ops.seen.items() if k not in ("unbind", "unsqueeze", "view", "slice", "select",
                                                                    "detach", "alias", "squeeze")}
-        assert copies == {"cat": 1}, (inserts, dict(ops.seen))
+        assert copies == ({} if inserts == 1 else {"cat": 1}), (inserts, dict(ops.seen))
         assert len(kv) == layers and kv[0][0].shape == (1, heads, n, dim)
 
 
