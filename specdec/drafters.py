@@ -143,6 +143,10 @@ class ModelDrafter:
                         torch.stack(confidence, 1) if confidence else None, forwards=n, catch_up_s=catch_up_s,
                         catch_up_slots=catch_up_slots)
 
+    def use_runner(self, runner, cache) -> None:
+        """Draft with ``runner`` (e.g. a static runner of the same model) from ``cache``, one of its own."""
+        self.runner, self.cache = runner, cache
+
     def lag(self, batch: SlotBatch) -> int:
         """Slots the next ``propose`` runs before drafting (the prompt, or a plain stretch), beyond the pending token."""
         return max(batch.num_slots - cache_length(self.cache), 0)

@@ -150,8 +150,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                     raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
                                      "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
                 k_max = options.max_draft_tokens(num_draft_tokens, opts.prompt_lookup_num_tokens) if run.drafter else 0
-                runners = use_static(run, prompt_len=input_ids.shape[1], k_max=k_max,
-                                     kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=mode == "inductor")
+                draft_model = run.drafter.runner.model if isinstance(run.drafter, ModelDrafter) else None
+                setup = use_static(run.runner.model, draft_model, batch_size=run.batch.size,
+                                   prompt_len=input_ids.shape[1], max_new_tokens=settings.max_new_tokens,
+                                   k_max=k_max, kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=mode == "inductor")
+                runners = setup.taken
+                run.runner, run.cache = setup.runner, setup.cache
+                if draft_model is not None:
+                    run.drafter.use_runner(setup.draft_runner, setup.draft_cache)
             learned_key = _recall_controller(run, model, draft, opts, mode, input_ids.shape[0])
             run.prefix_cache, run.namespace = prefix_cache, cache_namespace
             if prefix_cache is not None:
@@ -328,8 +334,8 @@ def _prefill(run: _Run, input_ids, mask, prefix_cache, namespace) -> None:
         from specdec.prefill import prefill_with_prefix_cache
 
         min_tokens = hit_policy.threshold(model, run.path, prefix_cache)
-        logits, start = prefill_with_prefix_cache(run, input_ids, mask, prefix_cache, namespace,
-                                                  run.target_identity, min_tokens)
+        logits, start, run.cache = prefill_with_prefix_cache(run, input_ids, mask, prefix_cache, namespace,
+                                                             run.target_identity, min_tokens)
     else:
         logits = run.runner.forward(input_ids, mask, positions_from_mask(mask), run.cache, last_only=True)
     run.batch.append(input_ids, mask.bool())

@@ -60,9 +60,11 @@ def _target_keys(prefix_cache, model: torch.nn.Module, identity: str | None, min
 
 
 def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, prefix_cache, namespace,
-                              identity: str | None = None, min_tokens: int | None = None) -> tuple[torch.Tensor, int]:
-    """Fill ``run.cache`` for the prompts reusing cached blocks; return the last-position logits (B, 1, V)
-    and ``start``, the first slot that ran (0: nothing was reused).
+                              identity: str | None = None, min_tokens: int | None = None
+                              ) -> tuple[torch.Tensor, int, object]:
+    """Prefill the prompts reusing cached blocks: (the last-position logits (B, 1, V), ``start``, the first
+    slot that ran (0: nothing was reused), the target's cache to decode on: ``run.cache`` filled, or a
+    new one). Reads ``run``; the caller assigns what it returns.
 
     ``identity``: ``target_identity(prefix_cache, model)``; ``min_tokens``: the shortest hit to use
     (None: ``prefix_cache.hit_threshold(model)``). With ``run.draft_namespace`` set, the drafter's cache
@@ -91,25 +93,25 @@ def prefill_with_prefix_cache(run, input_ids: torch.Tensor, mask: torch.Tensor, 
             run.drafter.load_prefix(draft_kv.layers())
     positions = positions_from_mask(mask)[:, start:]
     if not exact:
-        return run.runner.forward(input_ids, mask, positions, run.cache, last_only=True), 0
+        return run.runner.forward(input_ids, mask, positions, run.cache, last_only=True), 0, run.cache
     if quantized:
-        logits = _prefill_quantized(run, input_ids, mask, positions, start, kv, prefix_cache, namespace, keys)
-        return logits, start
-    if kv is not None:
-        load_hit(run, kv, model.config)
-    return run.runner.forward(input_ids[:, start:], mask, positions, run.cache, last_only=True), start
+        logits, cache = _prefill_quantized(run, input_ids, mask, positions, start, kv, prefix_cache, namespace, keys)
+        return logits, start, cache
+    cache = load_hit(run.cache, kv, model.config) if kv is not None else run.cache
+    return run.runner.forward(input_ids[:, start:], mask, positions, cache, last_only=True), start, cache
 
 
-def load_hit(run, kv: HitKV, config) -> None:
-    """Start the run's cache from a hit's K/V: copied into the slots of a static cache (one copy for
-    all layers where their K/V share a shape), or handed as they are to the call's own empty
+def load_hit(cache, kv: HitKV, config):
+    """The cache to decode on, started from a hit's K/V: copied into the slots of a static cache (one
+    copy for all layers where their K/V share a shape), or handed as they are to the call's own empty
     ``DynamicCache`` (which never writes into them: its updates concatenate)."""
-    if not isinstance(run.cache, StaticSlots):
-        run.cache = cache_with_kv(kv.layers(), config, cache=run.cache)
-    elif kv.stacked() is not None:
-        run.cache.load_stacked(kv.stacked())
+    if not isinstance(cache, StaticSlots):
+        return cache_with_kv(kv.layers(), config, cache=cache)
+    if kv.stacked() is not None:
+        cache.load_stacked(kv.stacked())
     else:
-        run.cache.load(kv.layers())
+        cache.load(kv.layers())
+    return cache
 
 
 def _quantizes(runner) -> bool:
@@ -125,20 +127,20 @@ def _quantized_hits_exact(runner, prompt_len: int) -> bool:
 
 def _prefill_quantized(run, input_ids, mask, positions, start: int, kv, prefix_cache, namespace, keys: _Keys):
     """Run the prompt from slot ``start`` in full precision over a ``DynamicCache`` holding the hit,
-    store every row's prompt blocks, then hand the K/V to the run's quantized cache."""
-    model = run.runner.model
+    store every row's prompt blocks, then hand the K/V to a quantized cache: (logits, that cache)."""
+    model, cache = run.runner.model, run.cache
     scratch = cache_with_kv(kv.layers(), model.config) if kv is not None else _empty_cache(model.config)
     tokens = input_ids[:, start:]
-    if isinstance(run.cache, StaticSlots):
-        logits = run.runner.prefill_after(run.cache, scratch, tokens, mask, positions, last_only=True)
+    if isinstance(cache, StaticSlots):
+        logits = run.runner.prefill_after(cache, scratch, tokens, mask, positions, last_only=True)
     else:
         logits = run.runner.forward(tokens, mask, positions, scratch, last_only=True)
-        run.cache = run.runner.new_cache()
+        cache = run.runner.new_cache()
         for i, (k, v) in enumerate(kv_from_layers(scratch)):
-            run.cache.update(k, v, i)                  # what the quantized cache does with a whole prompt
+            cache.update(k, v, i)                      # what the quantized cache does with a whole prompt
     for i in range(input_ids.shape[0]):
         _store_row(input_ids[i], mask[i], kv_from_cache(scratch, row=i), prefix_cache, namespace, keys.identity)
-    return logits
+    return logits, cache
 
 
 def _empty_cache(config):

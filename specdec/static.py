@@ -43,7 +43,7 @@ import types
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -713,42 +713,51 @@ def release(model: torch.nn.Module) -> int:
     return len(keys)
 
 
-def use_static(run, *, prompt_len: int, k_max: int, kv_quant=None, prefix_cache=None,
-               fuse: bool = False) -> list:
-    """Switch a generate() run (before its prefill) to static runners for target and draft model
-    (``fuse``: torch.compile the forwards before capturing them; see the module docstring).
+@dataclass
+class StaticSetup:
+    """What ``use_static`` checked out for one generate() call: each runner with a fresh cache of it
+    (the draft's: None without a draft model). ``taken`` goes to ``give_back`` when the call ends."""
+
+    runner: object
+    cache: object
+    draft_runner: object = None
+    draft_cache: object = None
+    taken: list = field(default_factory=list)
+
+
+def use_static(target: torch.nn.Module, draft: torch.nn.Module | None, *, batch_size: int, prompt_len: int,
+               max_new_tokens: int, k_max: int, kv_quant=None, prefix_cache=None, fuse: bool = False) -> StaticSetup:
+    """Static runners for the target and the draft model (if any) of a generate() call, before its
+    prefill (``fuse``: torch.compile the forwards before capturing them; see the module docstring).
 
     Runners hold a power-of-two batch: a call of 3 rows runs on a runner of 4 with one row idle
     from the start, so calls of other batch sizes (a pipeline's last, smaller batch) reuse graphs.
     With a prefix cache the runner holds exactly the call's rows (hits are written row by row).
-    Returns the runners checked out for this run: the caller hands them to ``give_back`` when the
-    run ends, in a ``finally``. If this fails, it gives back what it took itself."""
-    from specdec.drafters import ModelDrafter
-
+    The caller hands ``taken`` to ``give_back`` when the call ends, in a ``finally``; if this
+    fails, it gives back what it took itself."""
     # room for a cached prefix's suffix padded up to its graph size
-    max_len = prompt_len + run.settings.max_new_tokens + k_max + 2 + (_PREFILL_BUCKETS[-1] if prefix_cache else 0)
-    B = run.batch.size
-    rows = B if prefix_cache is not None else batch_bucket(B)
+    max_len = prompt_len + max_new_tokens + k_max + 2 + (_PREFILL_BUCKETS[-1] if prefix_cache else 0)
+    rows = batch_size if prefix_cache is not None else batch_bucket(batch_size)
     kv_bits = {None: None, "int8": 8, "int4": 4}[kv_quant]
     taken = []
     try:
-        run.runner = static_runner(run.runner.model, rows, max_len, "target",
-                                   graph_max_tokens=k_max + 1, fuse=fuse, kv_bits=kv_bits)
-        taken.append(run.runner)
-        _capture_all(run.runner)
-        run.cache = _cache_for(run.runner, B)
-        if isinstance(run.drafter, ModelDrafter):
+        runner = static_runner(target, rows, max_len, "target", graph_max_tokens=k_max + 1, fuse=fuse,
+                               kv_bits=kv_bits)
+        taken.append(runner)
+        _capture_all(runner)
+        setup = StaticSetup(runner, _cache_for(runner, batch_size), taken=taken)
+        if draft is not None:
             # the draft feeds 1 token per forward, 2 after a step that accepted every draft, and catches
             # up after plain stretches in chunks of DRAFT_GRAPH_TOKENS
-            run.drafter.runner = static_runner(run.drafter.runner.model, rows, max_len, "draft",
-                                               graph_max_tokens=DRAFT_GRAPH_TOKENS, fuse=fuse)
-            taken.append(run.drafter.runner)
-            _capture_all(run.drafter.runner)
-            run.drafter.cache = _cache_for(run.drafter.runner, B)
+            setup.draft_runner = static_runner(draft, rows, max_len, "draft", graph_max_tokens=DRAFT_GRAPH_TOKENS,
+                                               fuse=fuse)
+            taken.append(setup.draft_runner)
+            _capture_all(setup.draft_runner)
+            setup.draft_cache = _cache_for(setup.draft_runner, batch_size)
     except BaseException:
         give_back(*taken)
         raise
-    return taken
+    return setup
 
 
 def runners_of(model: torch.nn.Module) -> dict:

@@ -256,13 +256,14 @@ def test_compile_hit_loads_every_layer_with_one_copy():
     specdec.generate(model, first, max_new_tokens=4, prefix_cache=cache, compile=True)
     original = prefill.load_hit
 
-    def counted(run, kv, config):
+    def counted(cache, kv, config):
         with Copies():
-            original(run, kv, config)
-        runner = run.runner
+            cache = original(cache, kv, config)
+        runner = cache.runner
         assert isinstance(runner._kv, torch.Tensor)
         assert all(layer.keys.data_ptr() == runner._kv[2 * i].data_ptr()
                    for i, layer in enumerate(runner._hf_cache.layers))
+        return cache
 
     prefill.load_hit = counted
     try:
