@@ -55,7 +55,7 @@ DRAFT_NAMES = {"plain": "no draft (plain decoding)", "layers4": "a 4-layer layer
 QUANT_QUALITY = f"{RESULTS}/quant-quality-cpu.json"
 QUANT_SPEED = f"{RESULTS}/quant-speed-h100.json"
 MULTI_GPU = f"{RESULTS}/h200x2-multi-gpu-device-map.json"
-SPEC_VS_PLAIN_GPU = f"{RESULTS}/h100/spec-vs-plain-general-smollm2-135m-h100-2026-12-07.json"
+SPEC_VS_PLAIN_GPU = f"{RESULTS}/h100/spec-vs-plain-general-smollm2-135m-h100-2026-12-08.json"
 PREFIX_TTFT_GPU = f"{RESULTS}/h100/prefix-ttft-smollm2-135m-h100-2026-12-07.json"
 QUANT_GRAPHS = f"{RESULTS}/h100/quant-graphs-llama-8b-random-h100-2026-12-08.json"
 PIPELINE_GPU = f"{RESULTS}/h100/pipeline-patched-vs-unpatched-smollm2-135m-h100-2026-12-08.json"
@@ -343,13 +343,14 @@ def spec_vs_plain_table(path: str, base: str) -> str:
         acc = "-" if r.get("acceptance_rate") is None else f"{r['acceptance_rate']:.2f}"
         agree = "-" if r.get("agreement_with_plain") is None else f"{r['agreement_with_plain']:.3f}"
         body.append([r["workload"], str(r["batch_size"]), f"{r['temperature']:g}", r["variant"],
-                     f"{r['tok_s']:.1f}", f"{r['spec_over_plain']:.2f}x", acc, f"{r['tokens_per_step']:.2f}", agree])
+                     f"{r['tok_s']:.1f}", f"{r['spec_over_plain']:.2f}x", str(r.get("spec_steps", "-")), acc,
+                     f"{r['tokens_per_step']:.2f}", agree])
     notes = " ".join(data.get("notes", []))
     note = (f"The default model, {data['dtype']}, {data['path']}, 128 new tokens. `lookup`: prompt lookup; "
             f"`distilled`: the shipped draft; both with `num_draft_tokens=\"auto\"`. {notes} "
             f"{_environment(data)}; file: {link(path, base)}.")
-    return _table(["workload", "batch", "T", "variant", "tok/s", "over plain", "acceptance", "tokens/step",
-                   "greedy agreement with plain"], body) + "\n\n" + note
+    return _table(["workload", "batch", "T", "variant", "tok/s", "over plain", "speculative steps", "acceptance",
+                   "tokens/step", "greedy agreement with plain"], body) + "\n\n" + note
 
 
 def prefix_ttft_table(path: str, base: str) -> str:
