@@ -34,7 +34,7 @@ FP32 = f"{RESULTS}/h100/bench-code-fp32.json"
 LONG = {"long": f"{RESULTS}/h100/bench-long-bf16.json"}
 CPU_DEFAULT = {"code": f"{RESULTS}/cpu/code-smollm2-135m-cpu-2026-12-07.json",
                "prose": f"{RESULTS}/cpu/prose-smollm2-135m-cpu-2026-12-08.json"}
-PAIR_CPU = {"code": f"{RESULTS}/cpu/code-qwen2.5-coder-1.5b-instruct-q4-k-m-cpu-2026-12-07.json",
+PAIR_CPU = {"code": f"{RESULTS}/cpu/code-qwen2.5-coder-1.5b-instruct-q4-k-m-cpu-2026-12-08.json",
             "prose": f"{RESULTS}/cpu/prose-qwen2.5-coder-1.5b-instruct-q4-k-m-cpu-2026-12-08.json"}
 SWEEPS = {"code": f"{RESULTS}/h100/sweep-code-bf16.json", "summarize": f"{RESULTS}/h100/sweep-summarize-bf16.json"}
 CPU_SWEEPS = {"code": f"{RESULTS}/cpu/2026-11-23-amd-epyc-code.json",
