@@ -76,7 +76,7 @@ FAILURES = {  # where: (object to break, attribute, call number, generate keywor
     "prefill_forward": (lambda c: target(), "forward", 1, {}),
     "decode_forward": (lambda c: target(), "forward", 3, {}),
     "draft_forward": (lambda c: draft(), "forward", 2, {"draft_model": draft(), "num_draft_tokens": 2}),
-    "building_kv_from_hits": (lambda c: prefill_mod, "_kv_from_hits", 1, {}),
+    "building_kv_from_hits": (lambda c: prefill_mod, "gather_rows", 1, {}),
     "reloading_a_spilled_block": (lambda c: c, "_reload", 1, {}),
     "storing_the_result": (lambda c: cache_mod, "stack_kv", 1, {}),
 }
