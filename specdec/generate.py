@@ -142,22 +142,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             run = _start(model, input_ids, attention_mask, settings, streamer, tokenizer, generator, kv_quant,
                          eager=mode is None)
             run.drafter, run.controller = _make_drafter(run, draft, opts)
-            run.stats.drafter = getattr(run.drafter, "name", "none")
+            run.stats.drafter = run.drafter.name if run.drafter is not None else "none"
             if mode is not None:
-                from specdec.static import use_static
-
-                if run.drafter is not None and run.drafter.wants_features and mode == "inductor":
-                    raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
-                                     "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
-                k_max = options.max_draft_tokens(num_draft_tokens, opts.prompt_lookup_num_tokens) if run.drafter else 0
-                draft_model = run.drafter.runner.model if isinstance(run.drafter, ModelDrafter) else None
-                setup = use_static(run.runner.model, draft_model, batch_size=run.batch.size,
-                                   prompt_len=input_ids.shape[1], max_new_tokens=settings.max_new_tokens,
-                                   k_max=k_max, kv_quant=kv_quant, prefix_cache=prefix_cache, fuse=mode == "inductor")
-                runners = setup.taken
-                run.runner, run.cache = setup.runner, setup.cache
-                if draft_model is not None:
-                    run.drafter.use_runner(setup.draft_runner, setup.draft_cache)
+                runners = _use_static(run, mode, input_ids.shape[1], opts, kv_quant, prefix_cache)
             learned_key = _recall_controller(run, model, draft, opts, mode, input_ids.shape[0])
             run.prefix_cache, run.namespace = prefix_cache, cache_namespace
             if prefix_cache is not None:
@@ -309,6 +296,24 @@ def _make_drafter(run: _Run, draft, opts: options.Options):
     if opts.num_draft_tokens == "auto":
         return drafter, AdaptiveDraftLength(k_max=k_max, per_forward=not isinstance(drafter, PromptLookupDrafter))
     return drafter, FixedDraftLength(int(opts.num_draft_tokens))
+
+
+def _use_static(run: _Run, mode, prompt_len: int, opts: options.Options, kv_quant, prefix_cache) -> list:
+    """Move the call onto static runners (``compile``); returns the runners to give back when it ends."""
+    from specdec.static import use_static
+
+    if run.drafter is not None and run.drafter.wants_features and mode == "inductor":
+        raise ValueError("compile='inductor' does not support feature drafts yet: pass compile=True "
+                         "(static cache + CUDA graphs), or draft_model='distilled-layers' with 'inductor'")
+    k_max = options.max_draft_tokens(opts.num_draft_tokens, opts.prompt_lookup_num_tokens) if run.drafter else 0
+    draft_model = run.drafter.runner.model if isinstance(run.drafter, ModelDrafter) else None
+    setup = use_static(run.runner.model, draft_model, batch_size=run.batch.size, prompt_len=prompt_len,
+                       max_new_tokens=run.settings.max_new_tokens, k_max=k_max, kv_quant=kv_quant,
+                       prefix_cache=prefix_cache, fuse=mode == "inductor")
+    run.runner, run.cache = setup.runner, setup.cache
+    if draft_model is not None:
+        run.drafter.use_runner(setup.draft_runner, setup.draft_cache)
+    return setup.taken
 
 
 def _recall_controller(run: _Run, model, draft, opts: options.Options, mode, batch_size: int):
